@@ -1,0 +1,32 @@
+# Two entry points, each creating the virtual environment on first use:
+#   make demo   - build (once) a tiny model and generate text with it
+#   make test   - the test suite (CPU; what CI runs)
+# python3 must be >= 3.12: with pyenv, the repo's .python-version selects 3.12.1.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test test-all venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else \
+		"dzjax needs Python >= 3.12 (jax >= 0.11); got " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/dzjax demo
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv  # includes the tests marked slow
+	$(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

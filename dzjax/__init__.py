@@ -1,0 +1,29 @@
+"""dzjax: serve many compressed full-parameter fine-tunes of one base LLM at once, in JAX."""
+
+import jax.numpy as jnp
+
+from dzjax.errors import CheckpointError, DzjaxError, UnsupportedConfigError
+from dzjax.models import Base, dense_delta, generate, load_base
+from dzjax.models.forward import check_delta, check_input_ids, forward
+
+__version__ = "0.1.0"
+
+
+def logits(base: Base, input_ids, delta=None, dtype=jnp.float32):
+    """Logits [B, T, V] float32 of token ids [B, T] (or [T]) under base + delta.
+
+    Args:
+      base: a `Base` from `load_base`.
+      input_ids: integer token ids, [batch, seq] or [seq].
+      delta: None, or a dense delta: a pytree mirroring (part of) `base.params` holding
+        W_finetune - W_base (see `dense_delta`).
+      dtype: activation dtype of the forward pass.
+    """
+    ids = check_input_ids(input_ids, base.config.vocab_size)
+    check_delta(base.params, delta)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    return forward(base.params, ids, positions, delta, config=base.config, dtype=dtype)
+
+
+__all__ = ["Base", "CheckpointError", "DzjaxError", "UnsupportedConfigError", "dense_delta",
+           "generate", "load_base", "logits"]

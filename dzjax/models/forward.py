@@ -1,0 +1,74 @@
+"""Jitted entry points of the model: a full forward pass, prefill and one-token decode.
+
+Each is compiled once per (config, dtype, shapes): the base params and the delta are ordinary jit
+arguments, so swapping one delta for another of the same shapes reuses the compiled program.
+`TRACE_COUNTS` counts how often each entry point was traced (tests and serving stats read it).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dzjax.errors import DzjaxError
+from dzjax.models.config import ModelConfig
+from dzjax.models.llama import CausalLM, KVCache
+
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def forward(params, input_ids, positions, delta=None, *, config: ModelConfig, dtype=jnp.float32):
+    """Logits [B, T, V] float32 of the whole sequence, no cache."""
+    TRACE_COUNTS["forward"] += 1
+    logits, _ = CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+def forward_cached(params, input_ids, positions, cache: KVCache, delta=None, *,
+                   config: ModelConfig, dtype=jnp.float32):
+    """Write input_ids [B, T] at `positions` into the cache; returns (logits [B, T, V], cache).
+
+    Prefill is a call with the (right-padded) prompts; decode is a call with T = 1.
+    """
+    TRACE_COUNTS["forward_cached"] += 1
+    return CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta, cache)
+
+
+def check_input_ids(input_ids, vocab_size: int) -> np.ndarray:
+    """Token ids as an int32 [B, T] array; a 1-D sequence becomes a batch of one."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise DzjaxError(f"input_ids must be integer token ids of shape [batch, seq] with seq > 0, "
+                         f"got shape {ids.shape} and dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise DzjaxError(f"input_ids must lie in [0, {vocab_size}), got values from {ids.min()} "
+                         f"to {ids.max()}")
+    return ids.astype(np.int32)
+
+
+def check_delta(params, delta) -> None:
+    """A dense delta must mirror (part of) the params tree: same names, same shapes."""
+    if delta is None:
+        return
+    flat_params = {p: leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(delta)[0]:
+        name = jax.tree_util.keystr(path)
+        if path not in flat_params:
+            raise DzjaxError(f"delta tensor {name} has no base parameter of that name")
+        if np.shape(leaf) != flat_params[path].shape:
+            raise DzjaxError(f"delta tensor {name} has shape {np.shape(leaf)}, "
+                             f"the base parameter {flat_params[path].shape}")
+
+
+def dense_delta(base_params, finetune_params) -> dict:
+    """W_finetune - W_base for every parameter, in float32 (a dense delta for `logits`)."""
+    return jax.tree.map(lambda b, f: f.astype(jnp.float32) - b.astype(jnp.float32),
+                        base_params, finetune_params)

@@ -1,0 +1,259 @@
+"""Flax definitions of the Llama family: Llama (rope none / llama3), Mistral, Qwen2 and Qwen3.
+
+Parameters mirror the HF names (`model.layers_3.self_attn.q_proj.kernel` is HF's
+`model.layers.3.self_attn.q_proj.weight`, transposed to [in, out]). The forward pass takes the
+base params through `apply` and a delta pytree of the same structure (any subtree may be missing,
+meaning "no delta there") as an argument; every weight is reached through `dzjax.models.linear`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dzjax.models.config import ModelConfig, RopeConfig
+from dzjax.models.linear import add_delta, embed, linear
+
+_INIT = nn.initializers.normal(0.02)
+
+
+def sub(delta, name: str):
+    """The delta of child `name`, or None when the delta does not touch it."""
+    return None if delta is None else delta.get(name)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, indexed by absolute position: slot j holds position j."""
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] in float32, with llama3 scaling when configured."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / np.power(np.float32(rope.theta), exponents)).astype(np.float32)
+    if rope.rope_type == "default":
+        return inv_freq
+    # llama3: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between.
+    old_len = rope.original_max_position_embeddings
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_len / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor)
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= old_len / rope.high_freq_factor) & (wavelen <= old_len / rope.low_freq_factor)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [B, T, heads, D] by angle position * inv_freq (HF's rotate-half convention)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
+    """Causal grouped-query attention.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H a multiple of Hkv.
+      q_pos: [B, T] and k_pos: [B, S] absolute positions; key j is seen by query i when
+        k_pos[j] <= q_pos[i] (and k_pos[j] > q_pos[i] - window with a sliding window).
+    Returns:
+      [B, T, H * D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h * d).astype(q.dtype)
+
+
+class Linear(nn.Module):
+    features: int
+    use_bias: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, delta=None):
+        kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        return linear(x, kernel, sub(delta, "kernel"), bias, sub(delta, "bias"))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, delta=None):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        weight = add_delta(weight, sub(delta, "weight"))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (weight.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    features: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", _INIT, (self.vocab_size, self.features),
+                                    self.param_dtype)
+
+    def __call__(self, ids, delta=None):
+        return embed(ids, self.embedding, sub(delta, "embedding"))
+
+    def attend(self, h, delta=None):
+        """Tied output projection: h @ (embedding + delta)^T."""
+        d = sub(delta, "embedding")
+        return linear(h, self.embedding.T, None if d is None else d.T)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    window: int | None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, kv, delta=None):
+        c, pd = self.config, self.param_dtype
+        b, t, _ = x.shape
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, pd, name="q_proj")(x, sub(delta, "q_proj"))
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, name="k_proj")(x, sub(delta, "k_proj"))
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, name="v_proj")(x, sub(delta, "v_proj"))
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3: RMSNorm over each head, before the rotation
+            q = RMSNorm(c.rms_norm_eps, pd, name="q_norm")(q, sub(delta, "q_norm"))
+            k = RMSNorm(c.rms_norm_eps, pd, name="k_norm")(k, sub(delta, "k_norm"))
+        inv_freq = rope_inv_freq(c.rope, c.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv is None:  # a plain forward pass over the whole sequence
+            keys, values, k_pos = k, v, positions
+        else:  # write this step's keys/values at their positions, attend over the whole cache
+            rows = jnp.arange(b)[:, None]
+            keys = kv[0].at[rows, positions].set(k.astype(kv[0].dtype), mode="drop")
+            values = kv[1].at[rows, positions].set(v.astype(kv[1].dtype), mode="drop")
+            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+            kv = (keys, values)
+        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), positions, k_pos,
+                        self.window)
+        out = Linear(c.hidden_size, c.o_bias, pd, name="o_proj")(out, sub(delta, "o_proj"))
+        return out, kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, delta=None):
+        c, pd = self.config, self.param_dtype
+        gate = Linear(c.intermediate_size, c.mlp_bias, pd, name="gate_proj")(x, sub(delta, "gate_proj"))
+        up = Linear(c.intermediate_size, c.mlp_bias, pd, name="up_proj")(x, sub(delta, "up_proj"))
+        return Linear(c.hidden_size, c.mlp_bias, pd, name="down_proj")(
+            jax.nn.silu(gate) * up, sub(delta, "down_proj"))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    window: int | None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, kv, delta=None):
+        c, pd = self.config, self.param_dtype
+        h = RMSNorm(c.rms_norm_eps, pd, name="input_layernorm")(x, sub(delta, "input_layernorm"))
+        h, kv = Attention(c, self.window, pd, name="self_attn")(h, positions, kv,
+                                                               sub(delta, "self_attn"))
+        x = x + h
+        h = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(
+            x, sub(delta, "post_attention_layernorm"))
+        return x + MLP(c, pd, name="mlp")(h, sub(delta, "mlp")), kv
+
+
+class Transformer(nn.Module):
+    """The decoder stack (HF's `model`): embedding, layers, final norm."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c, pd = self.config, self.param_dtype
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, pd)
+        self.layers = [DecoderLayer(c, c.sliding_windows[i], pd) for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, pd)
+
+    def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None):
+        x = self.embed_tokens(input_ids, sub(delta, "embed_tokens")).astype(self.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, positions, kv, sub(delta, f"layers_{i}"))
+            self.sow("intermediates", "hidden_states", x)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
+        return self.norm(x, sub(delta, "norm")), new_cache
+
+    def attend(self, x, delta=None):
+        return self.embed_tokens.attend(x, sub(delta, "embed_tokens"))
+
+
+class CausalLM(nn.Module):
+    """LlamaForCausalLM and its relatives.
+
+    __call__(input_ids [B, T], positions [B, T], delta=None, cache=None) returns float32 logits
+    [B, T, V] and the updated cache (None without one). The hidden state after every layer is
+    sown into the `intermediates` collection, for per-block tests.
+    """
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32  # activations
+    param_dtype: jnp.dtype = jnp.float32  # only used by init (synthetic models)
+
+    @nn.compact
+    def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None):
+        c = self.config
+        model = Transformer(c, self.dtype, self.param_dtype, name="model")
+        x, cache = model(input_ids, positions, sub(delta, "model"), cache)
+        if c.tie_word_embeddings:
+            logits = model.attend(x, sub(delta, "model"))
+        else:
+            logits = Linear(c.vocab_size, False, self.param_dtype, name="lm_head")(
+                x, sub(delta, "lm_head"))
+        return logits.astype(jnp.float32), cache

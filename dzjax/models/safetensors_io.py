@@ -1,0 +1,141 @@
+"""A small, strict safetensors reader and an atomic writer, on NumPy (bf16 through ml_dtypes).
+
+The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}, "__metadata__": {str: str}}, then the raw little-endian data. Reading it ourselves
+gives lazy per-tensor reads from a memory map, bf16 without torch, and errors that name the file
+and tensor when a file is truncated or malformed. Nothing in a file is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from dzjax.errors import CheckpointError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16), "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsFile:
+    """Header parsed and checked at open; tensors read one at a time from a memory map."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file or truncated (header of {header_len} "
+                    f"bytes in a file of {size})")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            self._entries[name] = self._check_entry(name, entry, size - self._data_start)
+        self._mmap = None
+
+    def _check_entry(self, name, entry, data_size):
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                                  f"{entry!r}") from None
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for "
+                                  f"shape {shape} of {entry['dtype']}")
+        if end > data_size:
+            raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends at byte {end} "
+                                  f"but the file has {data_size} bytes of data")
+        return dtype, shape, begin, end
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only view of tensor `name` backed by the file's memory map."""
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, begin, end = self._entries[name]
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mmap[self._data_start + begin:self._data_start + end]
+        return raw.view(dtype).reshape(shape)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` atomically: into a temporary file beside `path`, then renamed onto it."""
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = {}
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        arrays[name] = array
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # align the data to 8 bytes
+    atomic_write(path, lambda f: _write_body(f, header_bytes, arrays))
+
+
+def _write_body(f, header_bytes, arrays):
+    f.write(struct.pack("<Q", len(header_bytes)))
+    f.write(header_bytes)
+    for array in arrays.values():
+        f.write(array.view(np.uint8).data)  # raw bytes (a bf16 buffer cannot be exported as is)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file in path's folder and rename it onto `path` on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,68 @@
+"""Writing params as a standard HF checkpoint directory (config.json + model.safetensors).
+
+The inverse of `loading.load_params`, through the same key map. The checkpoint is written into a
+temporary folder beside `out` and renamed onto it, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dzjax.models.config import ModelConfig, to_hf_dict
+from dzjax.models.loading import SINGLE_FILE, hf_key_map
+from dzjax.models.safetensors_io import write_safetensors
+
+
+def hf_tensors(config: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
+    """{HF tensor name: host array in HF layout} for every parameter of `config`."""
+    flat = {tuple(str(k.key) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    tensors = {}
+    for name, (keys, transposed, shape) in hf_key_map(config).items():
+        if keys not in flat:
+            raise ValueError(f"params lack {'.'.join(keys)} (HF tensor {name})")
+        array = np.asarray(flat[keys])
+        array = array.T if transposed else array
+        tensors[name] = np.ascontiguousarray(array, dtype=dtype or array.dtype)
+        assert tensors[name].shape == shape, (name, tensors[name].shape, shape)
+    return tensors
+
+
+def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
+            hf_config: dict | None = None, tokenizer=None) -> Path:
+    """Write `params` as a HF checkpoint directory `out` (replaced if it exists); returns it.
+
+    Args:
+      out: the directory to write.
+      config: the model's config.
+      params: params pytree (as loaded or initialised).
+      dtype: dtype of the stored weights (default: as they are).
+      hf_config: the config.json contents to write (default: derived from `config`).
+      tokenizer: a transformers tokenizer to save beside the weights.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        contents = dict(hf_config if hf_config is not None else to_hf_dict(config))
+        if dtype is not None:
+            contents["dtype"] = np.dtype(dtype).name
+        (tmp / "config.json").write_text(json.dumps(contents, indent=2, sort_keys=True) + "\n")
+        write_safetensors(tmp / SINGLE_FILE, hf_tensors(config, params, dtype),
+                          metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,154 @@
+"""The Flax models against HF transformers' torch outputs (committed fixtures), and their cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ARCHITECTURES, fixture_dir, reference
+
+import dzjax
+from dzjax.models import TRACE_COUNTS, CausalLM, KVCache, forward_cached
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request):
+    name = request.param
+    return name, dzjax.load_base(fixture_dir(name), dtype=jnp.float32), reference(name)
+
+
+def test_logits_match_hf(arch):
+    name, base, ref = arch
+    logits = dzjax.logits(base, ref["input_ids"])
+    assert logits.dtype == jnp.float32 and logits.shape == ref["logits"].shape
+    err = float(jnp.max(jnp.abs(logits - ref["logits"])))
+    assert err <= 1e-4, f"{name}: max abs logit error {err}"
+
+
+def test_each_block_matches_hf(arch):
+    """Hidden states after every decoder layer but the last (HF applies the final norm to that one)."""
+    name, base, ref = arch
+    ids = ref["input_ids"]
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    _, state = CausalLM(base.config).apply({"params": base.params}, ids, positions,
+                                           mutable=["intermediates"])
+    hidden = state["intermediates"]["model"]["hidden_states"]
+    assert len(hidden) == base.config.num_layers
+    for layer in range(base.config.num_layers - 1):
+        err = float(jnp.max(jnp.abs(hidden[layer] - ref["hidden_states"][layer + 1])))
+        assert err <= 1e-4, f"{name}: layer {layer} max abs error {err}"
+
+
+def test_cached_decode_equals_full_forward(arch):
+    """Prefill of unequal, right-padded prompts then one token at a time == one full pass."""
+    name, base, ref = arch
+    ids = ref["input_ids"]
+    full = np.asarray(dzjax.logits(base, ids))
+    prompt_lens = np.array([5, 9])
+    batch, seq = ids.shape
+    cache = KVCache.zeros(base.config, batch, 32, jnp.float32)
+    prompts = np.where(np.arange(seq)[None] < prompt_lens[:, None], ids, 0)[:, :prompt_lens.max()]
+    positions = np.broadcast_to(np.arange(prompts.shape[1]), prompts.shape).astype(np.int32)
+    step_logits, cache = forward_cached(base.params, prompts, positions, cache, config=base.config)
+    for row, n in enumerate(prompt_lens):
+        np.testing.assert_allclose(step_logits[row, :n], full[row, :n], atol=1e-4, rtol=0)
+    for t in range(seq - prompt_lens.min()):
+        pos = prompt_lens + t
+        live = pos < seq
+        tokens = ids[np.arange(batch), np.minimum(pos, seq - 1)][:, None]
+        step_logits, cache = forward_cached(base.params, tokens, pos[:, None].astype(np.int32),
+                                            cache, config=base.config)
+        for row in np.flatnonzero(live):
+            np.testing.assert_allclose(step_logits[row, 0], full[row, pos[row]], atol=1e-4,
+                                       rtol=0, err_msg=f"{name} row {row} position {pos[row]}")
+
+
+def test_dense_delta_gives_finetune_logits_without_retrace():
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    finetune = dzjax.load_base(fixture_dir("llama_ft"), dtype=jnp.float32)
+    ref = reference("llama_ft")
+    delta = dzjax.dense_delta(base.params, finetune.params)
+
+    logits = dzjax.logits(base, ref["input_ids"], delta=delta)
+    err = float(jnp.max(jnp.abs(logits - ref["logits"])))
+    assert err <= 1e-4, f"base + dense delta vs fine-tune: max abs error {err}"
+
+    traces = TRACE_COUNTS["forward"]
+    other = jax.tree.map(lambda d: 0.5 * d, delta)  # same shapes, different values
+    halfway = dzjax.logits(base, ref["input_ids"], delta=other)
+    assert TRACE_COUNTS["forward"] == traces, "swapping a same-shape delta retraced the forward"
+    assert float(jnp.max(jnp.abs(halfway - logits))) > 0.1  # the new delta is really used
+    assert float(jnp.max(jnp.abs(halfway - reference("llama")["logits"]))) > 0.1
+
+
+def test_partial_delta_touches_only_its_tensors():
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    ids = reference("llama")["input_ids"]
+    kernel = base.params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    delta = {"model": {"layers_1": {"mlp": {"down_proj": {"kernel": jnp.ones_like(kernel) * 0.01}}}}}
+    merged = jax.tree.map(lambda x: x, base.params)
+    merged["model"]["layers_1"]["mlp"]["down_proj"]["kernel"] = kernel + 0.01
+    merged_base = dzjax.Base(config=base.config, params=merged)
+    np.testing.assert_allclose(dzjax.logits(base, ids, delta=delta),
+                               dzjax.logits(merged_base, ids), atol=1e-4, rtol=0)
+
+
+def test_generate_with_delta_equals_generate_on_merged_weights():
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    finetune = dzjax.load_base(fixture_dir("llama_ft"), dtype=jnp.float32)
+    delta = dzjax.dense_delta(base.params, finetune.params)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
+    with_delta = dzjax.generate(base, prompts, max_tokens=8, delta=delta, stop_at_eos=False)
+    merged = dzjax.generate(finetune, prompts, max_tokens=8, stop_at_eos=False)
+    assert with_delta == merged
+    assert with_delta != dzjax.generate(base, prompts, max_tokens=8, stop_at_eos=False)
+    assert all(len(tokens) == 8 for tokens in with_delta)
+
+
+def test_generate_greedy_follows_argmax_of_full_forward():
+    base = dzjax.load_base(fixture_dir("qwen3"), dtype=jnp.float32)
+    prompt = [3, 1, 4, 1, 5]
+    tokens = dzjax.generate(base, [prompt], max_tokens=6, stop_at_eos=False)[0]
+    sequence = list(prompt)
+    for token in tokens:
+        assert token == int(jnp.argmax(dzjax.logits(base, [sequence])[0, -1]))
+        sequence.append(token)
+
+
+def test_generate_sampling_is_seeded_and_stops_at_eos():
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    kwargs = dict(max_tokens=12, temperature=1.0, top_p=0.9, stop_at_eos=False)
+    first = dzjax.generate(base, [[1, 2, 3]], seed=1, **kwargs)
+    assert first == dzjax.generate(base, [[1, 2, 3]], seed=1, **kwargs)
+    assert first != dzjax.generate(base, [[1, 2, 3]], seed=2, **kwargs)
+    # Make the 4th greedy token the end-of-sequence token: generation stops right before it.
+    greedy = dzjax.generate(base, [[1, 2, 3]], max_tokens=12, stop_at_eos=False)[0]
+    eos = greedy[3]
+    config = dataclasses.replace(base.config, eos_token_ids=(eos,))
+    stopping = dzjax.Base(config=config, params=base.params)
+    assert dzjax.generate(stopping, [[1, 2, 3]], max_tokens=12) == [greedy[:greedy.index(eos)]]
+
+
+def test_sample_tokens_top_p_keeps_only_the_nucleus():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
+    draws = dzjax.models.sample_tokens(logits, jax.random.key(0), 1.0, 0.7)
+    assert set(np.asarray(draws).tolist()) == {0, 1}
+    greedy = dzjax.models.sample_tokens(logits, jax.random.key(0), 0.0, 1.0)
+    assert set(np.asarray(greedy).tolist()) == {0}
+
+
+@pytest.mark.parametrize("bad", [np.array([[0, 256]]), np.array([[-1, 3]]), np.zeros((1, 0), int),
+                                 np.zeros((1, 2, 3), int), np.array([[0.5, 1.0]])])
+def test_logits_rejects_bad_input_ids(bad):
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="input_ids"):
+        dzjax.logits(base, bad)
+
+
+def test_delta_with_unknown_or_misshapen_tensor_is_rejected():
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="no base parameter"):
+        dzjax.logits(base, [[1, 2]], delta={"model": {"layers_9": {"mlp": jnp.zeros(3)}}})
+    with pytest.raises(ValueError, match="shape"):
+        dzjax.logits(base, [[1, 2]], delta={"lm_head": {"kernel": jnp.zeros((3, 3))}})
