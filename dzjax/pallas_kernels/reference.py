@@ -1,0 +1,38 @@
+"""Pure-jnp references: dequantize a `QuantizedTensor` and multiply by it. Every kernel is tested
+against these, and they are the XLA path that CPU users and CI run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dzjax.pallas_kernels import packing
+from dzjax.pallas_kernels.formats import QuantizedTensor
+
+
+def dequantize(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+    """The dense [K, N] matrix that `q` stores, in `dtype` (computed in float32)."""
+    fmt, (k, n) = q.format, q.shape
+    rows = fmt.stored_rows(k)
+    if fmt.bits == 16:
+        values = q.qweight.astype(jnp.float32)
+    else:
+        codes = packing.unpack_codes(q.qweight, fmt.bits, rows).astype(jnp.float32)
+        # Stored row i belongs to scale group (original row) // group_size; with n:m, the kept
+        # rows of one group of m inputs are n consecutive stored rows.
+        rows_per_group = fmt.group_size if fmt.nm is None else fmt.group_size * fmt.nm[0] // fmt.nm[1]
+        scales = jnp.repeat(q.scales.astype(jnp.float32), rows_per_group, axis=0)
+        zeros = (jnp.full((), 2 ** (fmt.bits - 1), jnp.float32) if fmt.symmetric
+                 else jnp.repeat(q.zeros.astype(jnp.float32), rows_per_group, axis=0))
+        values = scales * (codes - zeros)
+    if fmt.nm is not None:
+        positions = packing.unpack_codes(q.meta, packing.index_bits(fmt.nm[1]), rows)
+        values = packing.expand_nm(values, positions, *fmt.nm)
+    if fmt.unstructured:
+        values = jnp.where(packing.unpack_codes(q.mask, 1, k) > 0, values, 0.0)
+    return values.astype(dtype)
+
+
+def delta_matmul_ref(x: jax.Array, q: QuantizedTensor) -> jax.Array:
+    """x [..., K] @ dequantize(q) [K, N] -> [..., N] float32."""
+    return jnp.dot(x, dequantize(q, x.dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,106 @@
+"""The canonical packing and the dequantize reference, against plain NumPy."""
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dzjax.pallas_kernels import packing
+from dzjax.pallas_kernels.formats import Format, quantize_to_format
+from dzjax.pallas_kernels.reference import dequantize, delta_matmul_ref
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, (96, 7))
+    packed = packing.pack_codes(codes, bits)
+    assert packed.shape == (96 * bits // 32, 7) and packed.dtype == np.uint32
+    np.testing.assert_array_equal(packing.unpack_codes(packed, bits, 96), codes)
+
+
+def test_bit_stream_layout():
+    """Row r of a 32-row block sits at bits [r*b, (r+1)*b) of the block's b words."""
+    bits = 3
+    codes = np.random.default_rng(0).integers(0, 8, (32, 2))
+    packed = np.asarray(packing.pack_codes(codes, bits))
+    stream = sum(int(packed[w, 1]) << (32 * w) for w in range(bits))
+    for r in range(32):
+        assert (stream >> (r * bits)) & 7 == codes[r, 1]
+
+
+def test_pack_rejects_rows_not_multiple_of_32():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        packing.pack_codes(np.zeros((48, 2), int), 4)
+
+
+def _random_nm_mask(rng, k, n_cols, n, m):
+    mask = np.zeros((k, n_cols), bool)
+    for g, c in itertools.product(range(k // m), range(n_cols)):
+        mask[g * m + rng.choice(m, n, replace=False), c] = True
+    return mask
+
+
+def _numpy_dequant(codes, scales, zeros, keep, group, bits, symmetric):
+    zero = 2 ** (bits - 1) if symmetric else np.repeat(zeros, group, 0)
+    dense = np.repeat(scales.astype(ml_dtypes.bfloat16).astype(np.float64), group, 0) * (codes - zero)
+    return np.where(keep, dense, 0.0)
+
+
+FORMATS = [
+    dict(bits=b, group=g, symmetric=s, sparsity=sp)
+    for b in (2, 3, 4, 8) for g in (32, None) for s in (False, True)
+    for sp in (None, (2, 4), "unstructured")
+]
+
+
+@pytest.mark.parametrize("case", FORMATS, ids=lambda c: "-".join(map(str, c.values())))
+def test_dequantize_matches_numpy(case):
+    rng = np.random.default_rng(7)
+    k, n = 128, 24
+    bits, symmetric = case["bits"], case["symmetric"]
+    group = case["group"] or k
+    codes = rng.integers(0, 2 ** bits, (k, n))
+    scales = rng.uniform(0.01, 0.1, (k // group, n)).astype(np.float32)
+    zeros = rng.integers(0, 2 ** bits, (k // group, n))
+    keep = np.ones((k, n), bool)
+    if case["sparsity"] == (2, 4):
+        keep = _random_nm_mask(rng, k, n, 2, 4)
+    elif case["sparsity"] == "unstructured":
+        keep = rng.random((k, n)) < 0.4
+    fmt = Format(bits=bits, group_size=group, symmetric=symmetric,
+                 nm=case["sparsity"] if isinstance(case["sparsity"], tuple) else None,
+                 unstructured=case["sparsity"] == "unstructured")
+    q = quantize_to_format(codes, scales, zeros, keep, fmt)
+    expected = _numpy_dequant(codes, scales, zeros, keep, group, bits, symmetric)
+    np.testing.assert_allclose(dequantize(q), expected, rtol=1e-6, atol=1e-7)
+    if case["sparsity"] == (2, 4):
+        assert q.nbytes * 8 / (k * n) <= bits / 2 + 1 + 16 * 2 / group  # ~ (bits + 2) / 2 per weight
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    y = np.asarray(delta_matmul_ref(x, q))
+    rel = np.linalg.norm(y - x @ expected) / np.linalg.norm(x @ expected)
+    assert rel < 1e-5
+
+
+def test_sixteen_bit_format_keeps_values():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(64, 8)).astype(np.float32)
+    keep = _random_nm_mask(rng, 64, 8, 2, 4)
+    q = quantize_to_format(values, None, None, keep, Format(bits=16, group_size=64, nm=(2, 4)))
+    expected = np.where(keep, values.astype(np.float16).astype(np.float32), 0)
+    np.testing.assert_array_equal(dequantize(q), expected)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bits=5, group_size=32), "bits=5"),
+    (dict(bits=4, group_size=30, nm=(2, 4)), "multiple of m=4"),
+    (dict(bits=4, group_size=32, nm=(4, 4)), "0 < n < m"),
+])
+def test_bad_formats(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Format(**kwargs)
+
+
+def test_shape_not_divisible_by_group():
+    with pytest.raises(ValueError, match="group_size=128 must divide K=96"):
+        Format(bits=4, group_size=128).check_shape(96, 8, "q_proj")
