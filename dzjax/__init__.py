@@ -2,9 +2,10 @@
 
 import jax.numpy as jnp
 
+from dzjax.compress import Delta, DeltaFileError, convert, export_hf, load_delta
 from dzjax.errors import CheckpointError, DzjaxError, UnsupportedConfigError
 from dzjax.models import Base, dense_delta, generate, load_base
-from dzjax.models.forward import check_delta, check_input_ids, forward
+from dzjax.models.forward import check_input_ids, forward, resolve_delta
 
 __version__ = "0.1.0"
 
@@ -15,15 +16,17 @@ def logits(base: Base, input_ids, delta=None, dtype=jnp.float32):
     Args:
       base: a `Base` from `load_base`.
       input_ids: integer token ids, [batch, seq] or [seq].
-      delta: None, or a dense delta: a pytree mirroring (part of) `base.params` holding
+      delta: None; a compressed `Delta` (from `convert` or `load_delta`; it must have been made
+        on this base); or a dense delta, a pytree mirroring (part of) `base.params` holding
         W_finetune - W_base (see `dense_delta`).
       dtype: activation dtype of the forward pass.
     """
     ids = check_input_ids(input_ids, base.config.vocab_size)
-    check_delta(base.params, delta)
+    delta = resolve_delta(base, delta)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
     return forward(base.params, ids, positions, delta, config=base.config, dtype=dtype)
 
 
-__all__ = ["Base", "CheckpointError", "DzjaxError", "UnsupportedConfigError", "dense_delta",
-           "generate", "load_base", "logits"]
+__all__ = ["Base", "CheckpointError", "Delta", "DeltaFileError", "DzjaxError",
+           "UnsupportedConfigError", "convert", "dense_delta", "export_hf", "generate", "load_base",
+           "load_delta", "logits"]

@@ -1,4 +1,4 @@
-"""The `dzjax` command line: `dzjax demo`, `dzjax generate`."""
+"""The `dzjax` command line: `dzjax demo`, `dzjax convert`, `dzjax generate`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,27 @@ def _generate(args) -> None:
         print(f"{prompt}{text}")
 
 
+def _sparsity(text: str):
+    if text.lower() in ("none", "dense"):
+        return None
+    return text if ":" in text else float(text)
+
+
+def _convert(args) -> None:
+    import dzjax
+    from dzjax.compress.pipeline import report_json, report_text
+
+    delta = dzjax.convert(
+        args.base, args.finetune, args.out, bits=args.bits, sparsity=args.sparsity,
+        group_size=None if args.group_size == 0 else args.group_size,
+        calibration=args.calibration, name=args.name, symmetric=args.symmetric,
+        act_order=args.act_order, method=args.method, damp=args.damp,
+        compress_embeddings=not args.keep_embeddings, n_samples=args.n_samples,
+        seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
+    report = delta.metadata["report"]
+    print(report_json(report) if args.json else f"wrote {args.out}\n{report_text(report)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dzjax", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
@@ -38,6 +59,30 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--rebuild", action="store_true", help="train the demo model again")
     demo.add_argument("--max-tokens", type=int, default=40)
     demo.set_defaults(run=_demo)
+
+    conv = commands.add_parser("convert", help="compress a fine-tune's delta from its base")
+    conv.add_argument("base", type=Path, help="base HF checkpoint directory")
+    conv.add_argument("finetune", type=Path, help="fine-tuned HF checkpoint directory")
+    conv.add_argument("-o", "--out", type=Path, required=True, help="delta file to write")
+    conv.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8, 16))
+    conv.add_argument("--sparsity", type=_sparsity, default="2:4",
+                      help="'n:m' (default 2:4), a fraction for unstructured, or 'none'")
+    conv.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    conv.add_argument("--symmetric", action="store_true")
+    conv.add_argument("--act-order", action="store_true")
+    conv.add_argument("--method", choices=("obs", "rtn"), default="obs")
+    conv.add_argument("--damp", type=float, default=0.01)
+    conv.add_argument("--keep-embeddings", action="store_true",
+                      help="store the embedding and lm_head deltas exactly")
+    conv.add_argument("--calibration", default=None,
+                      help="a .txt or .jsonl file (default: the embedded corpus)")
+    conv.add_argument("--n-samples", type=int, default=128)
+    conv.add_argument("--seq-len", type=int, default=512)
+    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--name", default=None, help="the fine-tune's name in the file")
+    conv.add_argument("--json", action="store_true", help="print the report as JSON")
+    conv.add_argument("--quiet", action="store_true", help="no progress lines")
+    conv.set_defaults(run=_convert)
 
     gen = commands.add_parser("generate", help="generate continuations with a HF checkpoint")
     gen.add_argument("base", type=Path, help="HF checkpoint directory (with a tokenizer)")

@@ -1,4 +1,8 @@
-"""Delta compression (extraction, calibration, OBS prune+quantize, the delta file): not built yet.
+"""Delta compression: extraction, calibration, jitted OBS prune+quantize, the delta file, export."""
 
-See the compression issue and ../shared/DESIGN.md for what this package will own.
-"""
+from dzjax.compress.pipeline import ConvertConfig, convert
+from dzjax.compress.delta_file import Delta, DeltaFileError, load_delta, save_delta
+from dzjax.compress.export import export_hf, merge
+
+__all__ = ["ConvertConfig", "Delta", "DeltaFileError", "convert", "export_hf", "load_delta",
+           "merge", "save_delta"]

@@ -17,6 +17,7 @@ import numpy as np
 from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig
 from dzjax.models.llama import CausalLM, KVCache
+from dzjax.pallas_kernels.formats import QuantizedTensor
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
@@ -55,17 +56,35 @@ def check_input_ids(input_ids, vocab_size: int) -> np.ndarray:
 
 
 def check_delta(params, delta) -> None:
-    """A dense delta must mirror (part of) the params tree: same names, same shapes."""
+    """A delta pytree must mirror (part of) the params tree: same names, matching shapes.
+
+    Dense leaves have the parameter's shape; compressed ones (`QuantizedTensor`) the kernel's
+    [in, out], or [hidden, vocab] for the embedding table.
+    """
     if delta is None:
         return
     flat_params = {p: leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(delta)[0]:
+    leaves = jax.tree_util.tree_flatten_with_path(
+        delta, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
+    for path, leaf in leaves:
         name = jax.tree_util.keystr(path)
         if path not in flat_params:
             raise DzjaxError(f"delta tensor {name} has no base parameter of that name")
-        if np.shape(leaf) != flat_params[path].shape:
-            raise DzjaxError(f"delta tensor {name} has shape {np.shape(leaf)}, "
-                             f"the base parameter {flat_params[path].shape}")
+        want = flat_params[path].shape
+        ok = (tuple(leaf.shape) in (want, want[::-1]) if isinstance(leaf, QuantizedTensor)
+              else np.shape(leaf) == want)
+        if not ok:
+            raise DzjaxError(f"delta tensor {name} has shape {tuple(np.shape(leaf))}, "
+                             f"the base parameter {want}")
+
+
+def resolve_delta(base, delta):
+    """The delta pytree to run with: a `Delta` is checked against the base it is used with."""
+    if hasattr(delta, "check_base"):  # dzjax.Delta (compress imports models, not the reverse)
+        delta.check_base(base)
+        delta = delta.params
+    check_delta(base.params, delta)
+    return delta
 
 
 def dense_delta(base_params, finetune_params) -> dict:

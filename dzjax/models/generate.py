@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.errors import DzjaxError
-from dzjax.models.forward import check_delta, check_input_ids, forward_cached
+from dzjax.models.forward import check_input_ids, forward_cached, resolve_delta
 from dzjax.models.llama import KVCache
 from dzjax.models.loading import Base
 
@@ -76,7 +76,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
       max_tokens: tokens generated per prompt at most.
       temperature, top_p: sampling; temperature 0 is greedy.
       seed: random seed for sampling.
-      delta: optional delta (see `dzjax.logits`).
+      delta: None, a `dzjax.Delta` or a dense delta pytree (see `dzjax.logits`).
       dtype: activation dtype.
       stop_at_eos: stop a row at its first end-of-sequence token (which is not returned).
     Returns:
@@ -86,7 +86,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
         raise DzjaxError(f"max_tokens must be >= 1, got {max_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise DzjaxError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    check_delta(base.params, delta)
+    delta = resolve_delta(base, delta)
     token_lists, as_text = _encode(base, prompts)
     lengths = np.array([len(p) for p in token_lists])
     limit = base.config.max_position_embeddings

@@ -4,8 +4,9 @@ The forward pass reaches every projection through `linear`, the embedding table 
 and every small tensor (norm weights, biases) through `add_delta`, so that supporting a new kind of
 delta (dense today, compressed and multi-delta later) never touches the model definition.
 
-A delta for one weight is either `None` (base only) or a dense array of the weight's shape holding
-`W_finetune - W_base`.
+A delta for one weight is `None` (base only), a dense array of the weight's shape holding
+`W_finetune - W_base`, or a compressed `QuantizedTensor` of the weight in kernel layout [in, out]
+(the embedding table's as [hidden, vocab]).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dzjax.pallas_kernels.formats import QuantizedTensor
+from dzjax.pallas_kernels.reference import delta_matmul_ref, dequantize_columns
 
-def _check_dense(w: jax.Array, delta: jax.Array, what: str) -> None:
+
+def _check_dense(w: jax.Array, delta, what: str) -> None:
     if delta.shape != w.shape:
         raise ValueError(f"{what}: delta shape {delta.shape} does not match weight shape {w.shape}")
 
@@ -31,7 +35,10 @@ def linear(x: jax.Array, kernel: jax.Array, delta=None, bias=None, bias_delta=No
       [..., N] in x.dtype.
     """
     y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    if delta is not None:
+    if isinstance(delta, QuantizedTensor):
+        _check_dense(kernel, delta, "linear")
+        y = y + delta_matmul_ref(x, delta)
+    elif delta is not None:
         _check_dense(kernel, delta, "linear")
         y = y + jnp.dot(x, delta.astype(x.dtype), preferred_element_type=jnp.float32)
     if bias is not None:
@@ -42,11 +49,22 @@ def linear(x: jax.Array, kernel: jax.Array, delta=None, bias=None, bias_delta=No
 def embed(ids: jax.Array, table: jax.Array, delta=None) -> jax.Array:
     """Rows of (table + delta) for token ids [...] -> [..., D], in the table's dtype."""
     rows = jnp.take(table, ids, axis=0)
-    if delta is not None:
+    if isinstance(delta, QuantizedTensor):  # stored as [hidden, vocab]: gather columns
+        _check_dense(table.T, delta, "embed")
+        delta_rows = dequantize_columns(delta, ids.reshape(-1)).T.reshape(rows.shape)
+        rows = (rows.astype(jnp.float32) + delta_rows).astype(table.dtype)
+    elif delta is not None:
         _check_dense(table, delta, "embed")
         delta_rows = jnp.take(delta, ids, axis=0)
         rows = (rows.astype(jnp.float32) + delta_rows.astype(jnp.float32)).astype(table.dtype)
     return rows
+
+
+def unembed(h: jax.Array, table: jax.Array, delta=None) -> jax.Array:
+    """Tied output projection h @ (table + delta)^T -> [..., vocab] in h's dtype."""
+    if delta is not None and not isinstance(delta, QuantizedTensor):
+        delta = delta.T  # dense deltas mirror the table [vocab, hidden]; compressed ones are stored
+    return linear(h, table.T, delta)  # transposed already
 
 
 def add_delta(w: jax.Array, delta=None) -> jax.Array:

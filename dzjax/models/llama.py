@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.models.config import ModelConfig, RopeConfig
-from dzjax.models.linear import add_delta, embed, linear
+from dzjax.models.linear import add_delta, embed, linear, unembed
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -106,6 +106,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
                 if self.use_bias else None)
+        self.sow("linear_inputs", "x", x)  # recorded only when compression asks (mutable)
         return linear(x, kernel, sub(delta, "kernel"), bias, sub(delta, "bias"))
 
 
@@ -136,8 +137,7 @@ class Embed(nn.Module):
 
     def attend(self, h, delta=None):
         """Tied output projection: h @ (embedding + delta)^T."""
-        d = sub(delta, "embedding")
-        return linear(h, self.embedding.T, None if d is None else d.T)
+        return unembed(h, self.embedding, sub(delta, "embedding"))
 
 
 class Attention(nn.Module):

@@ -10,6 +10,8 @@ copy of the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import re
@@ -19,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from dzjax.errors import CheckpointError, UnsupportedConfigError
@@ -48,6 +51,20 @@ class Base:
     @property
     def dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the base weights (see `fingerprint`); a delta records the one it was made on."""
+        flat = {tuple(str(k.key) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+
+        def sample(keys, transposed):
+            leaf = flat[keys]
+            return lambda rows, cols: np.asarray(leaf[cols, rows] if transposed else leaf[rows, cols]
+                                                 if leaf.ndim == 2 else leaf[cols])
+
+        return fingerprint({name: (shape, sample(keys, transposed))
+                            for name, (keys, transposed, shape) in hf_key_map(self.config).items()})
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
@@ -79,6 +96,44 @@ def hf_key_map(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool, tu
         name, transposed = hf_name(keys)
         out[name] = (keys, transposed, tuple(reversed(leaf.shape)) if transposed else leaf.shape)
     return out
+
+
+_FINGERPRINT_SAMPLES = 64
+
+
+def fingerprint(tensors: dict[str, tuple[tuple[int, ...], Any]]) -> str:
+    """A short hash of a model's weights that does not depend on the dtype they are held in.
+
+    Args:
+      tensors: {HF name: (HF shape, sample)}, where sample(rows, cols) returns the values at those
+        positions of the tensor in HF layout (1-D tensors: cols only).
+    Returns:
+      sha256 hex digest over every name, shape and the bfloat16 rounding of 64 values spread over
+      the tensor, so a checkpoint gives the same fingerprint from its files or loaded in any dtype.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        shape, sample = tensors[name]
+        size = int(np.prod(shape))
+        flat = np.unique(np.linspace(0, size - 1, _FINGERPRINT_SAMPLES).astype(np.int64))
+        rows, cols = (np.divmod(flat, shape[1]) if len(shape) == 2 else (None, flat))
+        values = np.asarray(sample(rows, cols), np.float32).astype(ml_dtypes.bfloat16)
+        digest.update(f"{name}:{list(shape)}:".encode() + values.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def checkpoint_fingerprint(path: Path, config: ModelConfig) -> str:
+    """`fingerprint` of a checkpoint directory, read from its files (a few pages per tensor)."""
+    files = checkpoint_files(path)
+
+    def sample(name):
+        def read(rows, cols):
+            array = SafetensorsFile(files[name]).read(name)
+            return array[rows, cols] if array.ndim == 2 else array[cols]
+        return read
+
+    return fingerprint({name: (shape, sample(name))
+                        for name, (_, _, shape) in hf_key_map(config).items()})
 
 
 def read_hf_config(path: Path):

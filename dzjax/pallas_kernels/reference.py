@@ -3,6 +3,8 @@ against these, and they are the XLA path that CPU users and CI run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -36,3 +38,14 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
 def delta_matmul_ref(x: jax.Array, q: QuantizedTensor) -> jax.Array:
     """x [..., K] @ dequantize(q) [K, N] -> [..., N] float32."""
     return jnp.dot(x, dequantize(q, x.dtype), preferred_element_type=jnp.float32)
+
+
+def dequantize_columns(q: QuantizedTensor, columns: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """dequantize(q)[:, columns] -> [K, len(columns)], reading only those columns.
+
+    Every stored array is laid out [..., N], so a column gather of each gives a smaller tensor of
+    the same format (an embedding lookup in a table stored as [hidden, vocab]).
+    """
+    gathered = {name: jnp.take(a, columns, axis=1) for name, a in q.arrays().items()}
+    small = dataclasses.replace(q, **gathered, shape=(q.shape[0], columns.shape[0]))
+    return dequantize(small, dtype)

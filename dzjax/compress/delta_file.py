@@ -1,0 +1,226 @@
+"""`Delta`, a compressed fine-tune, and its file: one safetensors file, validated on load.
+
+File layout (format_version 1):
+  __metadata__["dzjax"]  JSON: format_version, the model config, the base fingerprint, the
+                         fine-tune's name and source, and for every tensor how it is stored.
+  <HF name minus ".weight">.qweight/.scales/.zeros/.meta/.mask
+                         a compressed matrix (`QuantizedTensor`), in the kernel layout [in, out]
+                         with codes packed along the input dimension. The embedding table is
+                         stored as its transpose [hidden, vocab], the layout of a tied lm_head,
+                         so that one tensor serves the lookup and the output projection.
+  <HF name>              an exact float32 delta (norms, biases; all tensors with bits=16 dense),
+                         in HF's layout.
+Every tensor is a delta: W_finetune - W_base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dzjax.errors import DzjaxError
+from dzjax.models.config import ModelConfig, RopeConfig
+from dzjax.models.loading import Base, hf_key_map, unflatten
+from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
+from dzjax.pallas_kernels.formats import Format, QuantizedTensor
+
+FORMAT_VERSION = 1
+_FIELDS = ("qweight", "scales", "zeros", "meta", "mask")
+
+
+class DeltaFileError(DzjaxError):
+    """A delta file is malformed, of an unknown version, or made for another base."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Delta:
+    """A compressed fine-tune: a pytree mirroring the base params (`QuantizedTensor` leaves for
+    compressed matrices, float32 arrays for exact tensors) plus the file's metadata."""
+
+    params: dict
+    metadata: dict
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name") or (self.path.name if self.path else "delta")
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.metadata["base_fingerprint"]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(
+            self.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
+
+    def check_base(self, base: Base) -> None:
+        """Raise unless this delta was made on `base` (same architecture and weights)."""
+        if self.metadata["config"]["architecture"] != base.config.architecture:
+            raise DeltaFileError(
+                f"delta {self.name!r} is for a {self.metadata['config']['architecture']}, "
+                f"the base {base.path or ''} is a {base.config.architecture}")
+        if self.base_fingerprint != base.fingerprint:
+            raise DeltaFileError(
+                f"delta {self.name!r} ({self.path}) was made on base "
+                f"{self.metadata.get('base_source', '?')} with fingerprint {self.base_fingerprint}, "
+                f"not on this base {base.path or ''} (fingerprint {base.fingerprint})")
+
+
+def config_to_json(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_json(data: dict) -> ModelConfig:
+    data = dict(data)
+    data["rope"] = RopeConfig(**data["rope"])
+    for key in ("sliding_windows", "eos_token_ids"):
+        data[key] = tuple(data[key])
+    return ModelConfig(**data)
+
+
+def _format_to_json(fmt: Format, shape) -> dict:
+    sparsity = (f"{fmt.nm[0]}:{fmt.nm[1]}" if fmt.nm else "unstructured" if fmt.unstructured
+                else None)
+    return {"kind": "quantized", "shape": list(shape), "bits": fmt.bits,
+            "group_size": fmt.group_size, "symmetric": fmt.symmetric, "sparsity": sparsity}
+
+
+def _format_from_json(entry: dict) -> Format:
+    sparsity = entry.get("sparsity")
+    nm = tuple(int(v) for v in sparsity.split(":")) if sparsity and ":" in sparsity else None
+    return Format(bits=int(entry["bits"]), group_size=int(entry["group_size"]),
+                  symmetric=bool(entry["symmetric"]), nm=nm, unstructured=sparsity == "unstructured")
+
+
+def _expected_arrays(fmt: Format, k: int, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{field: (shape, dtype)} that a QuantizedTensor of [k, n] in `fmt` stores."""
+    from dzjax.pallas_kernels import packing
+
+    rows = fmt.stored_rows(k)
+    groups = k // fmt.group_size
+    out = {}
+    if fmt.bits == 16:
+        out["qweight"] = ((rows, n), np.dtype(np.float16))
+    else:
+        out["qweight"] = ((rows * fmt.bits // 32, n), np.dtype(np.uint32))
+        out["scales"] = ((groups, n), np.dtype(jnp.bfloat16))
+        if not fmt.symmetric:
+            out["zeros"] = ((groups, n), np.dtype(np.uint8))
+    if fmt.nm is not None:
+        out["meta"] = ((rows * packing.index_bits(fmt.nm[1]) // 32, n), np.dtype(np.uint32))
+    if fmt.unstructured:
+        out["mask"] = ((k // 32, n), np.dtype(np.uint32))
+    return out
+
+
+def _stem(hf_name: str) -> str:
+    return hf_name.removesuffix(".weight")
+
+
+def save_delta(delta: Delta, path: str | Path) -> Path:
+    """Write `delta` to `path` atomically (a temporary file renamed onto it)."""
+    path = Path(path)
+    config = config_from_json(delta.metadata["config"])
+    flat = _flat(delta.params)
+    tensors: dict[str, np.ndarray] = {}
+    entries: dict[str, dict] = {}
+    for name, (keys, transposed, _) in hf_key_map(config).items():
+        leaf = flat.get(keys)
+        if leaf is None:
+            continue
+        if isinstance(leaf, QuantizedTensor):
+            entries[name] = _format_to_json(leaf.format, leaf.shape)
+            for field, array in leaf.arrays().items():
+                tensors[f"{_stem(name)}.{field}"] = np.asarray(array)
+        else:
+            entries[name] = {"kind": "exact"}
+            array = np.asarray(leaf, np.float32)
+            tensors[name] = array.T if transposed else array
+    metadata = dict(delta.metadata, format_version=FORMAT_VERSION, tensors=entries)
+    write_safetensors(path, tensors, metadata={"dzjax": json.dumps(metadata)})
+    return path
+
+
+def _flat(params) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
+    return {tuple(str(k.key) for k in path): leaf for path, leaf in leaves}
+
+
+def load_delta(path: str | Path) -> Delta:
+    """Read and validate a delta file (format version, tensor names, shapes, dtypes).
+
+    The base it was made on is checked when the delta is used with a base (`Delta.check_base`).
+    Nothing in the file is executed.
+    """
+    path = Path(path)
+    sf = SafetensorsFile(path)
+    raw = sf.metadata.get("dzjax")
+    if raw is None:
+        raise DeltaFileError(f"{path}: not a dzjax delta file (no 'dzjax' metadata)")
+    try:
+        metadata = json.loads(raw)
+        version = metadata["format_version"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DeltaFileError(f"{path}: unreadable dzjax metadata") from None
+    if version != FORMAT_VERSION:
+        raise DeltaFileError(f"{path}: format_version {version!r} is not supported "
+                             f"(this dzjax reads version {FORMAT_VERSION})")
+    try:
+        config = config_from_json(metadata["config"])
+        entries = metadata["tensors"]
+        metadata["base_fingerprint"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeltaFileError(f"{path}: dzjax metadata lacks or garbles {e}") from None
+    key_map = hf_key_map(config)
+    unused = set(sf.keys())
+    flat = {}
+    for name, entry in entries.items():
+        if name not in key_map:
+            raise DeltaFileError(f"{path}: tensor {name!r} is not a parameter of "
+                                 f"{config.architecture}")
+        keys, transposed, hf_shape = key_map[name]
+        flat[keys] = (_read_quantized(sf, path, name, entry, keys, hf_shape, unused)
+                      if entry.get("kind") == "quantized"
+                      else _read_exact(sf, path, name, transposed, hf_shape, unused))
+    if unused:
+        raise DeltaFileError(f"{path}: unexpected tensor(s) {', '.join(sorted(unused)[:5])}")
+    return Delta(params=unflatten(flat), metadata=metadata, path=path)
+
+
+def _read(sf, path, key, shape, dtype, unused):
+    if key not in sf:
+        raise DeltaFileError(f"{path}: missing tensor {key!r}")
+    if sf.shape(key) != tuple(shape) or sf.dtype(key) != dtype:
+        raise DeltaFileError(f"{path}: tensor {key!r} is {sf.dtype(key)} {sf.shape(key)}, "
+                             f"expected {dtype} {tuple(shape)}")
+    unused.discard(key)
+    return jnp.asarray(np.array(sf.read(key)))
+
+
+def _read_exact(sf, path, name, transposed, hf_shape, unused):
+    array = _read(sf, path, name, hf_shape, np.dtype(np.float32), unused)
+    return array.T if transposed else array
+
+
+def _read_quantized(sf, path, name, entry, keys, hf_shape, unused):
+    try:
+        fmt = _format_from_json(entry)
+        k, n = (int(v) for v in entry["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeltaFileError(f"{path}: tensor {name!r}: bad compression settings ({e})") from None
+    # Kernels are [in, out] = HF shape reversed; the embedding is stored transposed likewise.
+    if (k, n) != tuple(reversed(hf_shape)):
+        raise DeltaFileError(f"{path}: tensor {name!r} has shape {[k, n]}, expected "
+                             f"{list(reversed(hf_shape))} for this model")
+    fmt.check_shape(k, n, name)
+    arrays = {field: _read(sf, path, f"{_stem(name)}.{field}", shape, dtype, unused)
+              for field, (shape, dtype) in _expected_arrays(fmt, k, n).items()}
+    return QuantizedTensor(**{f: arrays.get(f) for f in _FIELDS}, shape=(k, n), format=fmt)

@@ -1,0 +1,353 @@
+"""`convert`: a HF base + fine-tune -> a compressed delta file, one decoder layer at a time.
+
+The sequential pipeline (DeltaZip, after GPTQ's "true sequential" order):
+  1. the embedding delta, round-to-nearest (a one-hot input has a diagonal Hessian: OBS adds
+     nothing), then the calibration activations X = embed(tokens) under base + compressed delta;
+  2. for each decoder layer, with its norms and biases stored exactly: q/k/v on the Hessian of
+     their shared input, then o_proj on its input recomputed with compressed q/k/v, then gate/up,
+     then down_proj; X moves on through the layer with all of it compressed, so later layers
+     compensate the error of earlier ones;
+  3. the final norm exactly, and an untied lm_head on the Hessian of the final hidden states.
+Only one layer of each checkpoint is in memory at a time (read from the safetensors memory maps),
+plus the calibration activations. The file is written atomically at the end: an interrupted
+convert leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dzjax.compress import calibration as calib
+from dzjax.compress.delta_file import Delta, config_to_json, save_delta
+from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
+                                reconstruction_loss, round_to_nearest)
+from dzjax.errors import DzjaxError
+from dzjax.models.config import ModelConfig, from_hf_config
+from dzjax.models.linear import embed
+from dzjax.models.llama import DecoderLayer, RMSNorm
+from dzjax.models.loading import (checkpoint_files, checkpoint_fingerprint, hf_key_map,
+                                  load_tokenizer, read_hf_config, unflatten)
+from dzjax.models.safetensors_io import SafetensorsFile
+from dzjax.pallas_kernels.formats import Format, QuantizedTensor, quantize_to_format
+from dzjax.pallas_kernels.reference import dequantize
+
+# Linears compressed together on one Hessian, in the order their inputs become available.
+STAGES = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+_CHUNK = 8  # calibration samples per forward pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvertConfig:
+    """Compression settings of a whole model (see `ObsConfig` for the per-matrix meaning)."""
+
+    bits: int = 4
+    sparsity: float | str | tuple[int, int] | None = "2:4"
+    group_size: int | None = 128  # a matrix with fewer inputs gets per-channel scales
+    symmetric: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    method: str = "obs"  # "obs" (SparseGPT + GPTQ) or "rtn" (round-to-nearest, the baseline)
+    compress_embeddings: bool = True  # False keeps the embedding and lm_head deltas exact
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("obs", "rtn"):
+            raise DzjaxError(f"method must be 'obs' or 'rtn', got {self.method!r}")
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise DzjaxError(f"need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, "
+                             f"{self.seq_len}")
+        try:
+            self.obs_config(1 << 20)
+        except ValueError as e:
+            raise DzjaxError(str(e)) from None
+
+    def obs_config(self, k: int) -> ObsConfig:
+        group = None if self.group_size is None or self.group_size >= k else self.group_size
+        return ObsConfig(bits=self.bits, group_size=group, symmetric=self.symmetric,
+                         act_order=self.act_order, sparsity=self.sparsity,
+                         block_size=self.block_size, damp=self.damp)
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def to_quantized(result, obs: ObsConfig, k: int, n: int, name: str) -> QuantizedTensor:
+    """Pack an `ObsResult` into the file/kernel format."""
+    nm = obs.n_m
+    fmt = Format(bits=obs.bits, group_size=obs.group_size or k, symmetric=obs.symmetric, nm=nm,
+                 unstructured=isinstance(obs.sparsity, float))
+    fmt.check_shape(k, n, name)
+    if obs.bits == 16:
+        return quantize_to_format(result.w_hat, None, None, result.mask, fmt)
+    return quantize_to_format(result.codes, result.scales, result.zeros, result.mask, fmt)
+
+
+class _PairReader:
+    """Reads one tensor at a time of two checkpoints as float32 arrays in our layout."""
+
+    def __init__(self, base_dir: Path, ft_dir: Path, config: ModelConfig):
+        self.key_map = hf_key_map(config)
+        self.by_keys = {keys: (name, transposed) for name, (keys, transposed, _) in
+                        self.key_map.items()}
+        self.files = (checkpoint_files(base_dir), checkpoint_files(ft_dir))
+        self._open: dict[Path, SafetensorsFile] = {}
+
+    def _read(self, files, name, transposed):
+        if name not in files:
+            raise DzjaxError(f"{next(iter(files.values())).parent}: missing tensor {name!r}")
+        sf = self._open.get(files[name]) or self._open.setdefault(files[name],
+                                                                  SafetensorsFile(files[name]))
+        array = np.asarray(sf.read(name), np.float32)
+        return np.ascontiguousarray(array.T if transposed else array)
+
+    def pair(self, keys) -> tuple[np.ndarray, np.ndarray]:
+        name, transposed = self.by_keys[keys]
+        return tuple(self._read(files, name, transposed) for files in self.files)
+
+    def subtree(self, prefix: tuple[str, ...]) -> tuple[dict, dict]:
+        """(base, fine-tune) params under `prefix`, e.g. one decoder layer."""
+        base, ft = {}, {}
+        for keys in self.by_keys:
+            if keys[:len(prefix)] == prefix:
+                base[keys[len(prefix):]], ft[keys[len(prefix):]] = self.pair(keys)
+        return unflatten(base), unflatten(ft)
+
+
+def check_pair(base: ModelConfig, ft: ModelConfig, base_dir: Path, ft_dir: Path) -> None:
+    """The fine-tune must share the base's architecture and every shape."""
+    for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias",
+                  "o_bias", "mlp_bias", "qk_norm", "rope", "sliding_windows", "rms_norm_eps"):
+        if getattr(base, field) != getattr(ft, field):
+            raise DzjaxError(f"{ft_dir} is not a fine-tune of {base_dir}: {field} is "
+                             f"{getattr(ft, field)!r}, the base's {getattr(base, field)!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "window", "capture"))
+def _layer_pass(params, delta, x, *, config, window, capture):
+    """Run one decoder layer on x [n, T, D]; returns its output and the inputs of `capture`."""
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    out, state = DecoderLayer(config, window).apply(
+        {"params": params}, x, positions, None, delta, mutable=["linear_inputs"])
+    inputs = None
+    if capture is not None:
+        inputs = state["linear_inputs"][capture[0]][capture[1]]["x"][0]
+    return out[0], inputs
+
+
+def _hessian(run, xs: np.ndarray):
+    """H = 2/n X^T X of the captured linear inputs over all calibration chunks."""
+    state = None
+    for start in range(0, len(xs), _CHUNK):
+        inputs = run(xs[start:start + _CHUNK])
+        if state is None:
+            state = hessian_init(inputs.shape[-1])
+        state = hessian_update(state, inputs.reshape(-1, inputs.shape[-1]))
+    return state.h
+
+
+def _compress(w, h, cfg: ConvertConfig, name: str):
+    """Compress one delta matrix [K, N]; returns the QuantizedTensor and its relative error."""
+    obs = cfg.obs_config(w.shape[0])
+    try:
+        obs.check(w.shape[0])
+    except ValueError as e:
+        raise DzjaxError(f"{name}: {e}") from None
+    w = jnp.asarray(w)
+    if h is None:  # no Hessian (the embedding lookup): plain round-to-nearest
+        result, h = round_to_nearest(w, obs), jnp.eye(w.shape[0], dtype=jnp.float32)
+    elif cfg.method == "rtn":
+        result = round_to_nearest(w, obs, h)
+    else:
+        result = obs_prune_quantize(w, h, obs)
+    q = to_quantized(result, obs, *w.shape, name)
+    err = float(jnp.sqrt(reconstruction_loss(w, dequantize(q), h) /
+                         jnp.maximum(reconstruction_loss(w, jnp.zeros_like(w), h), 1e-30)))
+    return q, err
+
+
+class _Progress:
+    """One line per step on stderr: the step, its loss and an ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.start = total, enabled, 0, time.perf_counter()
+
+    def step(self, what: str, error: float) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"[convert {self.done}/{self.total}] {what}: mean rel. error {error:.4f} | "
+              f"{elapsed:.1f} s, ETA {eta:.1f} s", flush=True)
+
+
+def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int | None = 128,
+            calibration=None, *, name: str | None = None, progress: bool = True,
+            **options) -> Delta:
+    """Compress the delta of a fine-tune against its base and write it to `out`.
+
+    Args:
+      base, finetune: HF checkpoint directories of the same architecture and shapes.
+      out: the delta file to write (atomically).
+      bits: 2, 3, 4, 8, or 16 (no quantization).
+      sparsity: None (dense), a float in (0, 1) (unstructured), or "n:m" (e.g. "2:4").
+      group_size: inputs per quantization scale; None = one scale per output channel.
+      calibration: None (the embedded corpus), texts, a .txt/.jsonl path, or token ids [n, seq].
+      name: the fine-tune's name in the file (default: the fine-tune directory's name).
+      progress: print one line per layer.
+      options: further `ConvertConfig` fields (symmetric, act_order, damp, block_size, method,
+        compress_embeddings, n_samples, seq_len, seed).
+    Returns:
+      The `Delta`, with `metadata["report"]` holding per-matrix relative reconstruction errors,
+      bits per weight, file size and compression ratios.
+    """
+    start = time.perf_counter()
+    cfg = ConvertConfig(bits=bits, sparsity=sparsity, group_size=group_size, **options)
+    base_dir, ft_dir, out = Path(base), Path(finetune), Path(out)
+    for d in (base_dir, ft_dir):
+        if not d.is_dir():
+            raise DzjaxError(f"{d}: no such checkpoint directory")
+    config = from_hf_config(read_hf_config(base_dir), where=str(base_dir / "config.json"))
+    ft_config = from_hf_config(read_hf_config(ft_dir), where=str(ft_dir / "config.json"))
+    check_pair(config, ft_config, base_dir, ft_dir)
+    reader = _PairReader(base_dir, ft_dir, config)
+    tokenizer = load_tokenizer(ft_dir) or load_tokenizer(base_dir)
+    seq_len = min(cfg.seq_len, config.max_position_embeddings)
+    tokens, source = calib.calibration_tokens(calibration, tokenizer, config.vocab_size,
+                                              n_samples=cfg.n_samples, seq_len=seq_len,
+                                              seed=cfg.seed)
+    meter = _Progress(config.num_layers + 2, progress)
+    stored: dict[tuple[str, ...], object] = {}
+    errors: dict[str, float] = {}
+
+    def record(keys, value, err=None):
+        stored[keys] = value
+        if err is not None:
+            errors[reader.by_keys[keys][0]] = err
+
+    # 1. Embedding: compressed as its transpose [hidden, vocab] (see delta_file).
+    embed_keys = ("model", "embed_tokens", "embedding")
+    table, ft_table = reader.pair(embed_keys)
+    if cfg.compress_embeddings:
+        q, err = _compress((ft_table - table).T, None, cfg, "model.embed_tokens.weight")
+        record(embed_keys, q, err)
+    else:
+        record(embed_keys, jnp.asarray(ft_table - table))
+    del ft_table
+    x = embed(jnp.asarray(tokens), jnp.asarray(table), stored[embed_keys])
+    del table
+    meter.step("embed_tokens", errors.get("model.embed_tokens.weight", 0.0))
+
+    # 2. Decoder layers, in order.
+    for i in range(config.num_layers):
+        prefix = ("model", f"layers_{i}")
+        layer_base, layer_ft = reader.subtree(prefix)
+        delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
+        del layer_ft
+        layer_base = jax.tree.map(jnp.asarray, layer_base)
+        run = functools.partial(_layer_pass, layer_base, config=config,
+                                window=config.sliding_windows[i])
+        layer_errors = []
+        for module, names in STAGES:
+            h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
+            for proj in names:
+                keys = (module, proj, "kernel")
+                q, err = _compress(delta[module][proj]["kernel"], h, cfg,
+                                   f"model.layers.{i}.{module}.{proj}.weight")
+                delta[module][proj]["kernel"] = q
+                record(prefix + keys, q, err)
+                layer_errors.append(err)
+        for keys, leaf in _flatten(delta).items():
+            if not isinstance(leaf, QuantizedTensor):
+                record(prefix + keys, leaf)  # norms and biases, exact
+        x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
+                             for s in range(0, len(x), _CHUNK)])
+        meter.step(f"layer {i}", float(np.mean(layer_errors)))
+
+    # 3. Final norm (exact) and an untied lm_head.
+    norm_base, norm_ft = reader.pair(("model", "norm", "weight"))
+    record(("model", "norm", "weight"), jnp.asarray(norm_ft - norm_base))
+    if not config.tie_word_embeddings:
+        normed = RMSNorm(config.rms_norm_eps).apply(
+            {"params": {"weight": jnp.asarray(norm_ft)}}, x)
+        h = hessian_update(hessian_init(config.hidden_size), normed.reshape(-1, normed.shape[-1])).h
+        head, ft_head = reader.pair(("lm_head", "kernel"))
+        if cfg.compress_embeddings:
+            q, err = _compress(ft_head - head, h, cfg, "lm_head.weight")
+            record(("lm_head", "kernel"), q, err)
+        else:
+            record(("lm_head", "kernel"), jnp.asarray(ft_head - head))
+    meter.step("norm, lm_head", errors.get("lm_head.weight", 0.0))
+
+    metadata = {
+        "name": name or ft_dir.name, "source": str(ft_dir), "base_source": str(base_dir),
+        "base_fingerprint": checkpoint_fingerprint(base_dir, config),
+        "config": config_to_json(config), "settings": cfg.settings(),
+        "calibration": source,
+    }
+    delta = Delta(params=unflatten(stored), metadata=metadata)
+    report = _report(delta, config, errors, reader, start)
+    delta = Delta(params=delta.params, metadata=dict(metadata, report=report))
+    save_delta(delta, out)
+    report["file_bytes"] = out.stat().st_size
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return dataclasses.replace(delta, path=out)
+
+
+def _flatten(tree) -> dict[tuple[str, ...], object]:
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
+    return {tuple(str(k.key) for k in path): leaf for path, leaf in leaves}
+
+
+def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader, start) -> dict:
+    n_params = sum(int(np.prod(shape)) for _, _, shape in reader.key_map.values())
+    compressed = {k: v for k, v in _flatten(delta.params).items() if isinstance(v, QuantizedTensor)}
+    compressed_params = sum(q.shape[0] * q.shape[1] for q in compressed.values())
+    delta_bytes = delta.nbytes
+    ft_bytes = sum(p.stat().st_size for p in set(reader.files[1].values()))
+    return {
+        "relative_error": {k: round(v, 6) for k, v in errors.items()},
+        "mean_relative_error": round(float(np.mean(list(errors.values()) or [0.0])), 6),
+        "params": n_params,
+        "compressed_params": compressed_params,
+        "delta_bytes": delta_bytes,
+        "bits_per_weight": round(delta_bytes * 8 / n_params, 4),
+        "bits_per_compressed_weight": round(
+            sum(q.nbytes for q in compressed.values()) * 8 / max(compressed_params, 1), 4),
+        "ratio_vs_bf16": round(2 * n_params / delta_bytes, 3),
+        "ratio_vs_finetune_files": round(ft_bytes / delta_bytes, 3),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def report_text(report: dict) -> str:
+    """A few human-readable lines of a convert report."""
+    worst = sorted(report["relative_error"].items(), key=lambda kv: -kv[1])[:3]
+    return "\n".join([
+        f"params {report['params']:,} ({report['compressed_params']:,} compressed)",
+        f"delta {report['delta_bytes'] / 2**20:.2f} MiB, {report['bits_per_weight']:.2f} bits/weight "
+        f"({report['bits_per_compressed_weight']:.2f} in compressed matrices)",
+        f"compression ratio {report['ratio_vs_bf16']:.2f}x vs a bf16 delta, "
+        f"{report['ratio_vs_finetune_files']:.2f}x vs the fine-tune's files",
+        f"mean relative reconstruction error {report['mean_relative_error']:.4f}; worst: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in worst),
+        f"{report['seconds']:.1f} s",
+    ])
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2)

@@ -1,0 +1,241 @@
+"""dzjax.convert -> delta file -> load_delta -> logits / export_hf, and bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import fixture_dir, reference
+
+import dzjax
+from dzjax.compress import pipeline
+from dzjax.compress.delta_file import DeltaFileError
+from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
+from dzjax.models.saving import save_hf
+from dzjax.pallas_kernels.formats import QuantizedTensor
+
+FAST = dict(n_samples=8, seq_len=32, progress=False)
+SETTINGS = dict(bits=4, sparsity="2:4", group_size=32)  # shared, so compiled code is reused
+
+
+@pytest.fixture(scope="module")
+def llama_delta(tmp_path_factory):
+    out = tmp_path_factory.mktemp("delta") / "ft.dz.safetensors"
+    delta = dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), out, **SETTINGS, **FAST)
+    return out, delta
+
+
+def _finetune_of(tmp_path, name, scale=0.02, seed=0):
+    """A fine-tune of fixture `name`: every weight perturbed (a stand-in for real training)."""
+    base = dzjax.load_base(fixture_dir(name), dtype=jnp.float32)
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    params = jax.tree.map(lambda p: p + scale * jax.random.normal(next(keys), p.shape), base.params)
+    return save_hf(tmp_path / f"{name}_ft", base.config, params, hf_config=base.hf_config.to_dict())
+
+
+def _max_err(a, b):
+    return float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))))
+
+
+def test_round_trip_file_logits_equal_export_hf_logits(llama_delta, tmp_path):
+    path, converted = llama_delta
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    loaded = dzjax.load_delta(path)
+    ids = reference("llama")["input_ids"]
+    with_delta = dzjax.logits(base, ids, delta=loaded)
+    np.testing.assert_array_equal(with_delta, dzjax.logits(base, ids, delta=converted))
+    merged = dzjax.load_base(dzjax.export_hf(base, loaded, tmp_path / "merged"), dtype=jnp.float32)
+    assert _max_err(with_delta, dzjax.logits(merged, ids)) <= 1e-4
+    # The compressed delta moves the base most of the way to the fine-tune.
+    ft = reference("llama_ft")["logits"]
+    assert _max_err(with_delta, ft) < 0.7 * _max_err(dzjax.logits(base, ids), ft)
+
+
+def test_file_holds_compressed_tensors_and_metadata(llama_delta):
+    path, delta = llama_delta
+    sf = SafetensorsFile(path)
+    meta = json.loads(sf.metadata["dzjax"])
+    assert meta["format_version"] == 1 and meta["name"] == "llama_ft"
+    assert meta["base_fingerprint"] == dzjax.load_base(fixture_dir("llama")).fingerprint
+    assert sf.dtype("model.layers.0.mlp.up_proj.qweight") == np.uint32
+    assert sf.shape("model.layers.0.mlp.up_proj.qweight") == (64 // 2 * 4 // 32, 128)  # [K/2 * 4 bits / 32, N]
+    assert sf.shape("model.layers.0.mlp.down_proj.qweight") == (128 // 2 * 4 // 32, 64)
+    assert sf.shape("model.embed_tokens.qweight") == (64 // 2 * 4 // 32, 256)  # [hidden, vocab]
+    assert sf.dtype("model.norm.weight") == np.float32  # exact
+    entry = meta["tensors"]["model.layers.1.self_attn.o_proj.weight"]
+    assert entry == {"kind": "quantized", "shape": [64, 64], "bits": 4, "group_size": 32,
+                     "symmetric": False, "sparsity": "2:4"}
+    report = delta.metadata["report"]
+    assert report["file_bytes"] == path.stat().st_size
+    assert 3.0 < report["bits_per_compressed_weight"] < 4.0  # 2:4 at 4 bits + group scales
+    assert report["ratio_vs_bf16"] > 4
+    assert set(report["relative_error"]) >= {"model.layers.0.mlp.down_proj.weight", "lm_head.weight"}
+
+
+def test_tied_embeddings_and_biases_round_trip(tmp_path):
+    ft_dir = _finetune_of(tmp_path, "qwen2")
+    delta = dzjax.convert(fixture_dir("qwen2"), ft_dir, tmp_path / "q.dz", bits=8, sparsity=None,
+                          group_size=None, **FAST)
+    flat = dict(jax.tree_util.tree_flatten_with_path(
+        delta.params, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0])
+    names = {jax.tree_util.keystr(k) for k in flat}
+    assert "['lm_head']['kernel']" not in names  # tied: the embedding serves both
+    bias = delta.params["model"]["layers_0"]["self_attn"]["q_proj"]["bias"]
+    assert bias.dtype == jnp.float32 and not isinstance(bias, QuantizedTensor)
+
+    base = dzjax.load_base(fixture_dir("qwen2"), dtype=jnp.float32)
+    finetune = dzjax.load_base(ft_dir, dtype=jnp.float32)
+    ids = reference("qwen2")["input_ids"]
+    with_delta = dzjax.logits(base, ids, delta=dzjax.load_delta(tmp_path / "q.dz"))
+    merged = dzjax.load_base(dzjax.export_hf(base, delta, tmp_path / "m"), dtype=jnp.float32)
+    assert _max_err(with_delta, dzjax.logits(merged, ids)) <= 1e-4
+    # 8-bit dense: close to the fine-tune itself
+    assert _max_err(with_delta, dzjax.logits(finetune, ids)) < 0.05
+
+
+@pytest.mark.parametrize("settings", [
+    pytest.param(dict(bits=16, sparsity="2:4", group_size=None), marks=pytest.mark.slow),
+    pytest.param(dict(bits=2, sparsity=None, group_size=32, symmetric=True), marks=pytest.mark.slow),
+    dict(bits=3, sparsity=0.5, group_size=32, act_order=True),
+    pytest.param(dict(bits=4, sparsity=None, group_size=32, method="rtn",
+                      compress_embeddings=False), marks=pytest.mark.slow),
+], ids=["16bit-2:4", "2bit-sym", "3bit-unstructured-actorder", "rtn-exact-embeddings"])
+def test_formats_round_trip(tmp_path, settings):
+    out = tmp_path / "d.dz"
+    converted = dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), out, **FAST,
+                              **settings)
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    ids = reference("llama")["input_ids"]
+    loaded = dzjax.load_delta(out)
+    np.testing.assert_array_equal(dzjax.logits(base, ids, delta=loaded),
+                                  dzjax.logits(base, ids, delta=converted))
+    merged = dzjax.load_base(dzjax.export_hf(base, loaded, tmp_path / "m"), dtype=jnp.float32)
+    assert _max_err(dzjax.logits(base, ids, delta=loaded), dzjax.logits(merged, ids)) <= 1e-4
+    embedding = loaded.params["model"]["embed_tokens"]["embedding"]
+    assert isinstance(embedding, QuantizedTensor) == settings.get("compress_embeddings", True)
+
+
+def test_generate_with_compressed_delta_equals_generate_on_export(llama_delta, tmp_path):
+    path, _ = llama_delta
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    delta = dzjax.load_delta(path)
+    merged = dzjax.load_base(dzjax.export_hf(base, delta, tmp_path / "m"), dtype=jnp.float32)
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    assert (dzjax.generate(base, prompts, max_tokens=6, delta=delta, stop_at_eos=False)
+            == dzjax.generate(merged, prompts, max_tokens=6, stop_at_eos=False))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def test_delta_on_the_wrong_base_is_refused(llama_delta):
+    path, _ = llama_delta
+    delta = dzjax.load_delta(path)
+    with pytest.raises(DeltaFileError, match="was made on base .* not on this base"):
+        dzjax.logits(dzjax.load_base(fixture_dir("llama_ft")), [[1, 2]], delta=delta)
+    with pytest.raises(DeltaFileError, match="is for a LlamaForCausalLM"):
+        dzjax.logits(dzjax.load_base(fixture_dir("qwen3")), [[1, 2]], delta=delta)
+
+
+def test_truncated_delta_file(llama_delta, tmp_path):
+    path, _ = llama_delta
+    bad = tmp_path / "bad.dz"
+    bad.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(dzjax.CheckpointError, match="truncated"):
+        dzjax.load_delta(bad)
+
+
+def _rewrite(path, out, edit_meta=None, edit_tensors=None):
+    sf = SafetensorsFile(path)
+    meta = json.loads(sf.metadata["dzjax"])
+    tensors = {k: np.array(sf.read(k)) for k in sf.keys()}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    write_safetensors(out, tensors, metadata={"dzjax": json.dumps(meta)})
+    return out
+
+
+def test_unknown_format_version(llama_delta, tmp_path):
+    bad = _rewrite(llama_delta[0], tmp_path / "v9.dz",
+                   edit_meta=lambda m: m.__setitem__("format_version", 9))
+    with pytest.raises(DeltaFileError, match="format_version 9 is not supported"):
+        dzjax.load_delta(bad)
+
+
+def test_tampered_shapes(llama_delta, tmp_path):
+    def shrink(t):
+        t["model.layers.0.mlp.up_proj.scales"] = t["model.layers.0.mlp.up_proj.scales"][:1]
+
+    bad = _rewrite(llama_delta[0], tmp_path / "s.dz", edit_tensors=shrink)
+    with pytest.raises(DeltaFileError, match=r"'model.layers.0.mlp.up_proj.scales' is bfloat16 "
+                                             r"\(1, 128\), expected bfloat16 \(2, 128\)"):
+        dzjax.load_delta(bad)
+    meta_bad = _rewrite(llama_delta[0], tmp_path / "m.dz", edit_meta=lambda m: m["tensors"][
+        "model.layers.0.mlp.up_proj.weight"].__setitem__("shape", [64, 64]))
+    with pytest.raises(DeltaFileError, match="up_proj.weight' has shape"):
+        dzjax.load_delta(meta_bad)
+
+
+def test_unexpected_and_missing_tensors(llama_delta, tmp_path):
+    extra = _rewrite(llama_delta[0], tmp_path / "e.dz",
+                     edit_tensors=lambda t: t.__setitem__("junk", np.zeros(2, np.float32)))
+    with pytest.raises(DeltaFileError, match="unexpected tensor.*junk"):
+        dzjax.load_delta(extra)
+    missing = _rewrite(llama_delta[0], tmp_path / "m.dz",
+                       edit_tensors=lambda t: t.pop("model.layers.1.mlp.down_proj.meta"))
+    with pytest.raises(DeltaFileError, match="missing tensor 'model.layers.1.mlp.down_proj.meta'"):
+        dzjax.load_delta(missing)
+
+
+def test_not_a_dzjax_file():
+    with pytest.raises(DeltaFileError, match="not a dzjax delta file"):
+        dzjax.load_delta(fixture_dir("llama") / "model.safetensors")
+
+
+def test_mismatched_pair_is_refused(tmp_path):
+    with pytest.raises(dzjax.DzjaxError, match="is not a fine-tune of .*architecture"):
+        dzjax.convert(fixture_dir("llama"), fixture_dir("qwen3"), tmp_path / "x.dz", **FAST)
+    assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_convert_leaves_no_file(tmp_path, monkeypatch):
+    calls = []
+    real = pipeline._compress
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_compress", failing)
+    with pytest.raises(KeyboardInterrupt):
+        dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "x.dz",
+                      **SETTINGS, **FAST)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_settings_are_named(tmp_path):
+    for kwargs, message in [(dict(bits=5), "bits"), (dict(sparsity="3:2"), "3:2"),
+                            (dict(sparsity=1.5), "sparsity"), (dict(method="magic"), "method"),
+                            (dict(group_size=48), "group_size=48 must divide")]:
+        with pytest.raises(dzjax.DzjaxError, match=message):
+            dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "x.dz",
+                          **kwargs, **FAST)
+    assert not list(tmp_path.iterdir())
+
+
+def test_calibration_token_ids_and_bad_calibration(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 256, (4, 32))
+    delta = dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "x.dz",
+                          calibration=ids, **SETTINGS, **FAST)
+    assert delta.metadata["calibration"] == "token ids [4, 32]"
+    with pytest.raises(dzjax.DzjaxError, match="need a tokenizer"):
+        dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "y.dz",
+                      calibration=["some text"], **FAST)
+    with pytest.raises(dzjax.DzjaxError, match=r"lie in \[0, 256\)"):
+        dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "y.dz",
+                      calibration=ids + 300, **FAST)
