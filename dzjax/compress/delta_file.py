@@ -202,7 +202,7 @@ def _read(sf, path, key, shape, dtype, unused):
         raise DeltaFileError(f"{path}: tensor {key!r} is {sf.dtype(key)} {sf.shape(key)}, "
                              f"expected {dtype} {tuple(shape)}")
     unused.discard(key)
-    return jnp.asarray(np.array(sf.read(key)))
+    return jnp.asarray(sf.read(key))
 
 
 def _read_exact(sf, path, name, transposed, hf_shape, unused):

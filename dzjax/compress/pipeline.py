@@ -8,7 +8,7 @@ The sequential pipeline (DeltaZip, after GPTQ's "true sequential" order):
      then down_proj; X moves on through the layer with all of it compressed, so later layers
      compensate the error of earlier ones;
   3. the final norm exactly, and an untied lm_head on the Hessian of the final hidden states.
-Only one layer of each checkpoint is in memory at a time (read from the safetensors memory maps),
+Only one layer of each checkpoint is in memory at a time (read tensor by tensor from the files),
 plus the calibration activations. The file is written atomically at the end: an interrupted
 convert leaves nothing behind.
 """

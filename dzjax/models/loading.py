@@ -2,8 +2,8 @@
 
 The key map between HF tensor names and our param paths is derived from the model's own abstract
 params (`model.layers_3.mlp.up_proj.kernel` <-> `model.layers.3.mlp.up_proj.weight`, transposed),
-so that it can never drift from the model definition. Loading reads one tensor at a time from a
-memory map and hands it to the device before reading the next: host memory never holds a second
+so that it can never drift from the model definition. Loading reads one tensor at a time and
+hands it to the device before reading the next: host memory never holds a second
 copy of the weights.
 """
 
@@ -128,7 +128,7 @@ def checkpoint_fingerprint(path: Path, config: ModelConfig) -> str:
 
     def sample(name):
         def read(rows, cols):
-            array = SafetensorsFile(files[name]).read(name)
+            array = SafetensorsFile(files[name]).view(name)
             return array[rows, cols] if array.ndim == 2 else array[cols]
         return read
 

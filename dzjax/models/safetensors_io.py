@@ -2,8 +2,8 @@
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}, "__metadata__": {str: str}}, then the raw little-endian data. Reading it ourselves
-gives lazy per-tensor reads from a memory map, bf16 without torch, and errors that name the file
-and tensor when a file is truncated or malformed. Nothing in a file is ever executed.
+gives lazy per-tensor reads, bf16 without torch, and errors that name the file and tensor when a
+file is truncated or malformed. Nothing in a file is ever executed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _MAX_HEADER = 100 * 2**20
 
 
 class SafetensorsFile:
-    """Header parsed and checked at open; tensors read one at a time from a memory map."""
+    """Header parsed and checked at open; tensors read one at a time, on demand."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -88,15 +88,28 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
-    def read(self, name: str) -> np.ndarray:
-        """A read-only view of tensor `name` backed by the file's memory map."""
+    def _entry(self, name: str):
         if name not in self._entries:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
-        dtype, shape, begin, end = self._entries[name]
+        return self._entries[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor `name` as a fresh array, read with one positioned read (no memory map, so the
+        pages do not stay resident and host memory holds only what the caller keeps)."""
+        dtype, shape, begin, end = self._entry(name)
+        array = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(array.reshape(-1).view(np.uint8)) != end - begin:
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+        return array
+
+    def view(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of tensor `name`: only the pages indexed are read."""
+        dtype, shape, begin, end = self._entry(name)
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self._data_start + begin:self._data_start + end]
-        return raw.view(dtype).reshape(shape)
+        return self._mmap[self._data_start + begin:self._data_start + end].view(dtype).reshape(shape)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
@@ -126,11 +139,18 @@ def _write_body(f, header_bytes, arrays):
         f.write(array.view(np.uint8).data)  # raw bytes (a bf16 buffer cannot be exported as is)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temporary file in path's folder and rename it onto `path` on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes the file private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -17,7 +17,7 @@ import numpy as np
 
 from dzjax.models.config import ModelConfig, to_hf_dict
 from dzjax.models.loading import SINGLE_FILE, hf_key_map
-from dzjax.models.safetensors_io import write_safetensors
+from dzjax.models.safetensors_io import current_umask, write_safetensors
 
 
 def hf_tensors(config: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
@@ -51,6 +51,7 @@ def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private
         contents = dict(hf_config if hf_config is not None else to_hf_dict(config))
         if dtype is not None:
             contents["dtype"] = np.dtype(dtype).name
