@@ -6,11 +6,12 @@ from dzjax.compress import Delta, DeltaFileError, convert, export_hf, load_delta
 from dzjax.errors import CheckpointError, DzjaxError, UnsupportedConfigError
 from dzjax.models import Base, dense_delta, generate, load_base
 from dzjax.models.forward import check_input_ids, forward, resolve_delta
+from dzjax.pallas_kernels.dispatch import requested_implementation
 
 __version__ = "0.1.0"
 
 
-def logits(base: Base, input_ids, delta=None, dtype=jnp.float32):
+def logits(base: Base, input_ids, delta=None, dtype=jnp.float32, implementation=None):
     """Logits [B, T, V] float32 of token ids [B, T] (or [T]) under base + delta.
 
     Args:
@@ -20,11 +21,14 @@ def logits(base: Base, input_ids, delta=None, dtype=jnp.float32):
         on this base); or a dense delta, a pytree mirroring (part of) `base.params` holding
         W_finetune - W_base (see `dense_delta`).
       dtype: activation dtype of the forward pass.
+      implementation: kernels for a compressed delta: "xla", "pallas", "interpret" or None =
+        `DZJAX_KERNEL`, else auto (Pallas on GPU, XLA elsewhere).
     """
     ids = check_input_ids(input_ids, base.config.vocab_size)
     delta = resolve_delta(base, delta)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-    return forward(base.params, ids, positions, delta, config=base.config, dtype=dtype)
+    return forward(base.params, ids, positions, delta, config=base.config, dtype=dtype,
+                   implementation=requested_implementation(implementation))
 
 
 __all__ = ["Base", "CheckpointError", "Delta", "DeltaFileError", "DzjaxError",

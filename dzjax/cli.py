@@ -43,7 +43,7 @@ def _convert(args) -> None:
         group_size=None if args.group_size == 0 else args.group_size,
         calibration=args.calibration, name=args.name, symmetric=args.symmetric,
         act_order=args.act_order, method=args.method, damp=args.damp,
-        compress_embeddings=not args.keep_embeddings, n_samples=args.n_samples,
+        compress_embeddings=not args.keep_embeddings, zstd=args.zstd, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
     report = delta.metadata["report"]
     print(report_json(report) if args.json else f"wrote {args.out}\n{report_text(report)}")
@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--damp", type=float, default=0.01)
     conv.add_argument("--keep-embeddings", action="store_true",
                       help="store the embedding and lm_head deltas exactly")
+    conv.add_argument("--zstd", action="store_true",
+                      help="lossless zstd stage at rest (about 15-25%% smaller files)")
     conv.add_argument("--calibration", default=None,
                       help="a .txt or .jsonl file (default: the embedded corpus)")
     conv.add_argument("--n-samples", type=int, default=128)

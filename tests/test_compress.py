@@ -11,7 +11,7 @@ from conftest import fixture_dir, reference
 
 import dzjax
 from dzjax.compress import pipeline
-from dzjax.compress.delta_file import DeltaFileError
+from dzjax.compress.delta_file import DeltaFileError, save_delta
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
 from dzjax.models.saving import save_hf
 from dzjax.pallas_kernels.formats import QuantizedTensor
@@ -239,3 +239,32 @@ def test_calibration_token_ids_and_bad_calibration(tmp_path):
     with pytest.raises(dzjax.DzjaxError, match=r"lie in \[0, 256\)"):
         dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "y.dz",
                       calibration=ids + 300, **FAST)
+
+
+def test_logits_same_with_xla_and_interpret_kernels(llama_delta, monkeypatch):
+    """Every compressed matmul of the forward pass through the Pallas kernels (interpret mode)."""
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    delta = dzjax.load_delta(llama_delta[0])
+    ids = reference("llama")["input_ids"]
+    xla = dzjax.logits(base, ids, delta=delta, implementation="xla")
+    monkeypatch.setenv("DZJAX_KERNEL", "interpret")
+    interpret = dzjax.logits(base, ids, delta=delta)
+    rel = float(jnp.linalg.norm(interpret - xla) / jnp.linalg.norm(xla))
+    assert rel < 1e-5, rel
+    assert _max_err(interpret, dzjax.logits(base, ids)) > 0.1  # the delta is really applied
+    monkeypatch.setenv("DZJAX_KERNEL", "cuda-please")
+    with pytest.raises(ValueError, match="DZJAX_KERNEL='cuda-please'"):
+        dzjax.logits(base, ids, delta=delta)
+
+
+def test_zstd_stage_at_rest_is_lossless_and_smaller(llama_delta, tmp_path):
+    path, converted = llama_delta
+    small = save_delta(converted, tmp_path / "z.dz", zstd_level=19)
+    assert small.stat().st_size < 0.95 * path.stat().st_size
+    plain, packed = dzjax.load_delta(path), dzjax.load_delta(small)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(packed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    corrupt = _rewrite(small, tmp_path / "c.dz", edit_tensors=lambda t: t.__setitem__(
+        "model.layers.0.mlp.up_proj.qweight.zst", t["model.layers.0.mlp.up_proj.qweight.zst"][:-9]))
+    with pytest.raises(DeltaFileError, match="up_proj.qweight.zst"):
+        dzjax.load_delta(corrupt)

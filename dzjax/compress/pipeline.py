@@ -58,6 +58,7 @@ class ConvertConfig:
     block_size: int = 128
     method: str = "obs"  # "obs" (SparseGPT + GPTQ) or "rtn" (round-to-nearest, the baseline)
     compress_embeddings: bool = True  # False keeps the embedding and lm_head deltas exact
+    zstd: bool = False  # a lossless zstd stage at rest over the compressed arrays
     n_samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -209,7 +210,7 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
       name: the fine-tune's name in the file (default: the fine-tune directory's name).
       progress: print one line per layer.
       options: further `ConvertConfig` fields (symmetric, act_order, damp, block_size, method,
-        compress_embeddings, n_samples, seq_len, seed).
+        compress_embeddings, zstd, n_samples, seq_len, seed).
     Returns:
       The `Delta`, with `metadata["report"]` holding per-matrix relative reconstruction errors,
       bits per weight, file size and compression ratios.
@@ -301,7 +302,7 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     delta = Delta(params=unflatten(stored), metadata=metadata)
     report = _report(delta, config, errors, reader, start)
     delta = Delta(params=delta.params, metadata=dict(metadata, report=report))
-    save_delta(delta, out)
+    save_delta(delta, out, zstd_level=19 if cfg.zstd else None)
     report["file_bytes"] = out.stat().st_size
     report["seconds"] = round(time.perf_counter() - start, 2)
     return dataclasses.replace(delta, path=out)

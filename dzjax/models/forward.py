@@ -16,29 +16,38 @@ import numpy as np
 
 from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig
+from dzjax.models.linear import kernel_implementation
 from dzjax.models.llama import CausalLM, KVCache
 from dzjax.pallas_kernels.formats import QuantizedTensor
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def forward(params, input_ids, positions, delta=None, *, config: ModelConfig, dtype=jnp.float32):
-    """Logits [B, T, V] float32 of the whole sequence, no cache."""
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "implementation"))
+def forward(params, input_ids, positions, delta=None, *, config: ModelConfig, dtype=jnp.float32,
+            implementation: str | None = None):
+    """Logits [B, T, V] float32 of the whole sequence, no cache.
+
+    `implementation` picks the kernels of compressed deltas (see `dzjax.pallas_kernels`).
+    """
     TRACE_COUNTS["forward"] += 1
-    logits, _ = CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta)
+    with kernel_implementation(implementation):
+        logits, _ = CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta)
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "implementation"),
+                   donate_argnames=("cache",))
 def forward_cached(params, input_ids, positions, cache: KVCache, delta=None, *,
-                   config: ModelConfig, dtype=jnp.float32):
+                   config: ModelConfig, dtype=jnp.float32, implementation: str | None = None):
     """Write input_ids [B, T] at `positions` into the cache; returns (logits [B, T, V], cache).
 
     Prefill is a call with the (right-padded) prompts; decode is a call with T = 1.
     """
     TRACE_COUNTS["forward_cached"] += 1
-    return CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta, cache)
+    with kernel_implementation(implementation):
+        return CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta,
+                                             cache)
 
 
 def check_input_ids(input_ids, vocab_size: int) -> np.ndarray:

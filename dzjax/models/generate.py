@@ -16,6 +16,7 @@ import numpy as np
 from dzjax.errors import DzjaxError
 from dzjax.models.forward import check_input_ids, forward_cached, resolve_delta
 from dzjax.models.llama import KVCache
+from dzjax.pallas_kernels.dispatch import requested_implementation
 from dzjax.models.loading import Base
 
 
@@ -67,7 +68,8 @@ def _encode(base: Base, prompts) -> tuple[list[list[int]], bool]:
 
 def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             delta=None, dtype=jnp.float32, stop_at_eos: bool = True):
+             delta=None, dtype=jnp.float32, stop_at_eos: bool = True,
+             implementation: str | None = None):
     """Generate continuations of prompts (texts or token id lists), greedy by default.
 
     Args:
@@ -79,6 +81,8 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
       delta: None, a `dzjax.Delta` or a dense delta pytree (see `dzjax.logits`).
       dtype: activation dtype.
       stop_at_eos: stop a row at its first end-of-sequence token (which is not returned).
+      implementation: kernels for a compressed delta: "xla", "pallas", "interpret" or None =
+        `DZJAX_KERNEL`, else auto (Pallas on GPU, XLA elsewhere).
     Returns:
       A list of generated texts for text prompts, else a list of generated token-id lists.
     """
@@ -100,7 +104,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
     cache = KVCache.zeros(base.config, batch, _bucket(int(lengths.max()) + max_tokens),
                           dtype)
     step = functools.partial(forward_cached, base.params, delta=delta, config=base.config,
-                             dtype=dtype)
+                             dtype=dtype, implementation=requested_implementation(implementation))
     positions = np.broadcast_to(np.arange(padded.shape[1], dtype=np.int32), padded.shape)
     logits, cache = step(padded, positions, cache)
     logits = logits[jnp.arange(batch), lengths - 1]  # each prompt's last real position

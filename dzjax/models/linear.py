@@ -11,11 +11,31 @@ A delta for one weight is `None` (base only), a dense array of the weight's shap
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
+from dzjax.pallas_kernels import delta_matmul
 from dzjax.pallas_kernels.formats import QuantizedTensor
-from dzjax.pallas_kernels.reference import delta_matmul_ref, dequantize_columns
+from dzjax.pallas_kernels.reference import dequantize_columns
+
+# The kernel implementation for compressed deltas ("xla", "pallas", "interpret", "auto"), set by
+# the jitted entry points around tracing; they take it as a static argument, so that a change of
+# implementation compiles anew instead of reusing a program traced with another.
+_IMPLEMENTATION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "dzjax_kernel_implementation", default=None)
+
+
+@contextlib.contextmanager
+def kernel_implementation(implementation: str | None):
+    """Within this context, `linear` computes compressed deltas with `implementation`."""
+    token = _IMPLEMENTATION.set(implementation)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATION.reset(token)
 
 
 def _check_dense(w: jax.Array, delta, what: str) -> None:
@@ -37,7 +57,7 @@ def linear(x: jax.Array, kernel: jax.Array, delta=None, bias=None, bias_delta=No
     y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
     if isinstance(delta, QuantizedTensor):
         _check_dense(kernel, delta, "linear")
-        y = y + delta_matmul_ref(x, delta)
+        y = y + delta_matmul(x, delta, implementation=_IMPLEMENTATION.get())
     elif delta is not None:
         _check_dense(kernel, delta, "linear")
         y = y + jnp.dot(x, delta.astype(x.dtype), preferred_element_type=jnp.float32)

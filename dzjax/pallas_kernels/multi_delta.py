@@ -1,0 +1,304 @@
+"""Many deltas in one launch: each row of x times its own compressed delta (a grouped matmul).
+
+Serving keeps up to S deltas resident in a fixed-size stack of device slots: a `QuantizedTensor`
+whose arrays have a leading slot axis ([S, ...]); loading a different delta overwrites a slot
+(`write_slot`), so shapes, and hence the compiled step, never change. Each request row names a slot,
+or -1 for "base model only". `make_delta_batch` sorts the rows by slot (static shapes, jit-friendly)
+and `multi_delta_matmul_pallas` computes, in one `pallas_call`:
+
+  y[r] = x[r] @ dequantize(stack[slot(r)])    (exactly 0 for rows with slot -1)
+
+Kernel mapping: program (g, j, s) owns slot group g in [0, S] (g = S is the base-only group) and
+block_n output columns j, K split s. A program walks the rows of its group in tiles of block_m
+rows starting at the group's first sorted row (a dynamic, unaligned start), streams the slot's
+packed weights for its column strip once per row tile (once in total when the group has at most
+block_m rows, the decode case) and stores only the rows of its group (masked store), so each
+output row is written by exactly one program per split. Empty groups run zero iterations and read
+nothing; the base-only group writes zeros without reading weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dzjax.pallas_kernels.single_delta import (MIN_BLOCK, TARGET_PROGRAMS, DeltaMatmulConfig,
+                                               check_inputs, dequant_block, dequantize_xla,
+                                               dot_precision, pallas_operands, pick_block_k,
+                                               pick_block_n, pow2_ceil, round_to)
+from dzjax.pallas_kernels.formats import QuantizedTensor
+from dzjax.pallas_kernels.reference import dequantize
+
+_ARRAYS = ("qweight", "scales", "zeros", "meta", "mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# The slot stack.
+
+
+def stack_deltas(deltas: list[QuantizedTensor]) -> QuantizedTensor:
+    """Stack same-format, same-shape deltas along a new leading slot axis."""
+    if not deltas:
+        raise ValueError("need at least one delta to stack")
+    first = deltas[0]
+    for i, d in enumerate(deltas):
+        if d.shape != first.shape or d.format != first.format:
+            raise ValueError(f"delta {i} is {d.shape} {d.format}, slot 0 is {first.shape} {first.format}")
+    stacked = {name: (None if getattr(first, name) is None
+                      else jnp.stack([getattr(d, name) for d in deltas])) for name in _ARRAYS}
+    return QuantizedTensor(**stacked, shape=first.shape, format=first.format)
+
+
+def num_slots(stack: QuantizedTensor) -> int:
+    return stack.qweight.shape[0]
+
+
+def unstack_deltas(stack: QuantizedTensor) -> list[QuantizedTensor]:
+    return [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(num_slots(stack))]
+
+
+def write_slot(stack: QuantizedTensor, slot, delta: QuantizedTensor) -> QuantizedTensor:
+    """A new stack with `delta` in `slot` (may be traced); shapes unchanged, so nothing retraces."""
+    if delta.shape != stack.shape or delta.format != stack.format:
+        raise ValueError(f"delta {delta.shape} {delta.format} does not fit a stack of "
+                         f"{stack.shape} {stack.format}")
+    return jax.tree.map(lambda s, d: s.at[slot].set(d.astype(s.dtype)), stack, delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch metadata.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeltaBatch:
+    """Rows grouped by delta slot; all arrays have static shapes (M rows, S slots).
+
+    Running example, S = 3 slots, rows in serving order with slots [2, -1, 0, 2]:
+      sorted_slots  [0, 2, 2, -1]          rows sorted by slot, base-only (-1) rows last
+      group_sizes   [1, 0, 2, 1]           rows per slot 0..S-1, then the base-only rows  [S + 1]
+      group_starts  [0, 1, 1, 3, 4]        exclusive running sum of group_sizes         [S + 2]
+      order         [2, 0, 3, 1]           sorted row r is serving row order[r]
+      inverse       [1, 3, 0, 2]           serving row i is sorted row inverse[i]
+    Slot 1 is an empty group: it costs nothing.
+    """
+
+    sorted_slots: jax.Array  # int32 [M]
+    group_sizes: jax.Array  # int32 [S + 1]
+    group_starts: jax.Array  # int32 [S + 2]
+    order: jax.Array  # int32 [M]
+    inverse: jax.Array  # int32 [M]
+
+    @property
+    def num_slots(self) -> int:
+        return self.group_sizes.shape[0] - 1
+
+    def sort_rows(self, x):
+        return jnp.take(x, self.order, axis=0)
+
+    def unsort_rows(self, y):
+        return jnp.take(y, self.inverse, axis=0)
+
+
+def make_delta_batch(delta_slots, num_slots: int) -> DeltaBatch:
+    """Per-row slots in serving order (int [M], -1 = base only, unsorted) -> `DeltaBatch`.
+
+    jit-friendly: shapes depend only on M and `num_slots`. Slots outside [-1, num_slots) are
+    treated as -1 under jit; call `check_slots` on concrete ids to get an error instead.
+    """
+    slots = jnp.asarray(delta_slots, jnp.int32)
+    if slots.ndim != 1:
+        raise ValueError(f"delta slots must be [M], got shape {slots.shape}")
+    key = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)  # base-only sorts last
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    sorted_key = key[order]
+    sizes = jnp.zeros(num_slots + 1, jnp.int32).at[sorted_key].add(1)
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes, dtype=jnp.int32)])
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    return DeltaBatch(sorted_slots=jnp.where(sorted_key == num_slots, -1, sorted_key),
+                      group_sizes=sizes, group_starts=starts, order=order, inverse=inverse)
+
+
+def check_slots(delta_slots, num_slots: int) -> None:
+    """Raise a ValueError when concrete slot ids fall outside [-1, num_slots)."""
+    s = np.asarray(delta_slots)
+    bad = s[(s < -1) | (s >= num_slots)]
+    if bad.size:
+        raise ValueError(f"delta slots {sorted(set(bad.tolist()))} outside [-1, {num_slots})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference and XLA path (pure jnp).
+
+
+def multi_delta_matmul_ref(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch) -> jax.Array:
+    """Reference: `jax.lax.ragged_dot` of the sorted rows with every slot dequantized.
+
+    Args:
+      x: [M, K] rows in serving order. stack: [S]-slot stack of [K, N] deltas. batch: its rows.
+    Returns:
+      [M, N] float32 in serving order; rows with slot -1 are 0.
+    """
+    weights = jax.vmap(lambda q: dequantize(q, x.dtype))(stack)  # [S, K, N]
+    xs = batch.sort_rows(x)
+    # ragged_dot needs the groups to cover all rows: give the base-only rows a zero "slot".
+    weights = jnp.concatenate([weights, jnp.zeros_like(weights[:1])])
+    y = lax.ragged_dot(xs, weights, batch.group_sizes, preferred_element_type=jnp.float32)
+    return batch.unsort_rows(y)
+
+
+def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch) -> jax.Array:
+    """The XLA path: one slot at a time, skipping empty slots, so only resident-and-used deltas
+    are dequantized (one [K, N] at a time, never the whole stack). Same contract as the reference."""
+    s = num_slots(stack)
+    slot_of_row = jnp.take(batch.sorted_slots, batch.inverse)  # serving order
+
+    def one_slot(i, y):
+        def compute(y):
+            # Only this slot's [K, N] is dequantized, rounded to x's dtype like everywhere.
+            w = round_to(dequantize_xla(jax.tree.map(lambda a: a[i], stack)), x.dtype)
+            yi = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
+            return jnp.where((slot_of_row == i)[:, None], yi, y)
+        return lax.cond(batch.group_sizes[i] > 0, compute, lambda y: y, y)
+
+    y0 = jnp.zeros((x.shape[0], stack.shape[1]), jnp.float32)
+    return lax.fori_loop(0, s, one_slot, y0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MultiDeltaConfig:
+    """Tiling of the multi-delta kernel: row tile per group, column strip, K step and split."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def heuristic(cls, m: int, k: int, n: int, slots: int, fmt) -> MultiDeltaConfig:
+        """block_m covers a typical group (M / active groups, at most 64) so each delta is read
+        once; split K until (slots + 1) * column strips * splits gives about two waves."""
+        block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
+        block_n = pick_block_n(n, 64 if m <= 16 else 128)
+        block_k = pick_block_k(k, fmt)
+        # Only the groups that have rows do work: at most min(M, S) of the S + 1 programs per strip.
+        busy = min(m, slots) * (n // block_n)
+        split_k, steps = 1, k // block_k
+        while split_k < 8 and busy * split_k < TARGET_PROGRAMS and steps % (2 * split_k) == 0:
+            split_k *= 2
+        return cls(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+
+    def validate(self, k: int, n: int, fmt) -> None:
+        DeltaMatmulConfig(block_m=self.block_m, block_n=self.block_n, block_k=self.block_k,
+                             split_k=self.split_k).validate(k, n, fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel.
+
+
+def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slots: int,
+                        has_zeros: bool, has_meta: bool):
+    # starts_ref   # [S + 2] int32: group_starts
+    # sizes_ref    # [S + 1] int32: group_sizes
+    # x_ref        # [M + block_m, K]  sorted rows, padded by one row tile
+    # qweight_ref  # [K' * bits / 32, block_n] uint32  of slot min(g, S - 1)
+    # scales_ref   # [K / group_size, block_n] bf16
+    # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric only)
+    # meta_ref     # [K' * index_bits / 32, block_n] uint32   (n:m only)
+    # o_ref        # [M + block_m, block_n] float32: this K split's partial sums
+    starts_ref, sizes_ref, x_ref, qweight_ref, scales_ref, *rest, o_ref = refs
+    zeros_ref = rest.pop(0) if has_zeros else None
+    meta_ref = rest.pop(0) if has_meta else None
+    g = pl.program_id(0)
+    start, size = starts_ref[g], sizes_ref[g]
+    tiles = (size + block_m - 1) // block_m
+    first = pl.program_id(2) * steps
+    rows = lax.broadcasted_iota(jnp.int32, (block_m, o_ref.shape[1]), 0)
+
+    def row_tile(t, carry):
+        row0 = start + t * block_m
+        in_group = rows < start + size - row0  # rows of the next group are computed, not stored
+
+        def k_step(step, acc):
+            kb = first + step
+            w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
+                                 block_k=block_k)
+            x = x_ref[pl.ds(row0, block_m), pl.ds(kb * block_k, block_k)]
+            return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
+                                 precision=dot_precision(x.dtype))
+
+        acc = jnp.zeros((block_m, o_ref.shape[1]), jnp.float32)
+        # The base-only group (g == S) runs no K steps: it stores zeros, reading no weights.
+        # (Integer arithmetic, not where(g < S, ...): that lowers to an i1 loop bound in Triton.)
+        acc = lax.fori_loop(0, jnp.minimum(steps, (slots - g) * steps), k_step, acc)
+        plgpu.store(o_ref.at[pl.ds(row0, block_m), :], acc, mask=in_group)
+        return carry
+
+    lax.fori_loop(0, tiles, row_tile, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch, *,
+                              config: MultiDeltaConfig | None = None,
+                              interpret: bool = False) -> jax.Array:
+    """y[r] = x[r] @ dequantize(stack[slot(r)]) for every row, in one Pallas launch.
+
+    Args:
+      x: [M, K] bfloat16, float16 or float32 rows in serving order (sorted here by `batch.order`).
+      stack: [S]-slot stack of [K, N] deltas (`stack_deltas`), a format `delta_matmul_pallas` supports.
+      batch: `make_delta_batch(slots, S)` for these M rows.
+      config: tiling; `MultiDeltaConfig.heuristic` when None.
+      interpret: run the kernel in Pallas interpret mode (any backend).
+    Returns:
+      [M, N] float32 in serving order; rows with slot -1 are exactly 0.
+    """
+    check_inputs(x, stack)
+    (m, k), n = x.shape, stack.shape[1]
+    slots, fmt = num_slots(stack), stack.format
+    if batch.group_sizes.shape != (slots + 1,) or batch.order.shape != (m,):
+        raise ValueError(f"batch is for {batch.order.shape[0]} rows and "
+                         f"{batch.group_sizes.shape[0] - 1} slots; x has {m} rows, stack {slots} slots")
+    config = config or MultiDeltaConfig.heuristic(m, k, n, slots, fmt)
+    config.validate(k, n, fmt)
+    bm, bn, split = config.block_m, config.block_n, config.split_k
+    steps = k // config.block_k // split
+    # One spare row tile so that a tile starting at any row stays in bounds.
+    xs = jnp.pad(batch.sort_rows(x), ((0, bm), (0, 0)))
+
+    operands = pallas_operands(stack)
+    # Program (g, j, s) sees slot g's column strip j; the base-only group g = S reads nothing, its
+    # index is clamped to stay in bounds.
+    weight_specs = [pl.BlockSpec((None, a.shape[1], bn),
+                                 lambda g, j, s: (jnp.minimum(g, slots - 1), 0, j))
+                    for a in operands]
+    kernel = functools.partial(
+        _multi_delta_kernel, fmt=fmt, block_m=bm, block_k=config.block_k, steps=steps,
+        slots=slots, has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None)
+    whole = lambda shape: pl.BlockSpec(shape, lambda g, j, s: (0,) * len(shape))
+    partial_sums = pl.pallas_call(
+        kernel,
+        grid=(slots + 1, n // bn, split),
+        in_specs=[whole(batch.group_starts.shape), whole(batch.group_sizes.shape),
+                  whole(xs.shape), *weight_specs],
+        out_specs=pl.BlockSpec((None, m + bm, bn), lambda g, j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((split, m + bm, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="multi_delta_matmul",
+    )(batch.group_starts, batch.group_sizes, xs, *operands)
+    return batch.unsort_rows(partial_sums.sum(axis=0)[:m])

@@ -1,0 +1,353 @@
+"""Fused unpack + dequantize + matmul for one compressed delta: y = x @ dequantize(q), in Pallas.
+
+Tiling (Triton backend): one program per (block_m rows of x, block_n output columns, K split).
+Each program walks its share of K in steps of block_k; a step loads the packed uint32 tile
+[block_k * bits / 32, block_n] (compressed bytes only: never a dense weight in HBM), unpacks it
+in registers, dequantizes with the step's scales and zero points and feeds one `dot` with float32
+accumulation. With `split_k` > 1 the partial sums [split_k, M, N] are added by XLA afterwards, so
+that decode shapes (a few rows) still launch enough programs to fill the GPU.
+
+Unpacking without gathers: in the canonical packing (`packing.py`) word p of a column holds stored
+rows p * (32 / bits) + r at bit offset r * bits. So a tile of words [P, bn] is broadcast to
+[P, 32 / bits, bn], shifted right by an iota along the middle axis times `bits`, masked, and
+reshaped to [P * 32 / bits, bn]: rows come out in order. Only broadcasts, shifts, masks and a
+reshape that merges leading axes, all of which Triton lowers; every tensor is a power of two.
+
+n:m sparsity (2:4): the n kept values of a group of m inputs are n consecutive stored rows. The
+same shift trick with stride n and phase i extracts "the i-th kept value of every group" as
+[block_k / m, bn], and likewise its position index from `meta`. The dense block is built as
+[block_k / m, m, bn] with `where(position_i == iota_m, value_i, ...)` and reshaped to
+[block_k, bn]: again no gather and no concatenation.
+
+3-bit codes cross word boundaries; they are served by the XLA path only (an explicit error here).
+The XLA path (`delta_matmul_xla`) runs the same gather-free unpacking on the whole matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dzjax.pallas_kernels import packing
+from dzjax.pallas_kernels.formats import Format, QuantizedTensor
+from dzjax.pallas_kernels.reference import dequantize
+
+PALLAS_BITS = (2, 4, 8)
+MIN_BLOCK = 16  # Triton's dot needs every dimension >= 16
+TARGET_PROGRAMS = 256  # about two waves on an H100 (132 SMs)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def pow2_ceil(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------
+# Format support shared with the multi-delta kernel.
+
+
+def check_pallas_format(fmt: Format) -> None:
+    """Raise a ValueError naming the reason when the Pallas kernels cannot serve `fmt`."""
+    if fmt.bits not in PALLAS_BITS:
+        raise ValueError(
+            f"the Pallas delta kernels support bits in {PALLAS_BITS}, not bits={fmt.bits} "
+            "(3-bit codes cross 32-bit words); use implementation='xla'")
+    if fmt.unstructured:
+        raise ValueError("the Pallas delta kernels do not support unstructured sparsity masks; "
+                         "use implementation='xla'")
+    if fmt.nm is not None:
+        n, m = fmt.nm
+        ib = packing.index_bits(m)
+        if m & (m - 1) or (32 // fmt.bits) % n or (32 // ib) % n:
+            raise ValueError(f"the Pallas delta kernels support n:m sparsity with m a power of two "
+                             f"and n dividing the codes per word; got {n}:{m} at {fmt.bits} bits")
+
+
+def block_k_ok(block_k: int, k: int, fmt: Format) -> bool:
+    """Whether a K step of `block_k` inputs holds whole packed words, scale groups and n:m groups."""
+    n, m = fmt.nm or (1, 1)
+    stored = block_k * n // m
+    g = fmt.group_size
+    return (block_k >= MIN_BLOCK and block_k & (block_k - 1) == 0 and k % block_k == 0
+            and block_k % m == 0 and (stored * fmt.bits) % 32 == 0
+            and (fmt.nm is None or (stored * packing.index_bits(m)) % 32 == 0)
+            and (g % block_k == 0 or (block_k % g == 0 and g % m == 0 and g & (g - 1) == 0)))
+
+
+def pick_block_k(k: int, fmt: Format, target: int | None = None) -> int:
+    """The largest power-of-two K step <= target that `block_k_ok` accepts, or a ValueError."""
+    target = target or {2: 256, 4: 128, 8: 64}.get(fmt.bits, 128)
+    bk = _pow2_floor(min(target, k))
+    while bk >= MIN_BLOCK:
+        if block_k_ok(bk, k, fmt):
+            return bk
+        bk //= 2
+    raise ValueError(f"no power-of-two block_k >= {MIN_BLOCK} divides K={k} and fits "
+                     f"group_size={fmt.group_size}, bits={fmt.bits}, nm={fmt.nm}")
+
+
+def pick_block_n(n: int, target: int) -> int:
+    bn = _pow2_floor(min(target, n))
+    while bn >= MIN_BLOCK and n % bn:
+        bn //= 2
+    if bn < MIN_BLOCK:
+        raise ValueError(f"N={n} must be a multiple of {MIN_BLOCK} for the Pallas delta kernels")
+    return bn
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel unpacking and dequantization (traced inside kernel bodies).
+
+
+def _unpack_rows(words, bits: int, stride: int, phase: int):
+    """uint32 words [P, bn] -> int32 codes of stored rows phase, phase + stride, ... [P * 32/bits/stride, bn]."""
+    p, bn = words.shape
+    sel = 32 // bits // stride
+    wide = lax.broadcast_in_dim(words, (p, sel, bn), (0, 2))
+    shift = (lax.broadcasted_iota(jnp.uint32, (p, sel, bn), 1) * stride + phase) * bits
+    codes = (wide >> shift) & jnp.uint32((1 << bits) - 1)
+    return codes.reshape(p * sel, bn).astype(jnp.int32)
+
+
+def _repeat_rows(a, times: int):
+    """[r, bn] -> [r * times, bn], each row repeated `times` times (a broadcast and a reshape)."""
+    if times == 1:
+        return a
+    r, bn = a.shape
+    return lax.broadcast_in_dim(a, (r, times, bn), (0, 2)).reshape(r * times, bn)
+
+
+def dequant_tile(words, scale_rows, zero_rows, positions, *, fmt: Format, block_k: int):
+    """Dense float32 [block_k, bn] weights from one K step's stored arrays (kernel or XLA).
+
+    words       # [block_k * n / m * bits / 32, bn] uint32 packed codes
+    scale_rows  # [block_k / group_size, bn] or [1, bn] (group_size >= block_k) scales
+    zero_rows   # like scale_rows (uint8), or None when symmetric
+    positions   # [block_k * n / m * index_bits / 32, bn] uint32 n:m indices, or None when dense
+    Values are scale * (code - zero) in float32, exactly as `reference.dequantize` computes them.
+    """
+    n, m = fmt.nm or (1, 1)
+    g, bits = fmt.group_size, fmt.bits
+    # One scale / zero row per group of m inputs ([block_k / m, bn]) or one for the step ([1, bn]).
+    times = 1 if g % block_k == 0 else g // m
+    scale = _repeat_rows(scale_rows.astype(jnp.float32), times)
+    if zero_rows is None:
+        zero = jnp.float32(2 ** (bits - 1))
+    else:
+        zero = _repeat_rows(zero_rows.astype(jnp.float32), times)
+    if fmt.nm is None:
+        return scale * (_unpack_rows(words, bits, 1, 0).astype(jnp.float32) - zero)
+    ib = packing.index_bits(m)
+    groups, bn = block_k // m, words.shape[1]
+    slot = lax.broadcasted_iota(jnp.int32, (groups, m, bn), 1)
+    dense = jnp.zeros((groups, m, bn), jnp.float32)
+    for i in range(n):  # the i-th kept value of every group of m, and where it goes
+        value = scale * (_unpack_rows(words, bits, n, i).astype(jnp.float32) - zero)
+        where = _unpack_rows(positions, ib, n, i)
+        hit = lax.broadcast_in_dim(where, (groups, m, bn), (0, 2)) == slot
+        dense = dense + jnp.where(hit, lax.broadcast_in_dim(value, (groups, m, bn), (0, 2)), 0.0)
+    return dense.reshape(block_k, bn)
+
+
+def dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, *, fmt: Format, block_k: int):
+    """`dequant_tile` of K step `kb`, loaded from the whole-K refs of one column strip.
+
+    qweight_ref  # [K' * bits / 32, bn] uint32
+    scales_ref   # [K / group_size, bn] bf16
+    zeros_ref    # [K / group_size, bn] uint8, or None when symmetric
+    meta_ref     # [K' * index_bits / 32, bn] uint32, or None when dense
+    """
+    n, m = fmt.nm or (1, 1)
+    g = fmt.group_size
+    stored = block_k * n // m
+    words_per_step = stored * fmt.bits // 32
+    words = qweight_ref[pl.ds(kb * words_per_step, words_per_step), :]
+    rows, start = (1, kb * block_k // g) if g % block_k == 0 else (block_k // g, kb * (block_k // g))
+    scale_rows = scales_ref[pl.ds(start, rows), :]
+    zero_rows = None if zeros_ref is None else zeros_ref[pl.ds(start, rows), :]
+    positions = None
+    if meta_ref is not None:
+        meta_words = stored * packing.index_bits(m) // 32
+        positions = meta_ref[pl.ds(kb * meta_words, meta_words), :]
+    return dequant_tile(words, scale_rows, zero_rows, positions, fmt=fmt, block_k=block_k)
+
+
+def dequantize_xla(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+    """`reference.dequantize` with the kernels' gather-free unpacking (bits 2/4/8, dense or n:m):
+    the same values, several times faster on CPU. Other formats go through the reference."""
+    fmt, (k, _) = q.format, q.shape
+    try:
+        check_pallas_format(fmt)
+    except ValueError:
+        return dequantize(q, dtype)
+    zeros = None if fmt.symmetric else q.zeros
+    meta = q.meta if fmt.nm is not None else None
+    return dequant_tile(q.qweight, q.scales, zeros, meta, fmt=fmt, block_k=k).astype(dtype)
+
+
+def round_to(w: jax.Array, dtype) -> jax.Array:
+    """float32 w rounded to `dtype` for a dot with x of that dtype. reduce_precision first: XLA
+    may drop a float32 -> bf16 -> float32 convert pair as "excess precision", never this."""
+    if dtype == jnp.float32:
+        return w
+    info = jnp.finfo(dtype)
+    return lax.reduce_precision(w, exponent_bits=info.nexp, mantissa_bits=info.nmant).astype(dtype)
+
+
+def delta_matmul_xla(x: jax.Array, q: QuantizedTensor) -> jax.Array:
+    """The XLA path: x [..., K] @ dequantize_xla(q) rounded to x's dtype -> [..., N] float32."""
+    w = round_to(dequantize_xla(q, jnp.float32), x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
+
+
+def dot_precision(dtype):
+    # float32 activations: full-precision dot (IEEE), not TF32, to match the reference.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeltaMatmulConfig:
+    """Tiling of the single-delta kernel: see the module docstring."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def heuristic(cls, m: int, k: int, n: int, fmt: Format) -> DeltaMatmulConfig:
+        """Decode-oriented: small block_m, enough (row, column, K-split) programs for two waves."""
+        block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
+        block_n = pick_block_n(n, 64 if m <= 16 else 128)
+        block_k = pick_block_k(k, fmt)
+        programs = -(-m // block_m) * (n // block_n)
+        split_k, steps = 1, k // block_k
+        while split_k < 8 and programs * split_k < TARGET_PROGRAMS and steps % (2 * split_k) == 0:
+            split_k *= 2
+        return cls(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+
+    def validate(self, k: int, n: int, fmt: Format) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < MIN_BLOCK or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= {MIN_BLOCK}")
+        if n % self.block_n:
+            raise ValueError(f"block_n={self.block_n} must divide N={n}")
+        if not block_k_ok(self.block_k, k, fmt):
+            raise ValueError(f"block_k={self.block_k} must divide K={k} and hold whole packed words "
+                             f"and scale groups (group_size={fmt.group_size}, nm={fmt.nm})")
+        if (k // self.block_k) % self.split_k:
+            raise ValueError(f"split_k={self.split_k} must divide the {k // self.block_k} K steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel.
+
+
+def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros: bool,
+                         has_meta: bool):
+    # x_ref        # [block_m, K]  activations (bf16 / f16 / f32)
+    # qweight_ref  # [K' * bits / 32, block_n] uint32
+    # scales_ref   # [K / group_size, block_n] bf16
+    # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric formats only)
+    # meta_ref     # [K' * index_bits / 32, block_n] uint32   (n:m formats only)
+    # o_ref        # [block_m, block_n] float32: this K split's partial sum
+    x_ref, qweight_ref, scales_ref, *rest, o_ref = refs
+    zeros_ref = rest.pop(0) if has_zeros else None
+    meta_ref = rest.pop(0) if has_meta else None
+    first = pl.program_id(2) * steps
+
+    def body(step, acc):
+        kb = first + step
+        w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
+                          block_k=block_k)
+        x = x_ref[:, pl.ds(kb * block_k, block_k)]
+        return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
+                             precision=dot_precision(x.dtype))
+
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
+    o_ref[...] = lax.fori_loop(0, steps, body, acc)
+
+
+def check_inputs(x: jax.Array, q: QuantizedTensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    k, n = q.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but the delta is [{k}, {n}]")
+    check_pallas_format(q.format)
+
+
+def pallas_operands(q: QuantizedTensor) -> list[jax.Array]:
+    """The refs the kernels read, in kernel order: qweight, scales, [zeros], [meta]."""
+    ops = [q.qweight, q.scales]
+    if not q.format.symmetric:
+        ops.append(q.zeros)
+    if q.format.nm is not None:
+        ops.append(q.meta)
+    return ops
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
+                        config: DeltaMatmulConfig | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """y = x @ dequantize(q) with the fused Pallas kernel.
+
+    Args:
+      x: [M, K] bfloat16, float16 or float32 activations.
+      q: a [K, N] `QuantizedTensor` with bits in (2, 4, 8), dense or n:m (2:4), any group size
+        compatible with a power-of-two K step, symmetric or asymmetric.
+      config: tiling; `DeltaMatmulConfig.heuristic` when None.
+      interpret: run the kernel in Pallas interpret mode (any backend).
+    Returns:
+      [M, N] float32. The weights are dequantized in float32 and rounded to x's dtype before the
+      dot (exactly as `reference.delta_matmul_ref`), accumulation is float32.
+    """
+    check_inputs(x, q)
+    (m, k), n = x.shape, q.shape[1]
+    fmt = q.format
+    config = config or DeltaMatmulConfig.heuristic(m, k, n, fmt)
+    config.validate(k, n, fmt)
+    if m == 0:
+        return jnp.zeros((0, n), jnp.float32)
+    bm, bn, split = config.block_m, config.block_n, config.split_k
+    m_pad = -(-m // bm) * bm
+    x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    steps = k // config.block_k // split
+
+    operands = pallas_operands(q)
+    # Whole-K column strips of every stored array; the kernel walks K itself.
+    weight_specs = [pl.BlockSpec((a.shape[0], bn), lambda i, j, s: (0, j)) for a in operands]
+    kernel = functools.partial(
+        _delta_matmul_kernel, fmt=fmt, block_k=config.block_k, steps=steps,
+        has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None)
+    partial_sums = pl.pallas_call(
+        kernel,
+        grid=(m_pad // bm, n // bn, split),
+        in_specs=[pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)), *weight_specs],
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((split, m_pad, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="delta_matmul",
+    )(x, *operands)
+    return partial_sums.sum(axis=0)[:m]

@@ -1,0 +1,525 @@
+"""One suite for every implementation of the delta matmuls: XLA reference, Pallas in interpret mode,
+compiled Pallas (GPU only); plus CUDA lowering of every kernel configuration on a CPU-only host.
+
+Expected values are computed independently in float64 NumPy from the codes/scales/zeros the test
+drew (not through `dequantize`). Pallas interpret mode fills outputs with NaN before the kernel
+runs, so an element the kernel forgets to write fails the finiteness / comparison checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dzjax.pallas_kernels import (DeltaMatmulConfig, Format, MultiDeltaConfig, delta_matmul,
+                                  delta_matmul_ref,
+                                  delta_matmul_pallas, make_delta_batch, multi_delta_matmul,
+                                  multi_delta_matmul_pallas, multi_delta_matmul_ref,
+                                  quantize_to_format, stack_deltas, unstack_deltas, write_slot)
+from dzjax.pallas_kernels import dispatch
+from dzjax.pallas_kernels.formats import QuantizedTensor
+
+ON_GPU = jax.default_backend() == "gpu"
+TOL = 1e-4  # relative (Frobenius) error; products are exact in float32, sums are float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Random deltas with a float64 NumPy ground truth.
+
+
+def random_delta(rng, k: int, n: int, fmt: Format):
+    """(QuantizedTensor, dense float64 [K, N] it stores), codes/scales/zeros drawn at random."""
+    g = fmt.group_size
+    codes = rng.integers(0, 2 ** fmt.bits, (k, n))
+    scales = np.asarray(jnp.asarray(rng.uniform(0.5, 1.5, (k // g, n)) / 2 ** fmt.bits,
+                                    jnp.bfloat16), np.float64)
+    zeros = rng.integers(0, 2 ** fmt.bits, (k // g, n))
+    if fmt.nm is None:
+        keep = np.ones((k, n), bool)
+    else:
+        n_keep, m = fmt.nm
+        rank = np.argsort(rng.random((k // m, m, n)), axis=1)
+        keep = (rank < n_keep).reshape(k, n)
+    zero = np.full_like(zeros, 2 ** (fmt.bits - 1)) if fmt.symmetric else zeros
+    dense = np.where(keep, np.repeat(scales, g, 0) * (codes - np.repeat(zero, g, 0)), 0.0)
+    return quantize_to_format(codes, scales, zeros, keep, fmt), dense
+
+
+def random_x(rng, m: int, k: int, dtype):
+    return jnp.asarray(rng.standard_normal((m, k)), dtype)
+
+
+def expected(x, w64: np.ndarray) -> np.ndarray:
+    """x @ W in float64, with W rounded to x's dtype first (as every implementation does)."""
+    w = np.asarray(jnp.asarray(w64, jnp.float32).astype(x.dtype).astype(jnp.float32), np.float64)
+    return np.asarray(x.astype(jnp.float32), np.float64) @ w
+
+
+def assert_close(y, want, tol=TOL):
+    y = np.asarray(y)
+    assert y.dtype == np.float32, y.dtype
+    assert y.shape == want.shape, (y.shape, want.shape)
+    assert np.isfinite(y).all(), "non-finite output: an element was not written"
+    err = np.linalg.norm(y - want) / max(np.linalg.norm(want), 1e-30)
+    assert err < tol, f"relative error {err:.3g} >= {tol}"
+
+
+def fmt_id(f: Format) -> str:
+    sp = "dense" if f.nm is None else f"{f.nm[0]}:{f.nm[1]}"
+    return f"b{f.bits}-{sp}-g{f.group_size}-{'sym' if f.symmetric else 'asym'}"
+
+
+K, N = 256, 64
+
+
+def all_formats(k=K):
+    """Every bits x sparsity x group (64 / per-channel) x symmetry combination."""
+    for bits, nm, g, sym in itertools.product((2, 3, 4, 8), (None, (2, 4)), (64, k), (True, False)):
+        yield Format(bits=bits, group_size=g, nm=nm, symmetric=sym)
+
+
+def format_params(bits_allowed=(2, 3, 4, 8)):
+    """All combinations; the default run keeps half (symmetric iff per-channel), the rest is slow."""
+    out = []
+    for f in all_formats():
+        if f.bits not in bits_allowed:
+            continue
+        default = f.symmetric == (f.group_size == K)
+        marks = () if default else (pytest.mark.slow,)
+        out.append(pytest.param(f, id=fmt_id(f), marks=marks))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Single delta: one suite, bound to each implementation by a subclass.
+
+
+class DeltaMatmulSuite:
+    """Shared tests; subclasses set IMPLEMENTATION (the function under test is `self.fn`)."""
+
+    IMPLEMENTATION: str
+    PALLAS_ONLY_BITS = False  # kernels serve 2/4/8 bits; 3-bit must raise
+
+    def fn(self, x, q):
+        return delta_matmul(x, q, implementation=self.IMPLEMENTATION)
+
+    @pytest.mark.parametrize("fmt", format_params())
+    def test_formats(self, fmt):
+        rng = np.random.default_rng(zlib.crc32(fmt_id(fmt).encode()))
+        q, w = random_delta(rng, K, N, fmt)
+        x = random_x(rng, 5, K, jnp.bfloat16)
+        if self.PALLAS_ONLY_BITS and fmt.bits == 3:
+            with pytest.raises(ValueError, match="bits=3"):
+                self.fn(x, q)
+            return
+        assert_close(self.fn(x, q), expected(x, w))
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+    @pytest.mark.parametrize("m", [1, 37])
+    def test_rows_and_dtypes(self, m, dtype):
+        rng = np.random.default_rng(m)
+        q, w = random_delta(rng, K, N, Format(bits=4, group_size=64))
+        x = random_x(rng, m, K, dtype)
+        assert_close(self.fn(x, q), expected(x, w))
+
+    @pytest.mark.parametrize("fmt", [Format(bits=2, group_size=32, symmetric=True),
+                                     Format(bits=4, group_size=64, nm=(2, 4))], ids=fmt_id)
+    def test_smallest_shapes(self, fmt):
+        """K at its smallest for the format (32 dense, 64 with 2:4), N = 16."""
+        k = 32 if fmt.nm is None else 64
+        rng = np.random.default_rng(k)
+        q, w = random_delta(rng, k, 16, fmt)
+        x = random_x(rng, 3, k, jnp.bfloat16)
+        assert_close(self.fn(x, q), expected(x, w))
+
+    def test_leading_dims(self):
+        rng = np.random.default_rng(7)
+        q, w = random_delta(rng, K, N, Format(bits=8, group_size=128))
+        x = random_x(rng, 6, K, jnp.bfloat16)
+        y = self.fn(x.reshape(2, 3, K), q)
+        assert y.shape == (2, 3, N)
+        assert_close(y.reshape(6, N), expected(x, w))
+
+
+class TestDeltaMatmulReference(DeltaMatmulSuite):
+    def fn(self, x, q):
+        return delta_matmul_ref(x, q)
+
+
+class TestDeltaMatmulXla(DeltaMatmulSuite):
+    IMPLEMENTATION = "xla"
+
+
+class TestDeltaMatmulInterpret(DeltaMatmulSuite):
+    IMPLEMENTATION = "interpret"
+    PALLAS_ONLY_BITS = True
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need a GPU")
+class TestDeltaMatmulPallas(DeltaMatmulSuite):
+    IMPLEMENTATION = "pallas"
+    PALLAS_ONLY_BITS = True
+
+
+class TestDeltaMatmulKernelEdges:
+    """Explicit errors and tilings the shared suite does not reach (interpret mode)."""
+
+    def test_unsupported_n(self):
+        q, _ = random_delta(np.random.default_rng(0), 64, 24, Format(bits=4, group_size=64))
+        x = random_x(np.random.default_rng(1), 2, 64, jnp.bfloat16)
+        with pytest.raises(ValueError, match="N=24 must be a multiple of 16"):
+            delta_matmul(x, q, implementation="interpret")
+        assert np.isfinite(np.asarray(delta_matmul(x, q, implementation="xla"))).all()
+
+    def test_wrong_k(self):
+        q, _ = random_delta(np.random.default_rng(0), 64, 16, Format(bits=4, group_size=64))
+        with pytest.raises(ValueError, match="K=96"):
+            delta_matmul_pallas(jnp.ones((2, 96), jnp.bfloat16), q, interpret=True)
+
+    def test_unstructured_and_16_bit_raise(self):
+        rng = np.random.default_rng(0)
+        keep = rng.random((64, 16)) < 0.5
+        q = quantize_to_format(rng.integers(0, 16, (64, 16)), np.ones((1, 16)), np.zeros((1, 16)),
+                               keep, Format(bits=4, group_size=64, unstructured=True))
+        with pytest.raises(ValueError, match="unstructured"):
+            delta_matmul(jnp.ones((2, 64), jnp.bfloat16), q, implementation="interpret")
+        q16 = quantize_to_format(rng.standard_normal((64, 16)), None, None, None,
+                                 Format(bits=16, group_size=64))
+        with pytest.raises(ValueError, match="bits=16"):
+            delta_matmul(jnp.ones((2, 64), jnp.bfloat16), q16, implementation="pallas")
+
+    @pytest.mark.parametrize("config", [
+        DeltaMatmulConfig(block_m=16, block_n=16, block_k=32, split_k=4),  # many K steps, split
+        DeltaMatmulConfig(block_m=32, block_n=32, block_k=128, split_k=1),  # group 64 < block_k
+    ], ids=["bk32-split4", "bk128"])
+    def test_tilings(self, config):
+        rng = np.random.default_rng(3)
+        q, w = random_delta(rng, K, N, Format(bits=4, group_size=64, nm=(2, 4)))
+        x = random_x(rng, 40, K, jnp.bfloat16)
+        assert_close(delta_matmul_pallas(x, q, config=config, interpret=True), expected(x, w))
+
+    def test_bad_config(self):
+        q, _ = random_delta(np.random.default_rng(0), K, N, Format(bits=4, group_size=64))
+        with pytest.raises(ValueError, match="split_k=3"):
+            delta_matmul_pallas(jnp.ones((2, K), jnp.bfloat16), q, interpret=True,
+                                config=DeltaMatmulConfig(block_m=16, block_n=16, block_k=32, split_k=3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-delta.
+
+
+def random_stack(rng, slots: int, fmt: Format, k=K, n=N):
+    pairs = [random_delta(rng, k, n, fmt) for _ in range(slots)]
+    return stack_deltas([q for q, _ in pairs]), [w for _, w in pairs]
+
+
+def expected_multi(x, ws, slots) -> np.ndarray:
+    rows = [np.zeros(ws[0].shape[1]) if s < 0 else expected(x[i:i + 1], ws[s])[0]
+            for i, s in enumerate(slots)]
+    return np.stack(rows)
+
+
+MULTI_FMT = Format(bits=4, group_size=64, nm=(2, 4))
+
+
+class MultiDeltaSuite:
+    """Shared multi-delta tests; subclasses set IMPLEMENTATION."""
+
+    IMPLEMENTATION: str
+
+    def fn(self, x, stack, batch):
+        return multi_delta_matmul(x, stack, batch, implementation=self.IMPLEMENTATION)
+
+    def check(self, slots, num_slots, fmt=MULTI_FMT, dtype=jnp.bfloat16, seed=0):
+        rng = np.random.default_rng(seed)
+        stack, ws = random_stack(rng, num_slots, fmt)
+        x = random_x(rng, len(slots), K, dtype)
+        y = self.fn(x, stack, make_delta_batch(jnp.asarray(slots), num_slots))
+        assert_close(y, expected_multi(x, ws, slots))
+        base_rows = np.asarray(slots) < 0
+        assert (np.asarray(y)[base_rows] == 0).all(), "rows with slot -1 must be exactly 0"
+
+    def test_mixed_with_empty_group_and_base_rows(self):
+        self.check([2, -1, 0, 2, 3, -1, 2], num_slots=4)  # slot 1 is empty
+
+    def test_single_row(self):
+        self.check([1], num_slots=2)
+
+    def test_all_base_rows(self):
+        self.check([-1] * 5, num_slots=3)
+
+    def test_one_delta(self):
+        self.check([0] * 6, num_slots=1)
+
+    def test_skewed_popularity(self):
+        slots = [1] * 30 + [0, 3, 1, -1, 2, 1, 1, 1, 1, 1]  # 36 of 40 rows on slot 1
+        self.check(slots, num_slots=4, seed=1)
+
+    @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+    def test_dtypes(self, dtype):
+        self.check([0, 1, -1, 1], num_slots=2, dtype=dtype)
+
+    @pytest.mark.parametrize("fmt", format_params(bits_allowed=(2, 4, 8)))
+    def test_formats(self, fmt):
+        self.check([1, 0, -1, 1, 2], num_slots=3, fmt=fmt, seed=zlib.crc32(fmt_id(fmt).encode()))
+
+
+class TestMultiDeltaReference(MultiDeltaSuite):
+    def fn(self, x, stack, batch):
+        return multi_delta_matmul_ref(x, stack, batch)
+
+
+class TestMultiDeltaXla(MultiDeltaSuite):
+    IMPLEMENTATION = "xla"
+
+
+class TestMultiDeltaInterpret(MultiDeltaSuite):
+    IMPLEMENTATION = "interpret"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled Pallas kernels need a GPU")
+class TestMultiDeltaPallas(MultiDeltaSuite):
+    IMPLEMENTATION = "pallas"
+
+
+class TestMultiDeltaKernelEdges:
+    def test_groups_longer_than_a_row_tile(self):
+        """block_m = 16 with a 30-row group: several row tiles per group, unaligned starts."""
+        rng = np.random.default_rng(5)
+        stack, ws = random_stack(rng, 3, MULTI_FMT)
+        slots = [2] * 3 + [0] * 30 + [-1] * 4 + [1] * 3
+        rng.shuffle(slots)
+        x = random_x(rng, len(slots), K, jnp.bfloat16)
+        config = MultiDeltaConfig(block_m=16, block_n=32, block_k=64, split_k=2)
+        y = multi_delta_matmul_pallas(x, stack, make_delta_batch(jnp.asarray(slots), 3),
+                                      config=config, interpret=True)
+        assert_close(y, expected_multi(x, ws, slots))
+
+    def test_batch_shape_mismatch(self):
+        stack, _ = random_stack(np.random.default_rng(0), 2, MULTI_FMT)
+        with pytest.raises(ValueError, match="slots"):
+            multi_delta_matmul_pallas(jnp.ones((3, K), jnp.bfloat16), stack,
+                                      make_delta_batch(jnp.array([0, 1, -1]), 5), interpret=True)
+
+
+class TestDeltaBatchAndSlots:
+    def test_running_example(self):
+        b = make_delta_batch(jnp.array([2, -1, 0, 2]), 3)
+        np.testing.assert_array_equal(b.sorted_slots, [0, 2, 2, -1])
+        np.testing.assert_array_equal(b.group_sizes, [1, 0, 2, 1])
+        np.testing.assert_array_equal(b.group_starts, [0, 1, 1, 3, 4])
+        np.testing.assert_array_equal(b.order, [2, 0, 3, 1])
+        np.testing.assert_array_equal(b.inverse, [1, 3, 0, 2])
+
+    def test_random_ids_roundtrip_under_jit(self):
+        ids = np.random.default_rng(0).integers(-1, 6, 50)
+        b = jax.jit(make_delta_batch, static_argnums=1)(jnp.asarray(ids), 6)
+        assert (np.diff(np.where(b.sorted_slots < 0, 6, b.sorted_slots)) >= 0).all()
+        np.testing.assert_array_equal(np.asarray(b.sorted_slots)[b.inverse], ids)
+        np.testing.assert_array_equal(b.group_sizes, np.bincount(np.where(ids < 0, 6, ids), minlength=7))
+
+    def test_write_slot_keeps_shapes_and_does_not_retrace(self):
+        rng = np.random.default_rng(2)
+        stack, ws = random_stack(rng, 3, MULTI_FMT)
+        new, w_new = random_delta(rng, K, N, MULTI_FMT)
+        traces = []
+
+        @jax.jit
+        def step(stack, x, batch):
+            traces.append(1)
+            return multi_delta_matmul(x, stack, batch, implementation="xla")
+
+        x = random_x(rng, 4, K, jnp.bfloat16)
+        batch = make_delta_batch(jnp.array([1, 1, 0, -1]), 3)
+        step(stack, x, batch)
+        stack2 = jax.jit(write_slot)(stack, 1, new)
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), stack2) == \
+            jax.tree.map(lambda a: (a.shape, a.dtype), stack)
+        y = step(stack2, x, batch)
+        assert len(traces) == 1
+        assert_close(y, expected_multi(x, [ws[0], w_new, ws[2]], [1, 1, 0, -1]))
+        assert jax.tree.leaves(unstack_deltas(stack2)[1]) and \
+            all((a == b).all() for a, b in zip(jax.tree.leaves(unstack_deltas(stack2)[1]),
+                                               jax.tree.leaves(new)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch.
+
+
+class TestDispatch:
+    def test_env_var(self, monkeypatch):
+        monkeypatch.setenv(dispatch.ENV_VAR, "interpret")
+        assert dispatch.requested_implementation() == "interpret"
+        assert dispatch.requested_implementation("xla") == "xla"  # the argument wins
+        monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+        with pytest.raises(ValueError, match="DZJAX_KERNEL='cuda'"):
+            dispatch.requested_implementation()
+        with pytest.raises(ValueError, match="implementation='fast'"):
+            dispatch.requested_implementation("fast")
+
+    def test_auto(self, monkeypatch):
+        monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+        q, _ = random_delta(np.random.default_rng(0), 64, 16, Format(bits=4, group_size=64))
+        q3, _ = random_delta(np.random.default_rng(0), 64, 16, Format(bits=3, group_size=64))
+        assert dispatch.resolve(None, (2, 64), q) == ("pallas" if ON_GPU else "xla")
+        assert dispatch.resolve(None, (2, 64), q3) == "xla"  # only XLA serves 3-bit
+        with pytest.raises(ValueError, match="bits=3"):
+            dispatch.resolve("pallas", (2, 64), q3)
+
+    def test_env_routes_calls(self, monkeypatch):
+        rng = np.random.default_rng(4)
+        q, w = random_delta(rng, 64, 16, Format(bits=3, group_size=64))
+        x = random_x(rng, 2, 64, jnp.bfloat16)
+        monkeypatch.setenv(dispatch.ENV_VAR, "interpret")
+        with pytest.raises(ValueError, match="bits=3"):  # the env var is honoured: no fallback
+            delta_matmul(x, q)
+        monkeypatch.setenv(dispatch.ENV_VAR, "xla")
+        assert_close(delta_matmul(x, q), expected(x, w))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA lowering on a CPU-only host: JAX -> Triton IR for an abstract H100, no GPU or CUDA plugin.
+
+
+def lower_for_cuda(fn, *args):
+    """The StableHLO text of fn(*args) lowered for CUDA, with an abstract H100 as the device."""
+    try:
+        from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+    except ImportError:  # pragma: no cover - older jax
+        pytest.skip("this jax has no AbstractDevice to lower for CUDA without a GPU")
+    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def lowering_params():
+    out = []
+    for f in all_formats():
+        if f.bits == 3:
+            continue
+        for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+            # Every format in bf16 by default; the other dtypes for one format, the rest slow.
+            default = dtype == jnp.bfloat16 or fmt_id(f) == "b4-2:4-g64-asym"
+            out.append(pytest.param(f, dtype, id=f"{fmt_id(f)}-{jnp.dtype(dtype).name}",
+                                    marks=() if default else (pytest.mark.slow,)))
+    return out
+
+
+@pytest.mark.skipif(ON_GPU, reason="the compiled suite covers the GPU")
+class TestCudaLowering:
+    @pytest.mark.parametrize("fmt,dtype", lowering_params())
+    def test_delta_matmul(self, fmt, dtype):
+        q, _ = random_delta(np.random.default_rng(0), K, N, fmt)
+        for m in (1, 64):  # decode (split K) and a bigger batch tile
+            text = lower_for_cuda(delta_matmul_pallas, jnp.ones((m, K), dtype), q)
+            assert "__gpu$xla.gpu.triton" in text
+
+    @pytest.mark.parametrize("fmt,dtype", lowering_params())
+    def test_multi_delta_matmul(self, fmt, dtype):
+        stack, _ = random_stack(np.random.default_rng(0), 3, fmt)
+        batch = make_delta_batch(jnp.array([0, 2, -1, 2, 1]), 3)
+        text = lower_for_cuda(multi_delta_matmul_pallas, jnp.ones((5, K), dtype), stack, batch)
+        assert "__gpu$xla.gpu.triton" in text
+
+    @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
+    def test_llama_shapes(self, k, n):
+        """The benchmark shapes (K = 11008 is not a power of two) with their heuristic configs."""
+        q = abstract_delta(k, n, Format(bits=4, group_size=128, nm=(2, 4)))
+        for m in (1, 16, 64):
+            assert "triton" in lower_for_cuda(delta_matmul_pallas, jnp.ones((m, k), jnp.bfloat16), q)
+        stack = jax.tree.map(lambda a: jax.ShapeDtypeStruct((8, *a.shape), a.dtype), q)
+        batch = make_delta_batch(jnp.arange(16) % 9 - 1, 8)
+        assert "triton" in lower_for_cuda(multi_delta_matmul_pallas,
+                                          jnp.ones((16, k), jnp.bfloat16), stack, batch)
+
+
+def abstract_delta(k: int, n: int, fmt: Format) -> QuantizedTensor:
+    """A [K, N] delta of `fmt` with shape-only leaves (no data): for lowering big shapes."""
+    rows, sds = fmt.stored_rows(k), jax.ShapeDtypeStruct
+    meta = None if fmt.nm is None else sds((rows * 2 // 32, n), jnp.uint32)
+    return QuantizedTensor(
+        qweight=sds((rows * fmt.bits // 32, n), jnp.uint32),
+        scales=sds((k // fmt.group_size, n), jnp.bfloat16),
+        zeros=None if fmt.symmetric else sds((k // fmt.group_size, n), jnp.uint8),
+        meta=meta, mask=None, shape=(k, n), format=fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton compilation to a cubin for sm_90 without a GPU, when the `triton` package is importable
+# (it is not a dependency: e.g. `pip install --target /tmp/triton triton` and PYTHONPATH=/tmp/triton).
+# This runs Triton's own passes (layouts, dot shapes, pipelining, ptxas) on the IR that
+# `lower_for_cuda` produced, catching what the JAX-side lowering alone cannot.
+
+
+def triton_ir_for_cuda(fn, *args) -> list[str]:
+    """The Triton IR text of every pallas_call in fn(*args), lowered for an abstract H100."""
+    try:  # private API: skip, not fail, if a jax version moves it
+        from jax._src.pallas.triton import pallas_call_registration as registration
+        original = registration.lowering.lower_jaxpr_to_triton_module
+    except (ImportError, AttributeError):  # pragma: no cover
+        pytest.skip("this jax does not expose the Pallas Triton lowering")
+    captured = []
+
+    def capture(*a, **k):
+        result = original(*a, **k)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    jax.clear_caches()  # a cached lowering would not call the hook
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        lower_for_cuda(fn, *args)
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original
+    assert captured, "no pallas_call was lowered"
+    return captured
+
+
+def compile_params():
+    out = []
+    for f in all_formats():
+        if f.bits == 3:
+            continue
+        for kernel in ("single-m1", "single-m64", "multi"):
+            default = (kernel, fmt_id(f)) in {("single-m1", "b4-2:4-g64-asym"),
+                                              ("multi", "b2-dense-g256-sym")}
+            out.append(pytest.param(f, kernel, id=f"{kernel}-{fmt_id(f)}",
+                                    marks=() if default else (pytest.mark.slow,)))
+    return out
+
+
+@pytest.mark.skipif(ON_GPU, reason="the compiled suite covers the GPU")
+class TestTritonCompile:
+    @pytest.mark.parametrize("fmt,kernel", compile_params())
+    def test_compiles_for_sm90(self, fmt, kernel, tmp_path, monkeypatch):
+        triton = pytest.importorskip("triton")
+        from triton.backends.compiler import GPUTarget
+
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # really compile
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+        q, _ = random_delta(np.random.default_rng(0), K, N, fmt)
+        if kernel == "multi":
+            stack = stack_deltas([q, q, q])
+            batch = make_delta_batch(jnp.array([0, 2, -1, 2, 1]), 3)
+            ir = triton_ir_for_cuda(multi_delta_matmul_pallas, jnp.ones((5, K), jnp.bfloat16),
+                                    stack, batch)
+            config = MultiDeltaConfig.heuristic(5, K, N, 3, fmt)
+        else:
+            m = int(kernel.split("-m")[1])
+            ir = triton_ir_for_cuda(delta_matmul_pallas, jnp.ones((m, K), jnp.bfloat16), q)
+            config = DeltaMatmulConfig.heuristic(m, K, N, fmt)
+        for i, text in enumerate(ir):
+            path = tmp_path / f"kernel{i}.ttir"
+            path.write_text(text)
+            compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=dict(
+                num_warps=config.num_warps, num_stages=config.num_stages))
+            assert compiled.asm["cubin"]
