@@ -167,6 +167,18 @@ def quality(args) -> dict:
                 print(f"{label:28s} {method}: ppl {r['perplexity']:.2f}, rel. err "
                       f"{r['mean_relative_error']:.3f}, {r['bits_per_weight']:.2f} bits/weight, "
                       f"{r['ratio_vs_bf16']:.2f}x vs bf16, zstd -{100 * r['zstd_gain']:.1f}%")
+        # Calibration data: the fine-tune's own text (above), out-of-domain English, random ids.
+        calibrations = {"embedded prose (out of domain)": embedded_corpus("prose"),
+                        "random token ids": np.random.default_rng(0).integers(
+                            0, base.config.vocab_size, (args.n_samples, 128))}
+        for label, calibration in calibrations.items():
+            delta = dzjax.convert(trained / "base", trained / "code_ft", Path(tmp) / "c.dz",
+                                  calibration=calibration, n_samples=args.n_samples, seq_len=128,
+                                  progress=False, **QUALITY_SETTINGS["4bit 2:4 g128"])
+            rows.append({"settings": "4bit 2:4 g128", "method": "obs", "calibration": label,
+                         "perplexity": perplexity(base, windows, delta),
+                         "mean_relative_error": delta.metadata["report"]["mean_relative_error"]})
+            print(f"4bit 2:4 g128 obs, calibrated on {label}: ppl {rows[-1]['perplexity']:.2f}")
     return {**_header(), "what": "held-out perplexity of base + compressed delta (tiny trained "
             "Llama: hidden 128, 4 layers; group 128 equals per-channel for the 128-input matrices)",
             "reference": reference, "calibration": f"{args.n_samples} x 128 tokens of the "

@@ -165,7 +165,7 @@ def build_tiny_model(out_dir: str | os.PathLike, *, steps: int = TrainConfig.ste
     params, losses = train(config, tokens, cfg, log=log)
     seconds = time.perf_counter() - t0
     # Float32 on disk: 4 MB, and later fine-tunes and deltas start from exactly these weights.
-    save_hf(out_dir, config, params, dtype=np.float32, tokenizer=tokenizer)
+    save_hf(out_dir, config, params, dtype=np.float32, tokenizer=tokenizer, overwrite=True)
     summary = dict(
         recipe=dataclasses.asdict(cfg), corpus="prose", corpus_tokens=int(len(tokens)),
         vocab_size=config.vocab_size, params=int(sum(p.size for p in jax.tree.leaves(params))),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +269,81 @@ def test_zstd_stage_at_rest_is_lossless_and_smaller(llama_delta, tmp_path):
         "model.layers.0.mlp.up_proj.qweight.zst", t["model.layers.0.mlp.up_proj.qweight.zst"][:-9]))
     with pytest.raises(DeltaFileError, match="up_proj.qweight.zst"):
         dzjax.load_delta(corrupt)
+
+
+def test_float16_base_is_still_the_base_of_its_delta(llama_delta):
+    base16 = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float16)
+    logits = dzjax.logits(base16, [[1, 2, 3]], delta=dzjax.load_delta(llama_delta[0]))
+    assert bool(jnp.isfinite(logits).all())
+
+
+def test_swapping_compressed_deltas_does_not_retrace(llama_delta, tmp_path):
+    from dzjax.models import TRACE_COUNTS
+
+    first = dzjax.load_delta(llama_delta[0])
+    ft_dir = _finetune_of(tmp_path, "llama", scale=0.05, seed=3)
+    second = dzjax.convert(fixture_dir("llama"), ft_dir, tmp_path / "b.dz", **SETTINGS, **FAST)
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    ids = reference("llama")["input_ids"]
+    a = dzjax.logits(base, ids, delta=first)
+    traces = TRACE_COUNTS["forward"]
+    b = dzjax.logits(base, ids, delta=second)
+    assert TRACE_COUNTS["forward"] == traces
+    assert _max_err(a, b) > 0.1
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["config"].__setitem__("num_kv_heads", 0), "garbles"),
+    (lambda m: m["config"].__setitem__("hidden_size", "64"), "garbles"),
+    (lambda m: m.__setitem__("tensors", []), "unexpected tensor"),
+    (lambda m: m.__setitem__("tensors", "all"), "garbles"),
+    (lambda m: m["tensors"].__setitem__("model.norm.weight", "exact"), "malformed entry"),
+    (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 0),
+     "bad compression settings"),
+    (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 48),
+     "bad compression settings"),
+])
+def test_garbled_metadata_is_a_clear_error(llama_delta, tmp_path, edit, message):
+    bad = _rewrite(llama_delta[0], tmp_path / "g.dz", edit_meta=edit)
+    with pytest.raises(DeltaFileError, match=message):
+        dzjax.load_delta(bad)
+
+
+def test_delta_config_must_match_the_base(llama_delta, tmp_path):
+    def fewer_layers(m):
+        m["config"]["num_layers"] = 1
+        m["config"]["sliding_windows"] = [None]
+        m["tensors"] = {k: v for k, v in m["tensors"].items() if "layers.1." not in k}
+
+    def drop_layer(t):
+        for k in [k for k in t if "layers.1." in k]:
+            del t[k]
+
+    bad = _rewrite(llama_delta[0], tmp_path / "l.dz", edit_meta=fewer_layers,
+                   edit_tensors=drop_layer)
+    with pytest.raises(DeltaFileError, match="config that differs"):
+        dzjax.logits(dzjax.load_base(fixture_dir("llama")), [[1, 2]], delta=dzjax.load_delta(bad))
+
+
+def test_convert_refuses_misshapen_or_unknown_tensors(tmp_path):
+    ft = tmp_path / "ft"
+    shutil.copytree(fixture_dir("llama_ft"), ft)
+    sf = SafetensorsFile(ft / "model.safetensors")
+    tensors = {k: np.array(sf.read(k)) for k in sf.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:1]
+    write_safetensors(ft / "model.safetensors", tensors)
+    with pytest.raises(dzjax.CheckpointError, match="'model.norm.weight' has shape"):
+        dzjax.convert(fixture_dir("llama"), ft, tmp_path / "x.dz", **SETTINGS, **FAST)
+    tensors["model.norm.weight"] = np.ones(64, np.float32)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.ones(64, np.float32)
+    write_safetensors(ft / "model.safetensors", tensors)
+    with pytest.raises(dzjax.CheckpointError, match="unexpected tensor"):
+        dzjax.convert(fixture_dir("llama"), ft, tmp_path / "x.dz", **SETTINGS, **FAST)
+
+
+def test_export_refuses_a_non_empty_folder(llama_delta, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    base = dzjax.load_base(fixture_dir("llama"))
+    with pytest.raises(FileExistsError):
+        dzjax.export_hf(base, dzjax.load_delta(llama_delta[0]), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -23,6 +23,7 @@ from dzjax.pallas_kernels import (DeltaMatmulConfig, Format, MultiDeltaConfig, d
                                   quantize_to_format, stack_deltas, unstack_deltas, write_slot)
 from dzjax.pallas_kernels import dispatch
 from dzjax.pallas_kernels.formats import QuantizedTensor
+from dzjax.pallas_kernels.reference import dequantize
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = 1e-4  # relative (Frobenius) error; products are exact in float32, sums are float32
@@ -181,13 +182,16 @@ class TestDeltaMatmulKernelEdges:
         with pytest.raises(ValueError, match="K=96"):
             delta_matmul_pallas(jnp.ones((2, 96), jnp.bfloat16), q, interpret=True)
 
-    def test_unstructured_and_16_bit_raise(self):
+    def test_unstructured_is_served_and_16_bit_raises(self):
         rng = np.random.default_rng(0)
         keep = rng.random((64, 16)) < 0.5
-        q = quantize_to_format(rng.integers(0, 16, (64, 16)), np.ones((1, 16)), np.zeros((1, 16)),
+        zeros = rng.integers(0, 16, (1, 16))
+        q = quantize_to_format(rng.integers(0, 16, (64, 16)), np.full((1, 16), 0.5), zeros,
                                keep, Format(bits=4, group_size=64, unstructured=True))
-        with pytest.raises(ValueError, match="unstructured"):
-            delta_matmul(jnp.ones((2, 64), jnp.bfloat16), q, implementation="interpret")
+        x = jnp.asarray(rng.standard_normal((2, 64)), jnp.float32)
+        y = delta_matmul(x, q, implementation="interpret")
+        np.testing.assert_allclose(y, delta_matmul_ref(x, q), rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(dequantize(q)[~keep]).max()) == 0.0  # pruned weights are exact 0
         q16 = quantize_to_format(rng.standard_normal((64, 16)), None, None, None,
                                  Format(bits=16, group_size=64))
         with pytest.raises(ValueError, match="bits=16"):
@@ -450,7 +454,7 @@ def abstract_delta(k: int, n: int, fmt: Format) -> QuantizedTensor:
         qweight=sds((rows * fmt.bits // 32, n), jnp.uint32),
         scales=sds((k // fmt.group_size, n), jnp.bfloat16),
         zeros=None if fmt.symmetric else sds((k // fmt.group_size, n), jnp.uint8),
-        meta=meta, mask=None, shape=(k, n), format=fmt)
+        meta=meta, shape=(k, n), format=fmt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -217,7 +217,15 @@ def test_save_hf_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr("dzjax.models.saving.write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
-        save_hf(tmp_path / "out", base.config, base.params)
+        save_hf(tmp_path / "out", base.config, base.params, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
     shutil.rmtree(tmp_path / "out")
+
+
+def test_save_hf_never_deletes_a_folder_it_was_not_told_to_replace(tmp_path):
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_hf(tmp_path, base.config, base.params)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -3,7 +3,7 @@
 File layout (format_version 1):
   __metadata__["dzjax"]  JSON: format_version, the model config, the base fingerprint, the
                          fine-tune's name and source, and for every tensor how it is stored.
-  <HF name minus ".weight">.qweight/.scales/.zeros/.meta/.mask
+  <HF name minus ".weight">.qweight/.scales/.zeros/.meta
                          a compressed matrix (`QuantizedTensor`), in the kernel layout [in, out]
                          with codes packed along the input dimension. The embedding table is
                          stored as its transpose [hidden, vocab], the layout of a tied lm_head,
@@ -36,7 +36,7 @@ from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor
 
 FORMAT_VERSION = 1
-_FIELDS = ("qweight", "scales", "zeros", "meta", "mask")
+_FIELDS = ("qweight", "scales", "zeros", "meta")
 
 
 class DeltaFileError(DzjaxError):
@@ -66,11 +66,14 @@ class Delta:
             self.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
 
     def check_base(self, base: Base) -> None:
-        """Raise unless this delta was made on `base` (same architecture and weights)."""
+        """Raise unless this delta was made on `base` (same architecture, config and weights)."""
         if self.metadata["config"]["architecture"] != base.config.architecture:
             raise DeltaFileError(
                 f"delta {self.name!r} is for a {self.metadata['config']['architecture']}, "
                 f"the base {base.path or ''} is a {base.config.architecture}")
+        if config_from_json(self.metadata["config"]) != base.config:
+            raise DeltaFileError(f"delta {self.name!r} ({self.path}) records a model config that "
+                                 f"differs from the base's ({base.path or ''})")
         if self.base_fingerprint != base.fingerprint:
             raise DeltaFileError(
                 f"delta {self.name!r} ({self.path}) was made on base "
@@ -120,8 +123,6 @@ def _expected_arrays(fmt: Format, k: int, n: int) -> dict[str, tuple[tuple[int, 
             out["zeros"] = ((groups, n), np.dtype(np.uint8))
     if fmt.nm is not None:
         out["meta"] = ((rows * packing.index_bits(fmt.nm[1]) // 32, n), np.dtype(np.uint32))
-    if fmt.unstructured:
-        out["mask"] = ((k // 32, n), np.dtype(np.uint32))
     return out
 
 
@@ -189,17 +190,21 @@ def load_delta(path: str | Path) -> Delta:
                              f"(this dzjax reads version {FORMAT_VERSION})")
     try:
         config = config_from_json(metadata["config"])
-        entries = metadata["tensors"]
-        metadata["base_fingerprint"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise DeltaFileError(f"{path}: dzjax metadata lacks or garbles {e}") from None
-    key_map = hf_key_map(config)
+        entries = dict(metadata["tensors"])
+        if not isinstance(metadata["base_fingerprint"], str):
+            raise TypeError("base_fingerprint")
+        key_map = hf_key_map(config)
+    except Exception as e:  # any garbled config: it must not reach the model
+        raise DeltaFileError(f"{path}: dzjax metadata lacks or garbles {type(e).__name__}: "
+                             f"{e}") from None
     unused = set(sf.keys())
     flat = {}
     for name, entry in entries.items():
         if name not in key_map:
             raise DeltaFileError(f"{path}: tensor {name!r} is not a parameter of "
                                  f"{config.architecture}")
+        if not isinstance(entry, dict):
+            raise DeltaFileError(f"{path}: tensor {name!r}: malformed entry {entry!r}")
         keys, transposed, hf_shape = key_map[name]
         flat[keys] = (_read_quantized(sf, path, name, entry, keys, hf_shape, unused)
                       if entry.get("kind") == "quantized"
@@ -246,13 +251,13 @@ def _read_quantized(sf, path, name, entry, keys, hf_shape, unused):
     try:
         fmt = _format_from_json(entry)
         k, n = (int(v) for v in entry["shape"])
-    except (KeyError, TypeError, ValueError) as e:
+        fmt.check_shape(k, n, name)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
         raise DeltaFileError(f"{path}: tensor {name!r}: bad compression settings ({e})") from None
     # Kernels are [in, out] = HF shape reversed; the embedding is stored transposed likewise.
     if (k, n) != tuple(reversed(hf_shape)):
         raise DeltaFileError(f"{path}: tensor {name!r} has shape {[k, n]}, expected "
                              f"{list(reversed(hf_shape))} for this model")
-    fmt.check_shape(k, n, name)
     read = _read_zstd if entry.get("zstd") else _read
     arrays = {field: read(sf, path, f"{_stem(name)}.{field}", shape, dtype, unused)
               for field, (shape, dtype) in _expected_arrays(fmt, k, n).items()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from dzjax.compress import calibration as calib
 from dzjax.compress.delta_file import Delta, config_to_json, save_delta
 from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
                                 reconstruction_loss, round_to_nearest)
-from dzjax.errors import DzjaxError
+from dzjax.errors import CheckpointError, DzjaxError
 from dzjax.models.config import ModelConfig, from_hf_config
 from dzjax.models.linear import embed
 from dzjax.models.llama import DecoderLayer, RMSNorm
@@ -70,9 +71,12 @@ class ConvertConfig:
             raise DzjaxError(f"need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, "
                              f"{self.seq_len}")
         try:
-            self.obs_config(1 << 20)
+            obs = self.obs_config(1 << 20)
         except ValueError as e:
             raise DzjaxError(str(e)) from None
+        if obs.n_m and self.group_size and self.group_size % obs.n_m[1]:
+            raise DzjaxError(f"group_size={self.group_size} must be a multiple of m={obs.n_m[1]} "
+                             f"for {obs.n_m[0]}:{obs.n_m[1]} sparsity")
 
     def obs_config(self, k: int) -> ObsConfig:
         group = None if self.group_size is None or self.group_size >= k else self.group_size
@@ -104,12 +108,21 @@ class _PairReader:
                         self.key_map.items()}
         self.files = (checkpoint_files(base_dir), checkpoint_files(ft_dir))
         self._open: dict[Path, SafetensorsFile] = {}
+        for files in self.files:  # every tensor must be a parameter (as load_base demands)
+            for name, file in files.items():
+                if name not in self.key_map and not (
+                        name == "lm_head.weight" and config.tie_word_embeddings):
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r} for "
+                                          f"{config.architecture}")
 
     def _read(self, files, name, transposed):
         if name not in files:
-            raise DzjaxError(f"{next(iter(files.values())).parent}: missing tensor {name!r}")
+            raise CheckpointError(f"{next(iter(files.values())).parent}: missing tensor {name!r}")
         sf = self._open.get(files[name]) or self._open.setdefault(files[name],
                                                                   SafetensorsFile(files[name]))
+        if sf.shape(name) != self.key_map[name][2]:
+            raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {sf.shape(name)}, "
+                                  f"expected {self.key_map[name][2]} from config.json")
         array = np.asarray(sf.read(name), np.float32)
         return np.ascontiguousarray(array.T if transposed else array)
 
@@ -192,7 +205,7 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.done * (self.total - self.done)
         print(f"[convert {self.done}/{self.total}] {what}: mean rel. error {error:.4f} | "
-              f"{elapsed:.1f} s, ETA {eta:.1f} s", flush=True)
+              f"{elapsed:.1f} s, ETA {eta:.1f} s", file=sys.stderr, flush=True)
 
 
 def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int | None = 128,

@@ -32,7 +32,8 @@ def minmax_grid(x: jax.Array, *, bits: int, symmetric: bool) -> tuple[jax.Array,
     if symmetric:
         zero = jnp.full_like(scale, 2 ** (bits - 1))
     else:
-        zero = jnp.round(-xmin / scale)
+        # Clipped: the bf16 rounding of the scale can push round(-min / scale) to 2^bits.
+        zero = jnp.clip(jnp.round(-xmin / scale), 0, maxq)
     return scale, zero
 
 

@@ -54,14 +54,24 @@ class Base:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the base weights (see `fingerprint`); a delta records the one it was made on."""
+        """Identifies the base weights (see `fingerprint`); a delta records the one it was made on.
+
+        Read from the checkpoint's files when the base was loaded from them (so that loading in
+        float16, which rounds differently from bf16, changes nothing), else from the params.
+        """
+        if self.path is not None:
+            return checkpoint_fingerprint(self.path, self.config)
         flat = {tuple(str(k.key) for k in path): leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]}
 
         def sample(keys, transposed):
             leaf = flat[keys]
-            return lambda rows, cols: np.asarray(leaf[cols, rows] if transposed else leaf[rows, cols]
-                                                 if leaf.ndim == 2 else leaf[cols])
+
+            def read(rows, cols):
+                if leaf.ndim == 1:
+                    return np.asarray(leaf[cols])
+                return np.asarray(leaf[cols, rows] if transposed else leaf[rows, cols])
+            return read
 
         return fingerprint({name: (shape, sample(keys, transposed))
                             for name, (keys, transposed, shape) in hf_key_map(self.config).items()})
@@ -125,10 +135,11 @@ def fingerprint(tensors: dict[str, tuple[tuple[int, ...], Any]]) -> str:
 def checkpoint_fingerprint(path: Path, config: ModelConfig) -> str:
     """`fingerprint` of a checkpoint directory, read from its files (a few pages per tensor)."""
     files = checkpoint_files(path)
+    opened = {file: SafetensorsFile(file) for file in set(files.values())}
 
     def sample(name):
         def read(rows, cols):
-            array = SafetensorsFile(files[name]).view(name)
+            array = opened[files[name]].view(name)
             return array[rows, cols] if array.ndim == 2 else array[cols]
         return read
 

@@ -9,6 +9,7 @@ file is truncated or malformed. Nothing in a file is ever executed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -54,6 +55,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object")
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
@@ -68,7 +71,7 @@ class SafetensorsFile:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry "
                                   f"{entry!r}") from None
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+        if any(d < 0 for d in shape) or begin < 0 or end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for "
                                   f"shape {shape} of {entry['dtype']}")
         if end > data_size:

@@ -36,8 +36,8 @@ def hf_tensors(config: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]
 
 
 def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
-            hf_config: dict | None = None, tokenizer=None) -> Path:
-    """Write `params` as a HF checkpoint directory `out` (replaced if it exists); returns it.
+            hf_config: dict | None = None, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `params` as a HF checkpoint directory `out`; returns it.
 
     Args:
       out: the directory to write.
@@ -46,8 +46,11 @@ def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
       dtype: dtype of the stored weights (default: as they are).
       hf_config: the config.json contents to write (default: derived from `config`).
       tokenizer: a transformers tokenizer to save beside the weights.
+      overwrite: replace an existing non-empty `out` (else that is an error: nothing is deleted).
     """
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

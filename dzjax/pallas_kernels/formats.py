@@ -6,8 +6,9 @@ A [K, N] matrix (K = inputs, N = outputs; y = x @ W) is stored as
   scales   bfloat16 [K / group_size, N]  one scale per group of inputs and output
   zeros    uint8 [K / group_size, N]    asymmetric zero points (symmetric: fixed 2**(bits-1))
   meta     uint32 [K' * ib / 32, N]     n:m: position of each kept value inside its group of m
-  mask     uint32 [K / 32, N]           unstructured sparsity: a 1-bit keep mask
 and dequantizes to  W[k, n] = scales[k // group_size, n] * (code[k, n] - zero[k // group_size, n]).
+Unstructured sparsity needs no mask: a pruned weight is stored as its group's zero point (0.0 at
+16 bits), which dequantizes to exactly 0; its gain comes at rest, from the zstd stage.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ class Format:
     group_size: int  # inputs per scale; K for per-channel scales
     symmetric: bool = False
     nm: tuple[int, int] | None = None  # keep n of every m consecutive inputs
-    unstructured: bool = False  # a keep mask, for unstructured sparsity
+    unstructured: bool = False  # unstructured sparsity (stored densely, pruned = zero point)
 
     def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} must be a positive int")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; supported: {SUPPORTED_BITS}")
         if self.nm is not None:
@@ -56,8 +59,6 @@ class Format:
         rows = self.stored_rows(k)
         if self.bits != 16 and rows % packing.WORD_BITS:
             raise ValueError(f"{what}: {rows} stored rows are not a multiple of 32 (K={k})")
-        if self.unstructured and k % packing.WORD_BITS:
-            raise ValueError(f"{what}: K={k} is not a multiple of 32 for the keep mask")
 
 
 @jax.tree_util.register_dataclass
@@ -69,13 +70,12 @@ class QuantizedTensor:
     scales: jax.Array | None
     zeros: jax.Array | None
     meta: jax.Array | None
-    mask: jax.Array | None
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     format: Format = dataclasses.field(metadata=dict(static=True))
 
     def arrays(self) -> dict[str, jax.Array]:
         """The stored arrays by their file suffix (absent ones left out)."""
-        names = ("qweight", "scales", "zeros", "meta", "mask")
+        names = ("qweight", "scales", "zeros", "meta")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
@@ -86,20 +86,22 @@ class QuantizedTensor:
 def quantize_to_format(codes, scales, zeros, keep, fmt: Format) -> QuantizedTensor:
     """Pack codes [K, N] (or float values when bits = 16), scales/zeros [K/g, N] and keep [K, N].
 
-    Pruned entries must already dequantize to zero or be dropped by the format (n:m, mask).
+    Pruned entries (keep False) are dropped (n:m) or stored as the zero point (unstructured).
     """
     k, n = codes.shape
     fmt.check_shape(k, n)
-    meta = mask = None
+    meta = None
     if fmt.nm is not None:
         codes, positions = packing.compress_nm(codes, keep, *fmt.nm)
         meta = packing.pack_codes(positions, packing.index_bits(fmt.nm[1]))
-    if fmt.unstructured:
-        mask = packing.pack_codes(jnp.asarray(keep, jnp.int32), 1)
+    elif fmt.unstructured:
+        pruned_code = (0.0 if fmt.bits == 16 else 2 ** (fmt.bits - 1) if fmt.symmetric
+                       else jnp.repeat(jnp.asarray(zeros), k // zeros.shape[0], axis=0))
+        codes = jnp.where(jnp.asarray(keep), jnp.asarray(codes), pruned_code)
     qweight = (jnp.asarray(codes, jnp.float16) if fmt.bits == 16
                else packing.pack_codes(codes, fmt.bits))
     return QuantizedTensor(
         qweight=qweight,
         scales=None if fmt.bits == 16 else jnp.asarray(scales, jnp.bfloat16),
         zeros=None if fmt.bits == 16 or fmt.symmetric else jnp.asarray(zeros, jnp.uint8),
-        meta=meta, mask=mask, shape=(k, n), format=fmt)
+        meta=meta, shape=(k, n), format=fmt)

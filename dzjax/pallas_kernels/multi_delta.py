@@ -36,7 +36,7 @@ from dzjax.pallas_kernels.single_delta import (MIN_BLOCK, TARGET_PROGRAMS, Delta
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
 
-_ARRAYS = ("qweight", "scales", "zeros", "meta", "mask")
+_ARRAYS = ("qweight", "scales", "zeros", "meta")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
     if fmt.nm is not None:
         positions = packing.unpack_codes(q.meta, packing.index_bits(fmt.nm[1]), rows)
         values = packing.expand_nm(values, positions, *fmt.nm)
-    if fmt.unstructured:
-        values = jnp.where(packing.unpack_codes(q.mask, 1, k) > 0, values, 0.0)
     return values.astype(dtype)
 
 

@@ -61,9 +61,6 @@ def check_pallas_format(fmt: Format) -> None:
         raise ValueError(
             f"the Pallas delta kernels support bits in {PALLAS_BITS}, not bits={fmt.bits} "
             "(3-bit codes cross 32-bit words); use implementation='xla'")
-    if fmt.unstructured:
-        raise ValueError("the Pallas delta kernels do not support unstructured sparsity masks; "
-                         "use implementation='xla'")
     if fmt.nm is not None:
         n, m = fmt.nm
         ib = packing.index_bits(m)
