@@ -1,4 +1,5 @@
-"""The embedded demo (`dzjax demo`): a tiny Llama trained on text shipped with dzjax, then served.
+"""The embedded demo (`dzjax demo`): a tiny Llama trained on text shipped with dzjax, then loaded
+and generated from with dzjax (the serving issue grows it into the convert-and-serve story).
 
 Nothing is downloaded. The corpora in `dzjax/data/` are excerpts of the Python standard library
 (see `dzjax/data/make_corpus.py`): "prose", the English paragraphs of docstrings, which the base is

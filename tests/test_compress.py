@@ -347,3 +347,16 @@ def test_export_refuses_a_non_empty_folder(llama_delta, tmp_path):
     with pytest.raises(FileExistsError):
         dzjax.export_hf(base, dzjax.load_delta(llama_delta[0]), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_delta_write_that_fails_midway_leaves_nothing(llama_delta, tmp_path, monkeypatch):
+    from dzjax.models import safetensors_io
+
+    def write_half(f, header_bytes, arrays):
+        f.write(header_bytes)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_io, "_write_body", write_half)
+    with pytest.raises(OSError, match="disk full"):
+        save_delta(llama_delta[1], tmp_path / "d.dz")
+    assert os.listdir(tmp_path) == []

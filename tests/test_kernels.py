@@ -527,3 +527,8 @@ class TestTritonCompile:
             compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=dict(
                 num_warps=config.num_warps, num_stages=config.num_stages))
             assert compiled.asm["cubin"]
+
+
+def test_concrete_out_of_range_slots_raise():
+    with pytest.raises(ValueError, match=r"delta slots \[3, 7\] outside \[-1, 3\)"):
+        make_delta_batch(jnp.array([0, 3, -1, 7]), 3)

@@ -8,7 +8,7 @@ import pytest
 
 from dzjax.compress import quant
 from dzjax.compress.obs import (
-    ObsConfig, hessian_init, hessian_update, obs_prune_quantize, reconstruction_loss, round_to_nearest)
+    ObsConfig, hessian_init, hessian_update, obs_prune_quantize, round_to_nearest)
 
 # --- NumPy float64 transcriptions of GPTQ's fasterquant and SparseGPT's fasterprune, in their
 # [out, in] = [rows, columns] layout. Written from the papers' published algorithms; the only
@@ -372,3 +372,20 @@ def test_no_retrace():
     obs_prune_quantize(w + 1.0, h, ObsConfig(bits=4, group_size=32, sparsity=(2, 4), block_size=32))
     assert obs_prune_quantize._cache_size() == before
 
+
+
+def test_eight_bit_zero_point_stays_on_the_grid_for_non_positive_groups():
+    """bf16-rounded scales could push round(-min / scale) to 256 for groups in [-x, 0]."""
+    rng = np.random.default_rng(5)
+    w = -np.abs(rng.normal(size=(64, 256))).astype(np.float32)  # every group non-positive
+    w[::7] = 0.0
+    cfg = ObsConfig(bits=8, group_size=32, sparsity=0.5)
+    h = jnp.eye(64, dtype=jnp.float32)
+    out = obs_prune_quantize(jnp.asarray(w), h, cfg)
+    zeros = np.asarray(out.zeros).astype(np.int64)
+    assert zeros.max() <= 255
+    # pruned weights are exactly zero, and every value is scale * (code - zero) with codes in range
+    assert float(np.abs(np.asarray(out.w_hat)[~np.asarray(out.mask)]).max()) == 0.0
+    s, z = np.repeat(np.asarray(out.scales), 32, 0), np.repeat(zeros, 32, 0)
+    codes = np.asarray(out.codes).astype(np.int64)
+    np.testing.assert_allclose(np.asarray(out.w_hat), s * (codes - z), rtol=1e-6, atol=0)

@@ -30,9 +30,9 @@ def test_compressed_delta_stays_close_to_the_finetune_and_beats_rtn(setting, tmp
     assert ppl_ft < 0.7 * ppl_base, "the fixture fine-tune should clearly beat its base"
     ppl = {}
     for method in ("obs", "rtn"):
-        delta = dzjax.convert(TRAINED / "base", TRAINED / "code_ft", tmp_path / f"{method}.dz",
-                              bits=4, sparsity="2:4", group_size=128, method=method,
-                              calibration=train_docs, n_samples=32, seq_len=128, progress=False)
+        dzjax.convert(TRAINED / "base", TRAINED / "code_ft", tmp_path / f"{method}.dz", bits=4,
+                      sparsity="2:4", group_size=128, method=method, calibration=train_docs,
+                      n_samples=32, seq_len=128, progress=False)
         ppl[method] = perplexity(base, windows, dzjax.load_delta(tmp_path / f"{method}.dz"))
     gained = ppl_base - ppl_ft
     assert ppl["obs"] - ppl_ft < 0.2 * gained, (ppl_base, ppl_ft, ppl)  # keeps > 80% of the gain

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ import zstandard
 
 from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig, RopeConfig
-from dzjax.models.loading import Base, hf_key_map, unflatten
+from dzjax.models.loading import Base, flatten_params, hf_key_map, unflatten
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor
 
@@ -137,7 +136,7 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
     """
     path = Path(path)
     config = config_from_json(delta.metadata["config"])
-    flat = _flat(delta.params)
+    flat = flatten_params(delta.params)
     tensors: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
     for name, (keys, transposed, _) in hf_key_map(config).items():
@@ -161,12 +160,6 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
     metadata = dict(delta.metadata, format_version=FORMAT_VERSION, tensors=entries)
     write_safetensors(path, tensors, metadata={"dzjax": json.dumps(metadata)})
     return path
-
-
-def _flat(params) -> dict[tuple[str, ...], Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
-    return {tuple(str(k.key) for k in path): leaf for path, leaf in leaves}
 
 
 def load_delta(path: str | Path) -> Delta:

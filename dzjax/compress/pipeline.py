@@ -32,11 +32,12 @@ from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_pru
                                 reconstruction_loss, round_to_nearest)
 from dzjax.errors import CheckpointError, DzjaxError
 from dzjax.models.config import ModelConfig, from_hf_config
-from dzjax.models.linear import embed
+from dzjax.models.linear import embed, kernel_implementation
 from dzjax.models.llama import DecoderLayer, RMSNorm
-from dzjax.models.loading import (checkpoint_files, checkpoint_fingerprint, hf_key_map,
-                                  load_tokenizer, read_hf_config, unflatten)
+from dzjax.models.loading import (checkpoint_files, checkpoint_fingerprint, flatten_params,
+                                  hf_key_map, load_tokenizer, read_hf_config, unflatten)
 from dzjax.models.safetensors_io import SafetensorsFile
+from dzjax.pallas_kernels.dispatch import requested_implementation
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor, quantize_to_format
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -149,12 +150,13 @@ def check_pair(base: ModelConfig, ft: ModelConfig, base_dir: Path, ft_dir: Path)
                              f"{getattr(ft, field)!r}, the base's {getattr(base, field)!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "window", "capture"))
-def _layer_pass(params, delta, x, *, config, window, capture):
+@functools.partial(jax.jit, static_argnames=("config", "window", "capture", "implementation"))
+def _layer_pass(params, delta, x, *, config, window, capture, implementation):
     """Run one decoder layer on x [n, T, D]; returns its output and the inputs of `capture`."""
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    out, state = DecoderLayer(config, window).apply(
-        {"params": params}, x, positions, None, delta, mutable=["linear_inputs"])
+    with kernel_implementation(implementation):
+        out, state = DecoderLayer(config, window).apply(
+            {"params": params}, x, positions, None, delta, mutable=["linear_inputs"])
     inputs = None
     if capture is not None:
         inputs = state["linear_inputs"][capture[0]][capture[1]]["x"][0]
@@ -273,7 +275,8 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
         del layer_ft
         layer_base = jax.tree.map(jnp.asarray, layer_base)
         run = functools.partial(_layer_pass, layer_base, config=config,
-                                window=config.sliding_windows[i])
+                                window=config.sliding_windows[i],
+                                implementation=requested_implementation())
         layer_errors = []
         for module, names in STAGES:
             h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
@@ -284,7 +287,7 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
                 delta[module][proj]["kernel"] = q
                 record(prefix + keys, q, err)
                 layer_errors.append(err)
-        for keys, leaf in _flatten(delta).items():
+        for keys, leaf in flatten_params(delta).items():
             if not isinstance(leaf, QuantizedTensor):
                 record(prefix + keys, leaf)  # norms and biases, exact
         x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
@@ -321,15 +324,10 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     return dataclasses.replace(delta, path=out)
 
 
-def _flatten(tree) -> dict[tuple[str, ...], object]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
-    return {tuple(str(k.key) for k in path): leaf for path, leaf in leaves}
-
-
 def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader, start) -> dict:
     n_params = sum(int(np.prod(shape)) for _, _, shape in reader.key_map.values())
-    compressed = {k: v for k, v in _flatten(delta.params).items() if isinstance(v, QuantizedTensor)}
+    compressed = {k: v for k, v in flatten_params(delta.params).items()
+                  if isinstance(v, QuantizedTensor)}
     compressed_params = sum(q.shape[0] * q.shape[1] for q in compressed.values())
     delta_bytes = delta.nbytes
     ft_bytes = sum(p.stat().st_size for p in set(reader.files[1].values()))

@@ -28,6 +28,7 @@ from dzjax.errors import CheckpointError, UnsupportedConfigError
 from dzjax.models.config import ModelConfig, from_hf_config
 from dzjax.models.llama import CausalLM
 from dzjax.models.safetensors_io import SafetensorsFile
+from dzjax.pallas_kernels.formats import QuantizedTensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,8 +62,7 @@ class Base:
         """
         if self.path is not None:
             return checkpoint_fingerprint(self.path, self.config)
-        flat = {tuple(str(k.key) for k in path): leaf
-                for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+        flat = flatten_params(self.params)
 
         def sample(keys, transposed):
             leaf = flat[keys]
@@ -94,15 +94,18 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     return name, leaf == "kernel"
 
 
-def _path_keys(path) -> tuple[str, ...]:
-    return tuple(str(k.key) for k in path)
+def flatten_params(tree) -> dict[tuple[str, ...], Any]:
+    """{("model", "layers_0", ..., "kernel"): leaf} of a params-shaped tree (compressed tensors
+    count as leaves)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
+    return {tuple(str(k.key) for k in path): leaf for path, leaf in leaves}
 
 
 def hf_key_map(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool, tuple[int, ...]]]:
     """{HF tensor name: (param path, transposed, HF shape)} for every parameter of `config`."""
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]:
-        keys = _path_keys(path)
+    for keys, leaf in flatten_params(abstract_params(config)).items():
         name, transposed = hf_name(keys)
         out[name] = (keys, transposed, tuple(reversed(leaf.shape)) if transposed else leaf.shape)
     return out

@@ -12,18 +12,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from dzjax.models.config import ModelConfig, to_hf_dict
-from dzjax.models.loading import SINGLE_FILE, hf_key_map
+from dzjax.models.loading import SINGLE_FILE, flatten_params, hf_key_map
 from dzjax.models.safetensors_io import current_umask, write_safetensors
 
 
 def hf_tensors(config: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
     """{HF tensor name: host array in HF layout} for every parameter of `config`."""
-    flat = {tuple(str(k.key) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = flatten_params(params)
     tensors = {}
     for name, (keys, transposed, shape) in hf_key_map(config).items():
         if keys not in flat:

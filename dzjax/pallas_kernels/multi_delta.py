@@ -110,9 +110,11 @@ class DeltaBatch:
 def make_delta_batch(delta_slots, num_slots: int) -> DeltaBatch:
     """Per-row slots in serving order (int [M], -1 = base only, unsorted) -> `DeltaBatch`.
 
-    jit-friendly: shapes depend only on M and `num_slots`. Slots outside [-1, num_slots) are
-    treated as -1 under jit; call `check_slots` on concrete ids to get an error instead.
+    jit-friendly: shapes depend only on M and `num_slots`. Concrete slots outside
+    [-1, num_slots) raise; under jit (traced slots, which cannot raise) they count as -1.
     """
+    if not isinstance(delta_slots, jax.core.Tracer):
+        check_slots(delta_slots, num_slots)
     slots = jnp.asarray(delta_slots, jnp.int32)
     if slots.ndim != 1:
         raise ValueError(f"delta slots must be [M], got shape {slots.shape}")

@@ -14,7 +14,7 @@ from dzjax.pallas_kernels.formats import QuantizedTensor
 
 def dequantize(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
     """The dense [K, N] matrix that `q` stores, in `dtype` (computed in float32)."""
-    fmt, (k, n) = q.format, q.shape
+    fmt, (k, _) = q.format, q.shape
     rows = fmt.stored_rows(k)
     if fmt.bits == 16:
         values = q.qweight.astype(jnp.float32)
