@@ -179,15 +179,9 @@ def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBat
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MultiDeltaConfig:
-    """Tiling of the multi-delta kernel: row tile per group, column strip, K step and split."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
+class MultiDeltaConfig(DeltaMatmulConfig):
+    """Tiling of the multi-delta kernel: row tile per group, column strip, K step and split
+    (the single-delta kernel's fields and validation, with its own heuristic)."""
 
     @classmethod
     def heuristic(cls, m: int, k: int, n: int, slots: int, fmt) -> MultiDeltaConfig:
@@ -202,10 +196,6 @@ class MultiDeltaConfig:
         while split_k < 8 and busy * split_k < TARGET_PROGRAMS and steps % (2 * split_k) == 0:
             split_k *= 2
         return cls(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
-
-    def validate(self, k: int, n: int, fmt) -> None:
-        DeltaMatmulConfig(block_m=self.block_m, block_n=self.block_n, block_k=self.block_k,
-                             split_k=self.split_k).validate(k, n, fmt)
 
 
 # ----------------------------------------------------------------------------------------------
