@@ -352,7 +352,7 @@ def test_export_refuses_a_non_empty_folder(llama_delta, tmp_path):
 def test_a_delta_write_that_fails_midway_leaves_nothing(llama_delta, tmp_path, monkeypatch):
     from dzjax.models import safetensors_io
 
-    def write_half(f, header_bytes, arrays):
+    def write_half(f, header_bytes, *rest):
         f.write(header_bytes)
         raise OSError("disk full")
 

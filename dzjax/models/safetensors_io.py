@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -115,30 +116,46 @@ class SafetensorsFile:
         return self._mmap[self._data_start + begin:self._data_start + end].view(dtype).reshape(shape)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+class LazyTensor(NamedTuple):
+    """A tensor to write whose values are computed only when written (one at a time)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray | LazyTensor],
                       metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` atomically: into a temporary file beside `path`, then renamed onto it."""
+    """Write `tensors` atomically: into a temporary file beside `path`, then renamed onto it.
+
+    A `LazyTensor` is computed while the file is written and dropped right after, so a whole
+    model can be written holding one tensor in host memory.
+    """
     path = Path(path)
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    arrays = {}
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
-        if array.dtype not in _NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays[name] = array
+    for name, tensor in tensors.items():
+        dtype, shape = np.dtype(tensor.dtype), tuple(tensor.shape)
+        if dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data to 8 bytes
-    atomic_write(path, lambda f: _write_body(f, header_bytes, arrays))
+    atomic_write(path, lambda f: _write_body(f, header_bytes, tensors, header))
 
 
-def _write_body(f, header_bytes, arrays):
+def _write_body(f, header_bytes, tensors, header):
     f.write(struct.pack("<Q", len(header_bytes)))
     f.write(header_bytes)
-    for array in arrays.values():
+    for name, tensor in tensors.items():
+        array = np.ascontiguousarray(tensor.load() if isinstance(tensor, LazyTensor) else tensor)
+        if list(array.shape) != header[name]["shape"] or _NAMES.get(array.dtype) != header[name][
+                "dtype"]:
+            raise ValueError(f"tensor {name!r}: got {array.dtype} {array.shape}, declared "
+                             f"{header[name]['dtype']} {header[name]['shape']}")
         f.write(array.view(np.uint8).data)  # raw bytes (a bf16 buffer cannot be exported as is)
 
 

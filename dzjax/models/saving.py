@@ -16,25 +16,34 @@ import numpy as np
 
 from dzjax.models.config import ModelConfig, to_hf_dict
 from dzjax.models.loading import SINGLE_FILE, flatten_params, hf_key_map
-from dzjax.models.safetensors_io import current_umask, write_safetensors
+from dzjax.models.safetensors_io import LazyTensor, current_umask, write_safetensors
 
 
-def hf_tensors(config: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
-    """{HF tensor name: host array in HF layout} for every parameter of `config`."""
+def hf_tensors(config: ModelConfig, params, dtype=None,
+               transform=None) -> dict[str, LazyTensor]:
+    """{HF tensor name: LazyTensor in HF layout} for every parameter of `config`.
+
+    Each is computed when written: `transform(keys, leaf)` (e.g. adding a delta), the move to the
+    host, the transposition and the cast happen one tensor at a time.
+    """
     flat = flatten_params(params)
     tensors = {}
     for name, (keys, transposed, shape) in hf_key_map(config).items():
         if keys not in flat:
             raise ValueError(f"params lack {'.'.join(keys)} (HF tensor {name})")
-        array = np.asarray(flat[keys])
-        array = array.T if transposed else array
-        tensors[name] = np.ascontiguousarray(array, dtype=dtype or array.dtype)
-        assert tensors[name].shape == shape, (name, tensors[name].shape, shape)
+        leaf = flat[keys]
+
+        def load(keys=keys, leaf=leaf, transposed=transposed, out_dtype=dtype or leaf.dtype):
+            array = np.asarray(transform(keys, leaf) if transform else leaf)
+            return np.ascontiguousarray(array.T if transposed else array, dtype=out_dtype)
+
+        tensors[name] = LazyTensor(shape, np.dtype(dtype or leaf.dtype), load)
     return tensors
 
 
 def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
-            hf_config: dict | None = None, tokenizer=None, overwrite: bool = False) -> Path:
+            hf_config: dict | None = None, tokenizer=None, overwrite: bool = False,
+            transform=None) -> Path:
     """Write `params` as a HF checkpoint directory `out`; returns it.
 
     Args:
@@ -45,6 +54,8 @@ def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
       hf_config: the config.json contents to write (default: derived from `config`).
       tokenizer: a transformers tokenizer to save beside the weights.
       overwrite: replace an existing non-empty `out` (else that is an error: nothing is deleted).
+      transform: optional `transform(keys, leaf) -> array` applied to each param as it is
+        written (how `export_hf` adds a delta without holding a merged copy of the model).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -57,7 +68,7 @@ def save_hf(out: str | os.PathLike, config: ModelConfig, params, *, dtype=None,
         if dtype is not None:
             contents["dtype"] = np.dtype(dtype).name
         (tmp / "config.json").write_text(json.dumps(contents, indent=2, sort_keys=True) + "\n")
-        write_safetensors(tmp / SINGLE_FILE, hf_tensors(config, params, dtype),
+        write_safetensors(tmp / SINGLE_FILE, hf_tensors(config, params, dtype, transform),
                           metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
