@@ -81,8 +81,12 @@ def gptq_fasterquant(W, H, *, bits, groupsize=-1, sym=False, actorder=False, sta
 
 
 def sparsegpt_fasterprune(W, H, *, sparsity=0.0, prunen=0, prunem=0, bits=None, sym=False,
-                          blocksize=128, percdamp=0.01):
-    """prunen = weights PRUNED per group of prunem (SparseGPT's convention). Returns Q, codes, ties, mask."""
+                          blocksize=128, percdamp=0.01, groupsize=None):
+    """prunen = weights PRUNED per group of prunem (SparseGPT's convention). Returns Q, codes, ties, mask.
+
+    groupsize: GPTQ's group-wise grids added to SparseGPT's loop (its published quantizer is per
+    channel): a group's grid from the current weights when the loop reaches its first column.
+    """
     W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
     rows, columns = W.shape
     if bits:
@@ -110,6 +114,8 @@ def sparsegpt_fasterprune(W, H, *, sparsity=0.0, prunen=0, prunem=0, bits=None, 
                 np.put_along_axis(mask1, i + idx, True, axis=1)
             q = w.copy()
             q[mask1[:, i]] = 0
+            if bits and groupsize and (i1 + i) % groupsize == 0:
+                scale, zero = _find_params(W1[:, i:i + groupsize], bits, sym)
             if bits:
                 q, C[:, i1 + i], T[:, i1 + i] = _quantize(q, scale, zero, bits)
             Q1[:, i] = q
@@ -190,6 +196,12 @@ SPARSEGPT_CASES = {
     "1:4-prune-only": dict(cfg=dict(bits=16, sparsity=(1, 4)), ref=dict(prunen=3, prunem=4)),
     "unstructured-70-3bit-sym": dict(cfg=dict(bits=3, group_size=None, symmetric=True, sparsity=0.7),
                                      ref=dict(sparsity=0.7, bits=3, sym=True)),
+    # The default setting: 2:4 with group-wise grids (groups of one block, so grids are current).
+    "2:4-4bit-g32": dict(cfg=dict(bits=4, group_size=32, sparsity="2:4"),
+                         ref=dict(prunen=2, prunem=4, bits=4, groupsize=32)),
+    "unstructured-50-4bit-g32-sym": dict(
+        cfg=dict(bits=4, group_size=32, symmetric=True, sparsity=0.5),
+        ref=dict(sparsity=0.5, bits=4, sym=True, groupsize=32)),
 }
 
 
