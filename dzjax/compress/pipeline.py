@@ -210,6 +210,75 @@ class _Progress:
               f"{elapsed:.1f} s, ETA {eta:.1f} s", file=sys.stderr, flush=True)
 
 
+class _Run:
+    """The sequential pipeline's state: what has been compressed so far, and its errors."""
+
+    def __init__(self, config: ModelConfig, cfg: ConvertConfig, reader: _PairReader):
+        self.config, self.cfg, self.reader = config, cfg, reader
+        self.stored: dict[tuple[str, ...], object] = {}  # param path -> QuantizedTensor | exact
+        self.errors: dict[str, float] = {}  # HF name -> relative reconstruction error
+
+    def record(self, keys, value, err=None):
+        self.stored[keys] = value
+        if err is not None:
+            self.errors[self.reader.by_keys[keys][0]] = err
+
+    def embedding(self, tokens) -> jax.Array:
+        """Compress the embedding delta (as its transpose [hidden, vocab], see delta_file);
+        return the calibration activations X = embed(tokens) under base + compressed delta."""
+        keys = ("model", "embed_tokens", "embedding")
+        table, ft_table = self.reader.pair(keys)
+        if self.cfg.compress_embeddings:
+            self.record(keys, *_compress((ft_table - table).T, None, self.cfg,
+                                         "model.embed_tokens.weight"))
+        else:
+            self.record(keys, jnp.asarray(ft_table - table))
+        del ft_table
+        return embed(jnp.asarray(tokens), jnp.asarray(table), self.stored[keys])
+
+    def layer(self, i: int, x: jax.Array) -> tuple[jax.Array, float]:
+        """Compress decoder layer i on inputs x; returns its outputs and its mean error."""
+        prefix = ("model", f"layers_{i}")
+        layer_base, layer_ft = self.reader.subtree(prefix)
+        delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
+        del layer_ft
+        run = functools.partial(_layer_pass, jax.tree.map(jnp.asarray, layer_base),
+                                config=self.config, window=self.config.sliding_windows[i],
+                                implementation=requested_implementation())
+        layer_errors = []
+        for module, names in STAGES:
+            h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
+            for proj in names:
+                q, err = _compress(delta[module][proj]["kernel"], h, self.cfg,
+                                   f"model.layers.{i}.{module}.{proj}.weight")
+                delta[module][proj]["kernel"] = q
+                self.record(prefix + (module, proj, "kernel"), q, err)
+                layer_errors.append(err)
+        for keys, leaf in flatten_params(delta).items():
+            if not isinstance(leaf, QuantizedTensor):
+                self.record(prefix + keys, leaf)  # norms and biases, exact
+        x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
+                             for s in range(0, len(x), _CHUNK)])
+        return x, float(np.mean(layer_errors))
+
+    def head(self, x: jax.Array) -> None:
+        """The final norm (exact) and an untied lm_head on the Hessian of the final states."""
+        norm_base, norm_ft = self.reader.pair(("model", "norm", "weight"))
+        self.record(("model", "norm", "weight"), jnp.asarray(norm_ft - norm_base))
+        if self.config.tie_word_embeddings:
+            return
+        keys = ("lm_head", "kernel")
+        head, ft_head = self.reader.pair(keys)
+        if not self.cfg.compress_embeddings:
+            self.record(keys, jnp.asarray(ft_head - head))
+            return
+        normed = RMSNorm(self.config.rms_norm_eps).apply(
+            {"params": {"weight": jnp.asarray(norm_ft)}}, x)
+        h = hessian_update(hessian_init(self.config.hidden_size),
+                           normed.reshape(-1, normed.shape[-1])).h
+        self.record(keys, *_compress(ft_head - head, h, self.cfg, "lm_head.weight"))
+
+
 def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int | None = 128,
             calibration=None, *, name: str | None = None, progress: bool = True,
             **options) -> Delta:
@@ -245,69 +314,16 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     tokens, source = calib.calibration_tokens(calibration, tokenizer, config.vocab_size,
                                               n_samples=cfg.n_samples, seq_len=seq_len,
                                               seed=cfg.seed)
+    run = _Run(config, cfg, reader)
     meter = _Progress(config.num_layers + 2, progress)
-    stored: dict[tuple[str, ...], object] = {}
-    errors: dict[str, float] = {}
-
-    def record(keys, value, err=None):
-        stored[keys] = value
-        if err is not None:
-            errors[reader.by_keys[keys][0]] = err
-
-    # 1. Embedding: compressed as its transpose [hidden, vocab] (see delta_file).
-    embed_keys = ("model", "embed_tokens", "embedding")
-    table, ft_table = reader.pair(embed_keys)
-    if cfg.compress_embeddings:
-        q, err = _compress((ft_table - table).T, None, cfg, "model.embed_tokens.weight")
-        record(embed_keys, q, err)
-    else:
-        record(embed_keys, jnp.asarray(ft_table - table))
-    del ft_table
-    x = embed(jnp.asarray(tokens), jnp.asarray(table), stored[embed_keys])
-    del table
-    meter.step("embed_tokens", errors.get("model.embed_tokens.weight", 0.0))
-
-    # 2. Decoder layers, in order.
+    x = run.embedding(tokens)
+    meter.step("embed_tokens", run.errors.get("model.embed_tokens.weight", 0.0))
     for i in range(config.num_layers):
-        prefix = ("model", f"layers_{i}")
-        layer_base, layer_ft = reader.subtree(prefix)
-        delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
-        del layer_ft
-        layer_base = jax.tree.map(jnp.asarray, layer_base)
-        run = functools.partial(_layer_pass, layer_base, config=config,
-                                window=config.sliding_windows[i],
-                                implementation=requested_implementation())
-        layer_errors = []
-        for module, names in STAGES:
-            h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
-            for proj in names:
-                keys = (module, proj, "kernel")
-                q, err = _compress(delta[module][proj]["kernel"], h, cfg,
-                                   f"model.layers.{i}.{module}.{proj}.weight")
-                delta[module][proj]["kernel"] = q
-                record(prefix + keys, q, err)
-                layer_errors.append(err)
-        for keys, leaf in flatten_params(delta).items():
-            if not isinstance(leaf, QuantizedTensor):
-                record(prefix + keys, leaf)  # norms and biases, exact
-        x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
-                             for s in range(0, len(x), _CHUNK)])
-        meter.step(f"layer {i}", float(np.mean(layer_errors)))
-
-    # 3. Final norm (exact) and an untied lm_head.
-    norm_base, norm_ft = reader.pair(("model", "norm", "weight"))
-    record(("model", "norm", "weight"), jnp.asarray(norm_ft - norm_base))
-    if not config.tie_word_embeddings:
-        normed = RMSNorm(config.rms_norm_eps).apply(
-            {"params": {"weight": jnp.asarray(norm_ft)}}, x)
-        h = hessian_update(hessian_init(config.hidden_size), normed.reshape(-1, normed.shape[-1])).h
-        head, ft_head = reader.pair(("lm_head", "kernel"))
-        if cfg.compress_embeddings:
-            q, err = _compress(ft_head - head, h, cfg, "lm_head.weight")
-            record(("lm_head", "kernel"), q, err)
-        else:
-            record(("lm_head", "kernel"), jnp.asarray(ft_head - head))
-    meter.step("norm, lm_head", errors.get("lm_head.weight", 0.0))
+        x, layer_error = run.layer(i, x)
+        meter.step(f"layer {i}", layer_error)
+    run.head(x)
+    meter.step("norm, lm_head", run.errors.get("lm_head.weight", 0.0))
+    stored, errors = run.stored, run.errors
 
     metadata = {
         "name": name or ft_dir.name, "source": str(ft_dir), "base_source": str(base_dir),
