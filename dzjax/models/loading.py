@@ -102,8 +102,12 @@ def flatten_params(tree) -> dict[tuple[str, ...], Any]:
     return {tuple(str(k.key) for k in path): leaf for path, leaf in leaves}
 
 
+@functools.lru_cache(maxsize=16)  # traces the model's init: worth doing once per config
 def hf_key_map(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool, tuple[int, ...]]]:
-    """{HF tensor name: (param path, transposed, HF shape)} for every parameter of `config`."""
+    """{HF tensor name: (param path, transposed, HF shape)} for every parameter of `config`.
+
+    Cached and shared: callers must not modify it.
+    """
     out = {}
     for keys, leaf in flatten_params(abstract_params(config)).items():
         name, transposed = hf_name(keys)
