@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from dzjax.compress.delta_file import Delta
 from dzjax.models.forward import resolve_delta
-from dzjax.models.loading import Base, flatten_params, unflatten
+from dzjax.models.loading import Base, flatten_params
 from dzjax.models.saving import save_hf
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
@@ -22,13 +22,6 @@ def add(param, d, name: str):
         d = dequantize(d)
         d = d.T if name == "embedding" else d  # the embedding is stored [hidden, vocab]
     return (param.astype(jnp.float32) + d.astype(jnp.float32)).astype(param.dtype)
-
-
-def merge(base: Base, delta) -> dict:
-    """Params of base + delta, in the base's dtype (each sum computed in float32)."""
-    flat = flatten_params(resolve_delta(base, delta) or {})
-    return unflatten({keys: add(leaf, flat.get(keys), keys[-1])
-                      for keys, leaf in flatten_params(base.params).items()})
 
 
 def export_hf(base: Base, delta: Delta, out: str | Path, overwrite: bool = False) -> Path:

@@ -126,7 +126,8 @@ def fingerprint(tensors: dict[str, tuple[tuple[int, ...], Any]]) -> str:
         positions of the tensor in HF layout (1-D tensors: cols only).
     Returns:
       sha256 hex digest over every name, shape and the bfloat16 rounding of 64 values spread over
-      the tensor, so a checkpoint gives the same fingerprint from its files or loaded in any dtype.
+      the tensor: the same from a checkpoint's files as from its params held in float32 or bf16
+      (float16 rounds differently, so a loaded base hashes its files: `Base.fingerprint`).
     """
     digest = hashlib.sha256()
     for name in sorted(tensors):
