@@ -7,6 +7,7 @@ from dzjax.errors import CheckpointError, DzjaxError, UnsupportedConfigError
 from dzjax.models import Base, dense_delta, generate, load_base
 from dzjax.models.forward import check_input_ids, forward, resolve_delta
 from dzjax.pallas_kernels.dispatch import requested_implementation
+from dzjax.serving import Server, serve
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ def logits(base: Base, input_ids, delta=None, dtype=jnp.float32, implementation=
 
 
 __all__ = ["Base", "CheckpointError", "Delta", "DeltaFileError", "DzjaxError",
-           "UnsupportedConfigError", "convert", "dense_delta", "export_hf", "generate", "load_base",
-           "load_delta", "logits"]
+           "Server", "UnsupportedConfigError", "convert", "dense_delta", "export_hf", "generate",
+           "load_base", "load_delta", "logits", "serve"]

@@ -1,4 +1,4 @@
-"""The `dzjax` command line: `dzjax demo`, `dzjax convert`, `dzjax generate`."""
+"""The `dzjax` command line: `dzjax demo`, `convert`, `generate`, `serve` and `bench`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,16 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=_DTYPES, default="float32", help="activation dtype")
     gen.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16")
     gen.set_defaults(run=_generate)
+
+    from dzjax.serving import bench, http
+
+    srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server for a base and deltas")
+    http.add_arguments(srv)
+    srv.set_defaults(run=http.run)
+
+    bch = commands.add_parser("bench", help="serving throughput against the swap baseline")
+    bench.add_arguments(bch)
+    bch.set_defaults(run=bench.run)
     return p
 
 

@@ -25,3 +25,39 @@ def copy_fixture(tmp_path):
         return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
 
     return copy
+
+
+def make_finetune(base_dir: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
+    """A synthetic full fine-tune of a checkpoint: every tensor (norms and biases too) moved by
+    Gaussian noise of `scale` times the tensor's spread, saved as an HF checkpoint."""
+    import jax
+    import jax.numpy as jnp
+
+    from dzjax.models.loading import load_base
+    from dzjax.models.saving import save_hf
+
+    base = load_base(base_dir, dtype=jnp.float32)
+    leaves, treedef = jax.tree.flatten(base.params)
+    rng = np.random.default_rng(seed)
+    moved = [np.asarray(a) + scale * (np.std(np.asarray(a)) + 1e-2)
+             * rng.standard_normal(a.shape).astype(np.float32) for a in leaves]
+    hf_config = base.hf_config.to_dict() if base.hf_config is not None else None
+    return save_hf(out, base.config, jax.tree.unflatten(treedef, moved), dtype=jnp.float32,
+                   hf_config=hf_config, tokenizer=base.tokenizer)
+
+
+def make_deltas(base_dir: Path, out_dir: Path, count: int, *, group_size: int = 32,
+                sparsity="2:4", bits: int = 4) -> dict[str, Path]:
+    """`count` synthetic fine-tunes of base_dir, converted (round-to-nearest, fast) to delta
+    files; returns {name: path}."""
+    import dzjax
+
+    out = {}
+    calibration = np.random.default_rng(0).integers(0, 200, (2, 16))
+    for i in range(count):
+        ft = make_finetune(base_dir, out_dir / f"ft{i}", seed=100 + i)
+        path = out_dir / f"ft{i}.dz.safetensors"
+        dzjax.convert(base_dir, ft, path, bits=bits, sparsity=sparsity, group_size=group_size,
+                      calibration=calibration, method="rtn", progress=False, name=f"ft{i}")
+        out[f"ft{i}"] = path
+    return out

@@ -117,7 +117,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x, delta=None):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        weight = add_delta(weight, sub(delta, "weight"))
+        weight = add_delta(weight, sub(delta, "weight"), ndim=x.ndim)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (weight.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)

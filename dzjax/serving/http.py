@@ -1,0 +1,9 @@
+"""The OpenAI-compatible HTTP server (`dzjax serve`): being written."""
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def run(args) -> None:
+    raise NotImplementedError

@@ -1,0 +1,236 @@
+"""`dzjax.serve`: the notebook API over the serving engine.
+
+    server = dzjax.serve(base, {"prose": delta, "code": "code.dz.safetensors"}, max_batch=16)
+    texts = server.generate(["Once upon", "def main("], model=["prose", "code"], max_tokens=32)
+    for piece in server.stream("Once upon", model="prose"):
+        print(piece, end="")
+    server.stats()
+    server.close()          # or: with dzjax.serve(...) as server: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+from typing import Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from dzjax.errors import DzjaxError
+from dzjax.models.loading import Base
+from dzjax.serving.engine import (Engine, EngineConfig, Event, ModelNotFoundError, Request,
+                                  RequestError, SamplingParams)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One finished request: its output and what was measured."""
+
+    text: str | None  # None without a tokenizer
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled"
+    model: str
+    timings: dict  # seconds from arrival: queued, first_token, total
+
+
+class RequestHandle:
+    """A submitted request: iterate it for its events as they come, or wait for `result()`."""
+
+    def __init__(self, server: Server, model_name: str):
+        self._server, self.model = server, model_name
+        self._events: queue.Queue[Event] = queue.Queue()
+        self.request: Request | None = None
+        self._done: Event | None = None
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        while self._done is None:
+            event = self._events.get(timeout=timeout)
+            if event.kind == "done":
+                self._done = event
+            yield event
+
+    def __iter__(self) -> Iterator[str | int]:
+        """The output as it is generated: text pieces, or token ids without a tokenizer."""
+        with_text = self._server.base.tokenizer is not None
+        for event in self.events():
+            if event.kind == "token":
+                if with_text:
+                    if event.text:
+                        yield event.text
+                else:
+                    yield from event.token_ids
+        self._raise_if_failed()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        for _ in self.events(timeout):
+            pass
+        self._raise_if_failed()
+        r = self.request
+        return Completion(r.text if self._server.base.tokenizer is not None else None,
+                          list(r.output_ids), len(r.prompt_ids), r.finish_reason, self.model,
+                          r.timings)
+
+    def cancel(self) -> None:
+        self._server.engine.cancel(self.request)
+
+    def _raise_if_failed(self) -> None:
+        if self._done.error is not None:
+            raise self._done.error
+
+
+class Server:
+    """Serves a base model and many deltas with continuous batching (see `dzjax.serve`)."""
+
+    def __init__(self, base: Base, deltas: dict | None = None, *, base_name: str = "base",
+                 **options):
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = set(options) - fields
+        if unknown:
+            raise DzjaxError(f"unknown serve options {sorted(unknown)}; known: {sorted(fields)}")
+        if "dtype" in options:
+            options["dtype"] = jnp.dtype(options["dtype"]).name
+        self.base, self.base_name = base, base_name
+        self.engine = Engine(base, EngineConfig(**options))
+        try:
+            for name, source in (deltas or {}).items():
+                self.add_delta(name, source)
+        except Exception:
+            self.engine.close()
+            raise
+
+    # -- models --------------------------------------------------------------------------------
+
+    def add_delta(self, name: str, delta) -> None:
+        """Serve another delta (a `dzjax.Delta` or a file path) under `name`, while running."""
+        if name == self.base_name:
+            raise DzjaxError(f"{name!r} names the base model")
+        entry, entry_layout = self.engine.pool.validate(name, delta)  # read and checked here
+        self.engine.call(self.engine.pool.add, entry, entry_layout)  # registered between steps
+
+    def remove_delta(self, name: str) -> None:
+        """Stop serving a delta; refused while requests run on it, queued ones fail."""
+        self.engine.call(self.engine.pool.remove, name)
+
+    def models(self) -> list[str]:
+        return [self.base_name] + self.engine.call(lambda: sorted(self.engine.pool.entries))
+
+    def _delta_name(self, model: str | None) -> str | None:
+        if model is None or model == self.base_name:
+            return None
+        if not isinstance(model, str):
+            raise RequestError(f"model must be a string, got {type(model).__name__}")
+        if model not in self.engine.pool.entries:
+            raise ModelNotFoundError(f"model {model!r} is not served; served: {self.models()}")
+        return model
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def encode(self, prompt) -> list[int]:
+        """A prompt (text, or token ids) as token ids."""
+        if isinstance(prompt, str):
+            if self.base.tokenizer is None:
+                raise RequestError("the base has no tokenizer: pass token ids, not text")
+            return list(self.base.tokenizer(prompt)["input_ids"])
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise RequestError("a prompt is a string or a list of token ids")
+        return [int(t) for t in ids]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages through the tokenizer's chat template, ready for the assistant's turn."""
+        tok = self.base.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template; use completions")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def submit(self, prompt, model: str | None = None, *, listener=None,
+               **sampling) -> RequestHandle:
+        """Queue one request; returns its handle at once. `sampling`: `SamplingParams` fields.
+
+        listener: optional callable(Event), called on the engine thread instead of queueing the
+        events for the handle (for event loops: it must not block).
+        """
+        handle = RequestHandle(self, model or self.base_name)
+        ids = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) \
+            else self.encode(prompt)
+        params = SamplingParams(**{k: tuple(v) if k == "stop" else v
+                                   for k, v in sampling.items() if v is not None})
+        handle.request = self.engine.submit(ids, self._delta_name(model), params,
+                                            listener or handle._events.put)
+        return handle
+
+    def generate(self, prompts: str | Sequence, model: str | Sequence[str | None] | None = None,
+                 *, max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 details: bool = False) -> list:
+        """Generate for every prompt, all batched together; greedy by default.
+
+        Args:
+          prompts: a text, a list of texts, or a list of token-id lists.
+          model: the delta for all prompts, or one per prompt; None or the base name = base only.
+          max_tokens, temperature, top_p, stop, ignore_eos: as in `SamplingParams`.
+          seed: prompt i samples with seed + i.
+          details: return `Completion`s (texts, token ids, finish reasons, timings).
+        Returns:
+          texts (token-id lists for token-id prompts, or without a tokenizer), or `Completion`s.
+        """
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
+        if len(models) != len(prompts):
+            raise RequestError(f"{len(models)} models for {len(prompts)} prompts")
+        handles = []
+        try:
+            for i, (p, m) in enumerate(zip(prompts, models)):
+                handles.append(self.submit(p, m, max_tokens=max_tokens, temperature=temperature,
+                                           top_p=top_p, seed=seed + i, stop=stop,
+                                           ignore_eos=ignore_eos))
+        except Exception:
+            for h in handles:
+                h.cancel()
+            raise
+        results = [h.result() for h in handles]
+        if details:
+            return results
+        as_text = self.base.tokenizer is not None and all(isinstance(p, str) for p in prompts)
+        return [r.text if as_text else r.token_ids for r in results]
+
+    def stream(self, prompt, model: str | None = None, **sampling) -> Iterator[str | int]:
+        """Yield the output of one request as it is generated (text pieces, or token ids)."""
+        handle = self.submit(prompt, model, **sampling)
+        try:
+            yield from handle
+        finally:
+            if handle._done is None:  # the caller stopped early: free the slot
+                handle.cancel()
+
+    def stats(self) -> dict:
+        """Counts, occupancy, traces and the pool's state (a snapshot, taken between steps)."""
+        return self.engine.call(self.engine.stats)
+
+    def close(self) -> None:
+        """Finish the accepted requests and stop the engine; later requests are refused."""
+        self.engine.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
+    """Serve `base` and named deltas (`dzjax.Delta` objects or file paths) from this process.
+
+    Options (all keyword): max_batch (8), max_seq_len (min(context, 1024)),
+    max_resident_deltas (8), max_deltas_per_step (= max_resident_deltas), host_cache_bytes (4 GiB),
+    max_overtakes (= max_batch), dtype ("float32" activations), implementation (delta kernels),
+    base_name ("base": the model name of base-only requests).
+    """
+    if isinstance(base, str) or hasattr(base, "__fspath__"):
+        from dzjax.models.loading import load_base
+        base = load_base(base)
+    return Server(base, deltas, **options)
