@@ -47,9 +47,9 @@ def make_finetune(base_dir: Path, out: Path, seed: int, scale: float = 0.05) -> 
 
 
 def make_deltas(base_dir: Path, out_dir: Path, count: int, *, group_size: int = 32,
-                sparsity="2:4", bits: int = 4) -> dict[str, Path]:
+                sparsity="2:4", bits: int = 4, **options) -> dict[str, Path]:
     """`count` synthetic fine-tunes of base_dir, converted (round-to-nearest, fast) to delta
-    files; returns {name: path}."""
+    files; returns {name: path}. `options`: further `dzjax.convert` options."""
     import dzjax
 
     out = {}
@@ -58,6 +58,7 @@ def make_deltas(base_dir: Path, out_dir: Path, count: int, *, group_size: int = 
         ft = make_finetune(base_dir, out_dir / f"ft{i}", seed=100 + i)
         path = out_dir / f"ft{i}.dz.safetensors"
         dzjax.convert(base_dir, ft, path, bits=bits, sparsity=sparsity, group_size=group_size,
-                      calibration=calibration, method="rtn", progress=False, name=f"ft{i}")
+                      calibration=calibration, method="rtn", progress=False, name=f"ft{i}",
+                      **options)
         out[f"ft{i}"] = path
     return out

@@ -169,6 +169,7 @@ class Engine:
         self._closing = False
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
+        self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
         self._thread = threading.Thread(target=self._run, name="dzjax-engine", daemon=True)
         self._thread.start()
 
@@ -375,7 +376,9 @@ class Engine:
         out = np.asarray(out)
         self.counts["steps"] += 1
         self.counts["decode_rows"] += len(live)
-        self.counts["active_deltas"] += len({r.model for r in live if r.model is not None})
+        active = len({r.model for r in live if r.model is not None})
+        self.counts["active_deltas"] += active
+        self.counts["max_active_deltas"] = max(self.counts["max_active_deltas"], active)
         for r in live:
             self._emit(r, int(out[r.batch_row]))
 
@@ -450,7 +453,9 @@ class Engine:
             "prefill_calls": c["prefill_calls"],
             "mean_batch_rows": c["decode_rows"] / max(c["steps"], 1),
             "mean_active_deltas": c["active_deltas"] / max(c["steps"], 1),
-            "traces": {"decode": TRACE_COUNTS["serve_decode"],
-                       "prefill": TRACE_COUNTS["serve_prefill"]},
+            "max_active_deltas": c["max_active_deltas"],
+            # Compilations since this engine started (programs of the same shapes are shared).
+            "traces": {k.removeprefix("serve_"): TRACE_COUNTS[k] - v
+                       for k, v in self._traces_at_start.items()},
             "pool": self.pool.stats(),
         }

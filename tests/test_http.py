@@ -1,0 +1,334 @@
+"""The OpenAI-compatible HTTP server (`dzjax serve`), through the official `openai` client against
+a real uvicorn server on localhost: answers equal `dzjax.generate`, streaming equals the whole
+answer, chat goes through the template, errors have OpenAI's shape and status, many concurrent
+requests over several deltas are all answered right, and a client that goes away frees its slot
+without disturbing the others."""
+
+import concurrent.futures
+import functools
+import json
+import shutil
+import socket
+import threading
+import time
+import types
+
+import httpx2
+import jax.numpy as jnp
+import openai
+import pytest
+import uvicorn
+
+import dzjax
+from conftest import fixture_dir, make_deltas
+from dzjax.serving.http import make_app
+
+# Roles by their initial: chat prompts stay short (one compiled prompt-length bucket).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}a:{% endif %}")
+PROMPTS = ["Once upon a time", "def main(", "The cat sat on"]
+DELTAS = ["ft0", "ft1", "ft2", "ft3"]
+LONG = 240  # max_tokens of a request that is still running when its client leaves
+
+
+def templated_base(tmp) -> str:
+    """A copy of the trained base whose tokenizer has a chat template."""
+    path = shutil.copytree(fixture_dir("trained") / "base", tmp / "base")
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(config))
+    return path
+
+
+def start_uvicorn(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """uvicorn on a free localhost port, in a background thread; returns it and its URL."""
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=http.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not http.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = http.servers[0].sockets[0].getsockname()[1]
+    return http, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One server for the module: the base (with a chat template) and four deltas over HTTP."""
+    tmp = tmp_path_factory.mktemp("http")
+    base_dir = templated_base(tmp)
+    paths = make_deltas(base_dir, tmp, len(DELTAS))
+    base = dzjax.load_base(base_dir, dtype=jnp.float32)
+    server = dzjax.serve(base, paths, max_batch=8, max_seq_len=256, max_resident_deltas=4)
+    http, thread, url = start_uvicorn(make_app(server))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    deltas = {name: dzjax.load_delta(p) for name, p in paths.items()}
+
+    @functools.cache
+    def expected(model: str, prompt, max_tokens: int) -> str:
+        """The reference: `dzjax.generate` alone, greedy; token-id prompts give decoded text."""
+        out = dzjax.generate(base, [list(prompt) if isinstance(prompt, tuple) else prompt],
+                             delta=deltas.get(model), max_tokens=max_tokens)[0]
+        return out if isinstance(out, str) else base.tokenizer.decode(out,
+                                                                      skip_special_tokens=True)
+
+    yield types.SimpleNamespace(server=server, base=base, url=url, client=client,
+                                expected=expected)
+    client.close()
+    http.should_exit = True
+    thread.join(timeout=30)
+    server.close()
+    assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+def post(served, path: str, body) -> tuple[int, dict]:
+    """A raw POST (bytes or a JSON-able body): the status and the JSON answer."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx2.post(served.url + path, content=content,
+                    headers={"Content-Type": "application/json"}, timeout=120)
+    return r.status_code, r.json()
+
+
+def wait_idle(served, timeout: float = 30.0) -> dict:
+    """The engine's stats once nothing runs or waits (a cancellation lands at the next step)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = served.server.stats()
+        if stats["running"] == stats["waiting"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
+def cancelled(served) -> int:
+    return served.server.stats()["finished"].get("cancelled", 0)
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+def test_models_lists_the_base_and_every_delta(served):
+    models = served.client.models.list().data
+    assert [m.id for m in models] == ["base"] + DELTAS
+    assert all(m.object == "model" for m in models)
+    assert served.client.models.retrieve("ft2").id == "ft2"
+    with pytest.raises(openai.NotFoundError):
+        served.client.models.retrieve("nope")
+
+
+@pytest.mark.parametrize("model", ["base", "ft1"])
+def test_completion_equals_generate(served, model):
+    r = served.client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8)
+    assert r.object == "text_completion" and r.model == model
+    assert [c.text for c in r.choices] == [served.expected(model, PROMPTS[0], 8)]
+    assert r.choices[0].finish_reason == "length"
+    prompt_tokens = len(served.base.tokenizer(PROMPTS[0])["input_ids"])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (prompt_tokens, 8, prompt_tokens + 8)
+
+
+def test_a_list_of_prompts_gives_one_choice_each(served):
+    r = served.client.completions.create(model="ft2", prompt=PROMPTS, max_tokens=6)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [served.expected("ft2", p, 6) for p in PROMPTS]
+    assert r.usage.completion_tokens == 3 * 6
+
+
+def test_token_id_prompt(served):
+    ids = served.base.tokenizer(PROMPTS[1])["input_ids"]
+    r = served.client.completions.create(model="ft0", prompt=ids, max_tokens=5)
+    assert r.choices[0].text == served.expected("ft0", tuple(ids), 5)
+
+
+def test_stream_concatenates_to_the_whole_answer(served):
+    whole = served.client.completions.create(model="ft3", prompt=PROMPTS[2], max_tokens=10)
+    chunks = list(served.client.completions.create(
+        model="ft3", prompt=PROMPTS[2], max_tokens=10, stream=True,
+        stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert len(pieces) > 2  # really streamed, not one piece
+    assert "".join(pieces) == whole.choices[0].text == served.expected("ft3", PROMPTS[2], 10)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_stop_string_cuts_the_answer(served):
+    full = served.expected("base", PROMPTS[0], 8)
+    stop = full.split()[1]  # the second word: the answer ends before it
+    r = served.client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=8,
+                                         stop=[stop, "never there"])
+    assert r.choices[0].text == full[:full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_defaults_to_16(served):
+    r = served.client.completions.create(model="base", prompt=PROMPTS[1],
+                                         extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_chat_goes_through_the_template(served):
+    messages = [{"role": "system", "content": "Be short."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    ids = served.server.encode_chat(messages)
+    assert served.base.tokenizer.decode(ids) == "s: Be short.\nu: Hi\na:"
+    want = served.expected("ft1", tuple(ids), 8)
+    r = served.client.chat.completions.create(model="ft1", messages=messages, max_tokens=8)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(served.client.chat.completions.create(model="ft1", messages=messages,
+                                                        max_completion_tokens=8, stream=True))
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+def test_unknown_model_is_404(served):
+    with pytest.raises(openai.NotFoundError) as e:
+        served.client.completions.create(model="nope", prompt="hi", max_tokens=4)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+def test_prompt_longer_than_the_context_is_400(served):
+    with pytest.raises(openai.BadRequestError) as e:
+        served.client.completions.create(model="ft0", prompt="a b c " * 200, max_tokens=4)
+    assert "context" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"[1, 2]"])
+def test_malformed_body_is_400(served, body):
+    status, answer = post(served, "/v1/completions", body)
+    assert status == 400
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "model", None),
+    ("/v1/completions", "model", 3),
+    ("/v1/completions", "prompt", None),
+    ("/v1/completions", "prompt", 5),
+    ("/v1/completions", "prompt", []),
+    ("/v1/completions", "prompt", ["ok", 3]),
+    ("/v1/completions", "max_tokens", -1),
+    ("/v1/completions", "max_tokens", 0),
+    ("/v1/completions", "max_tokens", "8"),
+    ("/v1/completions", "max_tokens", 2.5),
+    ("/v1/completions", "temperature", "hot"),
+    ("/v1/completions", "temperature", -1),
+    ("/v1/completions", "top_p", 0),
+    ("/v1/completions", "seed", -3),
+    ("/v1/completions", "stop", 7),
+    ("/v1/completions", "stop", [""]),
+    ("/v1/completions", "stream", "yes"),
+    ("/v1/completions", "n", 2),
+    ("/v1/completions", "logprobs", 2),
+    ("/v1/chat/completions", "messages", None),
+    ("/v1/chat/completions", "messages", [{"content": "no role"}]),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": {"not": "text"}}]),
+    ("/v1/chat/completions", "max_completion_tokens", -2),
+])
+def test_bad_field_is_400_naming_it(served, path, field, value):
+    body = {"model": "ft0", "max_tokens": 4, "prompt": "hi",
+            "messages": [{"role": "user", "content": "hi"}]}
+    body[field] = value
+    status, answer = post(served, path, body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == field, answer
+    assert field in answer["error"]["message"], answer
+
+
+def test_chat_without_a_template_is_400(served, monkeypatch):
+    monkeypatch.setattr(served.base.tokenizer, "chat_template", None)
+    with pytest.raises(openai.BadRequestError) as e:
+        served.client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert "template" in e.value.body["message"]
+
+
+def test_an_internal_error_is_500_and_the_server_goes_on(served, monkeypatch):
+    def broken(prompt):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(served.server, "encode", broken)
+    with pytest.raises(openai.InternalServerError) as e:
+        served.client.completions.create(model="base", prompt="hi", max_tokens=4)
+    assert "tokenizer exploded" in e.value.body["message"]
+    monkeypatch.undo()
+    r = served.client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=8)
+    assert r.choices[0].text == served.expected("base", PROMPTS[0], 8)
+    assert httpx2.get(served.url + "/health").json() == {"status": "ok"}
+
+
+def test_unknown_route_is_404_in_openai_shape(served):
+    r = httpx2.get(served.url + "/v1/nothing")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+# -- concurrency and clients that leave --------------------------------------------------------
+
+def ask(served, model: str, prompt: str, max_tokens: int, stream: bool = False) -> str:
+    if not stream:
+        r = served.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)
+        return r.choices[0].text
+    chunks = served.client.completions.create(model=model, prompt=prompt,
+                                              max_tokens=max_tokens, stream=True)
+    return "".join(c.choices[0].text for c in chunks)
+
+
+def test_200_concurrent_requests_over_4_deltas(served):
+    jobs = [(DELTAS[i % 4], PROMPTS[i % 3], i % 5 == 0) for i in range(200)]  # every 5th streams
+    want = {(m, p): served.expected(m, p, 4) for m, p, _ in jobs}
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(lambda job: ask(served, job[0], job[1], 4, job[2]), jobs))
+    assert got == [want[m, p] for m, p, _ in jobs]
+    stats = wait_idle(served)
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["max_active_deltas"] == 4
+
+
+def long_request(model: str) -> dict:
+    return {"model": model, "prompt": PROMPTS[0], "max_tokens": LONG}
+
+
+def test_a_streaming_client_that_leaves_frees_its_slot(served):
+    before = cancelled(served)
+    others = [(DELTAS[i % 4], PROMPTS[i % 3]) for i in range(8)]
+    want = [served.expected(m, p, 6) for m, p in others]
+    leaving = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+    stream = leaving.completions.create(**long_request("ft0"), stream=True,
+                                        extra_body={"ignore_eos": True})
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = pool.map(lambda job: ask(served, job[0], job[1], 6), others)
+        first = next(iter(stream))  # one chunk, then the client goes away mid-generation
+        stream.close()
+        leaving.close()
+        assert list(answers) == want
+    assert first.choices[0].text
+    stats = wait_idle(served)
+    assert stats["running"] == stats["waiting"] == 0
+    assert cancelled(served) == before + 1  # cut short, not run to its 240 tokens
+
+
+def test_a_waiting_client_that_leaves_frees_its_slot(served):
+    """Non-streaming: the server notices the closed connection while the answer is made."""
+    before = cancelled(served)
+    body = json.dumps({**long_request("ft2"), "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while served.server.stats()["running"] == 0:  # it is generating: now leave
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    stats = wait_idle(served)
+    assert stats["running"] == stats["waiting"] == 0
+    assert cancelled(served) == before + 1
+    r = served.client.completions.create(model="ft2", prompt=PROMPTS[0], max_tokens=8)
+    assert r.choices[0].text == served.expected("ft2", PROMPTS[0], 8)
