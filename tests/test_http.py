@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import types
+from pathlib import Path
 
 import httpx2
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ DELTAS = ["ft0", "ft1", "ft2", "ft3"]
 LONG = 240  # max_tokens of a request that is still running when its client leaves
 
 
-def templated_base(tmp) -> str:
+def templated_base(tmp: Path) -> Path:
     """A copy of the trained base whose tokenizer has a chat template."""
     path = shutil.copytree(fixture_dir("trained") / "base", tmp / "base")
     config_file = path / "tokenizer_config.json"
@@ -89,6 +90,16 @@ def post(served, path: str, body) -> tuple[int, dict]:
     r = httpx2.post(served.url + path, content=content,
                     headers={"Content-Type": "application/json"}, timeout=120)
     return r.status_code, r.json()
+
+
+def ask(served, model: str, prompt: str, max_tokens: int, stream: bool = False) -> str:
+    """One completion's text, whole or streamed."""
+    if not stream:
+        r = served.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)
+        return r.choices[0].text
+    chunks = served.client.completions.create(model=model, prompt=prompt,
+                                              max_tokens=max_tokens, stream=True)
+    return "".join(c.choices[0].text for c in chunks)
 
 
 def wait_idle(served, timeout: float = 30.0) -> dict:
@@ -168,9 +179,11 @@ def test_max_tokens_defaults_to_16(served):
 
 
 def test_chat_goes_through_the_template(served):
+    # Content as a string, or as text parts (which the server joins): the same prompt.
     messages = [{"role": "system", "content": "Be short."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    ids = served.server.encode_chat(messages)
+                {"role": "user", "content": [{"type": "text", "text": "H"},
+                                             {"type": "text", "text": "i"}]}]
+    ids = served.server.encode_chat([messages[0], {"role": "user", "content": "Hi"}])
     assert served.base.tokenizer.decode(ids) == "s: Be short.\nu: Hi\na:"
     want = served.expected("ft1", tuple(ids), 8)
     r = served.client.chat.completions.create(model="ft1", messages=messages, max_tokens=8)
@@ -265,21 +278,31 @@ def test_an_internal_error_is_500_and_the_server_goes_on(served, monkeypatch):
     assert httpx2.get(served.url + "/health").json() == {"status": "ok"}
 
 
+def test_a_failed_engine_step_fails_its_requests_only(served, monkeypatch):
+    """A decode step that raises: the whole answer is a 500, a stream ends with an error event,
+    and the next requests are served as before."""
+    from dzjax.serving import steps
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(steps, "decode", broken)
+    with pytest.raises(openai.InternalServerError, match="device fell over"):
+        served.client.completions.create(model="ft0", prompt=PROMPTS[0], max_tokens=8)
+    with pytest.raises(openai.APIError, match="device fell over"):
+        list(served.client.completions.create(model="ft0", prompt=PROMPTS[0], max_tokens=8,
+                                              stream=True))
+    monkeypatch.undo()
+    assert wait_idle(served)["running"] == 0
+    assert ask(served, "ft0", PROMPTS[0], 8, stream=True) == served.expected("ft0", PROMPTS[0], 8)
+
+
 def test_unknown_route_is_404_in_openai_shape(served):
     r = httpx2.get(served.url + "/v1/nothing")
     assert r.status_code == 404 and "message" in r.json()["error"]
 
 
 # -- concurrency and clients that leave --------------------------------------------------------
-
-def ask(served, model: str, prompt: str, max_tokens: int, stream: bool = False) -> str:
-    if not stream:
-        r = served.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)
-        return r.choices[0].text
-    chunks = served.client.completions.create(model=model, prompt=prompt,
-                                              max_tokens=max_tokens, stream=True)
-    return "".join(c.choices[0].text for c in chunks)
-
 
 def test_200_concurrent_requests_over_4_deltas(served):
     jobs = [(DELTAS[i % 4], PROMPTS[i % 3], i % 5 == 0) for i in range(200)]  # every 5th streams

@@ -4,6 +4,7 @@ the merged weights, no retracing, the delta pool, the scheduler, sampling, stops
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -283,3 +284,28 @@ def test_close_finishes_accepted_requests(models):
     server.close()
     assert all(h.result(timeout=0).finish_reason == "length" for h in handles)
     assert time.perf_counter() - start < 60 and not server.engine.alive
+
+
+def test_decode_step_lowers_for_cuda_with_the_pallas_kernels(text_server):
+    """The whole serving decode step (8 slots, a pool of deltas) lowers for an abstract H100 with
+    the multi-delta Pallas kernel inside: catches Triton lowering limits without a GPU."""
+    import functools
+
+    from test_kernels import lower_for_cuda
+
+    from dzjax.models.llama import KVCache
+    from dzjax.serving import steps
+
+    server, base, _ = text_server
+    stacks = server.engine.pool.stacks
+    b = 8
+    cache = KVCache.zeros(base.config, b, 64, jnp.bfloat16)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), base.params)
+    sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
+                np.ones(b, np.float32))
+    step = functools.partial(steps.decode, config=base.config, dtype=jnp.bfloat16,
+                             implementation="pallas")
+    text = lower_for_cuda(step, params, stacks, cache, np.zeros(b, np.int32),
+                          np.zeros(b, np.int32), np.array([0, -1, 1, 0, -1, -1, 0, 1], np.int32),
+                          sampling)
+    assert text.count("multi_delta_matmul") >= 7 * base.config.num_layers  # every projection

@@ -7,8 +7,9 @@
   http     the HTTP server (`dzjax serve`)
 """
 
-from dzjax.serving.engine import EngineConfig, Event, ModelNotFoundError, RequestError, SamplingParams
+from dzjax.serving.engine import (EngineConfig, Event, ModelNotFoundError, RequestError,
+                                  SamplingParams, ServerClosedError)
 from dzjax.serving.server import Completion, RequestHandle, Server, serve
 
 __all__ = ["Completion", "EngineConfig", "Event", "ModelNotFoundError", "RequestError",
-           "RequestHandle", "SamplingParams", "Server", "serve"]
+           "RequestHandle", "SamplingParams", "Server", "ServerClosedError", "serve"]

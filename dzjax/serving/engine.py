@@ -52,6 +52,10 @@ class ModelNotFoundError(RequestError):
     """A request names a model that is not served."""
 
 
+class ServerClosedError(DzjaxError):
+    """The server is closed (or its engine stopped): it takes no more requests."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How one request generates. temperature 0 is greedy."""
@@ -106,6 +110,7 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""  # the output text so far (with a tokenizer)
     emitted: int = 0  # characters of `text` already reported
+    decoded: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) token offsets
     finish_reason: str | None = None
     cancelled: bool = False
     overtaken: int = 0
@@ -178,7 +183,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], model: str | None, sampling: SamplingParams,
                listener: Callable[[Event], None]) -> Request:
         if self._closing:
-            raise DzjaxError("the server is closed")
+            raise ServerClosedError("the server is closed")
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.base.config.vocab_size
@@ -210,8 +215,12 @@ class Engine:
             except Exception as e:
                 box["error"] = e
             done.set()
+        if not self.alive:
+            raise ServerClosedError("the serving engine has stopped")
         self._inbox.put(("call", run))
-        done.wait()
+        while not done.wait(0.1):
+            if not self.alive:  # it stopped before reaching our call
+                raise ServerClosedError("the serving engine has stopped")
         if "error" in box:
             raise box["error"]
         return box.get("result")
@@ -392,20 +401,20 @@ class Engine:
         r.output_ids.append(token)
         self.counts["tokens"] += 1
         reason = "length" if len(r.output_ids) >= r.sampling.max_tokens else None
-        tok = self.base.tokenizer
-        if tok is None:
+        if self.base.tokenizer is None:
             self._notify(r, Event("token", token_ids=(token,)))
         else:
-            r.text = tok.decode(r.output_ids, skip_special_tokens=True)
-            cut = min((i for i in (r.text.find(s) for s in r.sampling.stop) if i >= 0),
+            grown = len(r.text)
+            r.text += self._new_text(r)
+            # A stop string can only end in the new text (or straddle into it).
+            longest = max(map(len, r.sampling.stop), default=0)
+            start = max(0, grown - longest + 1)
+            cut = min((i for i in (r.text.find(s, start) for s in r.sampling.stop) if i >= 0),
                       default=-1)
             if cut >= 0:
                 r.text, reason = r.text[:cut], "stop"
-            # Hold back what may still change: a partial character, or a partial stop string.
-            safe = len(r.text)
+            safe = len(r.text)  # hold back what may be the start of a stop string
             if reason is None:
-                if r.text.endswith("\ufffd"):
-                    safe -= 1
                 for s in r.sampling.stop:
                     for k in range(min(len(s) - 1, len(r.text)), 0, -1):
                         if r.text.endswith(s[:k]):
@@ -415,6 +424,19 @@ class Engine:
             self._notify(r, Event("token", text=new, token_ids=(token,)))
         if reason is not None:
             self._finish(r, reason)
+
+    def _new_text(self, r: Request) -> str:
+        """The text that r's last token completes, decoding only a few tokens (not the whole
+        output each time): the tokens since the last complete character, against the same
+        tokens without the new ones. Empty while a multi-byte character is still incomplete."""
+        tok = self.base.tokenizer
+        prefix, read = r.decoded
+        before = tok.decode(r.output_ids[prefix:read], skip_special_tokens=True)
+        after = tok.decode(r.output_ids[prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        r.decoded = (read, len(r.output_ids))
+        return after[len(before):]
 
     def _notify(self, r: Request, event: Event) -> None:
         try:

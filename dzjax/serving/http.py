@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import secrets
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -46,7 +47,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dzjax.errors import DzjaxError
-from dzjax.serving.engine import Event, ModelNotFoundError, RequestError, SamplingParams
+from dzjax.serving.engine import (Event, ModelNotFoundError, RequestError, SamplingParams,
+                                  ServerClosedError)
 from dzjax.serving.server import RequestHandle, Server
 
 if TYPE_CHECKING:
@@ -92,11 +94,11 @@ def as_http_error(e: Exception) -> HTTPError:
         return HTTPError(404, str(e), param="model", code="model_not_found")
     if isinstance(e, RequestError):
         return HTTPError(400, str(e))
+    if isinstance(e, ServerClosedError):  # shutting down: try again elsewhere or later
+        return HTTPError(503, str(e), kind="server_error")
     if isinstance(e, HTTPException):
         return HTTPError(e.status_code, e.detail)
     log.error("request failed", exc_info=e)
-    if isinstance(e, DzjaxError):  # e.g. the server is closing
-        return HTTPError(503, str(e), kind="server_error")
     return HTTPError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
 
@@ -549,9 +551,19 @@ def run(args: argparse.Namespace) -> None:
         raise DzjaxError("two --delta options give the same name")
     base = dzjax.load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     server = dzjax.serve(base, deltas, **_serve_options(args))
+    # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: let both
+    # arrive here as KeyboardInterrupt (not a kill, for SIGTERM), so that the engine is closed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = uvicorn.Config(make_app(server), host=args.host, port=args.port,
                                 log_level=args.log_level)
         asyncio.run(_serve_and_announce(uvicorn.Server(config), server))
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -122,7 +122,8 @@ class Server:
         if not isinstance(model, str):
             raise RequestError(f"model must be a string, got {type(model).__name__}")
         if model not in self.engine.pool.entries:
-            raise ModelNotFoundError(f"model {model!r} is not served; served: {self.models()}")
+            served = [self.base_name] + sorted(self.engine.pool.entries)
+            raise ModelNotFoundError(f"model {model!r} is not served; served: {served}")
         return model
 
     # -- requests ------------------------------------------------------------------------------
