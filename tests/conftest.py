@@ -1,8 +1,13 @@
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+# Eight CPU devices, for the tensor-parallel tests (a mesh of 1, 2, 4 or 8). Must be set before
+# JAX starts its backend; single-device code runs on the first, as without it.
+jax.config.update("jax_num_cpu_devices", 8)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]

@@ -15,6 +15,7 @@ convert leaves nothing behind.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -210,11 +211,28 @@ class _Progress:
               f"{elapsed:.1f} s, ETA {eta:.1f} s", file=sys.stderr, flush=True)
 
 
-class _Run:
-    """The sequential pipeline's state: what has been compressed so far, and its errors."""
+def _compress_on(device, w, h, cfg: ConvertConfig, name: str):
+    """`_compress` with its inputs placed on `device` (so it runs there); the result comes back
+    to the default device. The same computation on any device of one kind: the same bits."""
+    if device is None:
+        return _compress(w, h, cfg, name)
+    home = jax.devices()[0]
+    q, err = _compress(jax.device_put(jnp.asarray(w), device),
+                       None if h is None else jax.device_put(h, device), cfg, name)
+    return jax.device_put(q, home), err
 
-    def __init__(self, config: ModelConfig, cfg: ConvertConfig, reader: _PairReader):
+
+class _Run:
+    """The sequential pipeline's state: what has been compressed so far, and its errors.
+
+    With several devices (`convert(..., mesh=...)`), the matrices of one stage, which share their
+    Hessian (q/k/v, gate/up), are compressed at once, one per device, each in its own thread.
+    """
+
+    def __init__(self, config: ModelConfig, cfg: ConvertConfig, reader: _PairReader,
+                 devices: list | None = None):
         self.config, self.cfg, self.reader = config, cfg, reader
+        self.devices = devices or [None]
         self.stored: dict[tuple[str, ...], object] = {}  # param path -> QuantizedTensor | exact
         self.errors: dict[str, float] = {}  # HF name -> relative reconstruction error
 
@@ -248,9 +266,15 @@ class _Run:
         layer_errors = []
         for module, names in STAGES:
             h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
-            for proj in names:
-                q, err = _compress(delta[module][proj]["kernel"], h, self.cfg,
-                                   f"model.layers.{i}.{module}.{proj}.weight")
+            jobs = [(self.devices[j % len(self.devices)], delta[module][proj]["kernel"], h,
+                     self.cfg, f"model.layers.{i}.{module}.{proj}.weight")
+                    for j, proj in enumerate(names)]
+            if len(self.devices) > 1:
+                with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+                    results = list(pool.map(lambda job: _compress_on(*job), jobs))
+            else:
+                results = [_compress(*job[1:]) for job in jobs]
+            for proj, (q, err) in zip(names, results):
                 delta[module][proj]["kernel"] = q
                 self.record(prefix + (module, proj, "kernel"), q, err)
                 layer_errors.append(err)
@@ -281,7 +305,7 @@ class _Run:
 
 def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int | None = 128,
             calibration=None, *, name: str | None = None, progress: bool = True,
-            **options) -> Delta:
+            mesh=None, **options) -> Delta:
     """Compress the delta of a fine-tune against its base and write it to `out`.
 
     Args:
@@ -293,6 +317,8 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
       calibration: None (the embedded corpus), texts, a .txt/.jsonl path, or token ids [n, seq].
       name: the fine-tune's name in the file (default: the fine-tune directory's name).
       progress: print one line per layer.
+      mesh: a `jax.sharding.Mesh` (or a list of devices): the matrices that share a Hessian
+        are compressed in parallel, one per device; the file is identical to one device's.
       options: further `ConvertConfig` fields (symmetric, act_order, damp, block_size, method,
         compress_embeddings, zstd, n_samples, seq_len, seed).
     Returns:
@@ -314,7 +340,8 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     tokens, source = calib.calibration_tokens(calibration, tokenizer, config.vocab_size,
                                               n_samples=cfg.n_samples, seq_len=seq_len,
                                               seed=cfg.seed)
-    run = _Run(config, cfg, reader)
+    devices = None if mesh is None else list(np.asarray(getattr(mesh, "devices", mesh)).flat)
+    run = _Run(config, cfg, reader, devices)
     meter = _Progress(config.num_layers + 2, progress)
     x = run.embedding(tokens)
     meter.step("embed_tokens", run.errors.get("model.embed_tokens.weight", 0.0))

@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dzjax.pallas_kernels import delta_matmul, multi_delta_matmul
 from dzjax.pallas_kernels.formats import QuantizedTensor
@@ -29,6 +30,8 @@ from dzjax.pallas_kernels.reference import dequantize, dequantize_columns
 # implementation compiles anew instead of reusing a program traced with another.
 _IMPLEMENTATION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "dzjax_kernel_implementation", default=None)
+# The tensor-parallel mesh of a traced serving step (see `dzjax.models.sharding`), or None.
+_MESH: contextvars.ContextVar = contextvars.ContextVar("dzjax_mesh", default=None)
 
 
 @contextlib.contextmanager
@@ -74,6 +77,16 @@ class RowDelta:
                                 lead_shape).reshape(-1)
 
 
+@contextlib.contextmanager
+def tensor_parallel(mesh):
+    """Within this context, per-row delta kernels run per shard of `mesh` (None: no mesh)."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
 def _one_slot(delta: RowDelta) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(delta.stack.shape[1:], delta.stack.dtype)
 
@@ -113,8 +126,19 @@ def _row_delta_matmul(x: jax.Array, kernel: jax.Array, delta: RowDelta) -> jax.A
     k, n = kernel.shape
     if isinstance(delta.stack, QuantizedTensor):
         _check_dense(kernel, delta.stack, "linear")
-        y = multi_delta_matmul(x.reshape(-1, k), delta.stack, delta.batch,
-                               implementation=_IMPLEMENTATION.get())
+        implementation, mesh = _IMPLEMENTATION.get(), _MESH.get()
+        rows = x.reshape(-1, k)
+        if mesh is None or mesh.size == 1:
+            y = multi_delta_matmul(rows, delta.stack, delta.batch, implementation=implementation)
+        else:  # every device multiplies all rows by its own output columns of the deltas
+            def local(rows, stack, batch):
+                stack = dataclasses.replace(stack, shape=(k, n // mesh.size))
+                return multi_delta_matmul(rows, stack, batch, implementation=implementation)
+            axis = mesh.axis_names[0]
+            columns = jax.tree.map(lambda _: P(None, None, axis), delta.stack)
+            y = jax.shard_map(local, mesh=mesh, in_specs=(P(), columns, P()),
+                              out_specs=P(None, axis), check_vma=False)(
+                rows, delta.stack, delta.batch)
         return y.reshape(*x.shape[:-1], n)
     _check_dense(kernel, _one_slot(delta), "linear")  # exact matrices: gathered per row
     w = delta.rows().astype(x.dtype)  # [B, K, N]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.errors import DzjaxError
+from dzjax.models import sharding
 from dzjax.models.forward import TRACE_COUNTS
 from dzjax.models.llama import KVCache
 from dzjax.models.loading import Base
@@ -135,6 +136,7 @@ class EngineConfig:
     max_overtakes: int | None = None  # None = max_batch
     dtype: str = "float32"  # activations
     implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
+    mesh: object = None  # a jax.sharding.Mesh with axis "tp": tensor parallelism (None: one device)
 
 
 def _bucket(n: int, smallest: int, largest: int) -> int:
@@ -161,12 +163,20 @@ class Engine:
         self.max_deltas_per_step = config.max_deltas_per_step or config.max_resident_deltas
         self.max_overtakes = (config.max_batch if config.max_overtakes is None
                               else config.max_overtakes)
-        self.pool = DeltaPool(base, config.max_resident_deltas, config.host_cache_bytes)
+        self.mesh, self.params = config.mesh, base.params
+        if self.mesh is not None:  # refuse a mesh that does not divide the model, before XLA does
+            sharding.check_mesh(self.mesh, base.config)
+            self.params = sharding.shard_params(base.params, self.mesh)
+        self.pool = DeltaPool(base, config.max_resident_deltas, config.host_cache_bytes,
+                              mesh=self.mesh)
         self.eos = set(base.config.eos_token_ids)
         tok = base.tokenizer
         if tok is not None and tok.eos_token_id is not None:
             self.eos.add(tok.eos_token_id)
         self.cache = KVCache.zeros(base.config, config.max_batch, self.max_seq_len, self.dtype)
+        if self.mesh is not None:
+            self.cache = jax.device_put(self.cache, jax.sharding.NamedSharding(
+                self.mesh, sharding.cache_spec()))
         self.rows: list[Request | None] = [None] * config.max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
@@ -360,9 +370,9 @@ class Engine:
                 ids[i, :len(r.prompt_ids)] = r.prompt_ids
                 lengths[i], rows[i], slots[i] = len(r.prompt_ids), r.batch_row, r.delta_slot
             tokens, self.cache = steps.prefill(
-                self.base.params, self.pool.stacks, self.cache, ids, lengths, rows, slots,
+                self.params, self.pool.stacks, self.cache, ids, lengths, rows, slots,
                 self._sampling(group + [None] * (n - len(group))), config=self.base.config,
-                dtype=self.dtype, implementation=self.implementation)
+                dtype=self.dtype, implementation=self.implementation, mesh=self.mesh)
             self.counts["prefill_calls"] += 1
             tokens = np.asarray(tokens)
             for i, r in enumerate(group):
@@ -379,9 +389,9 @@ class Engine:
             positions[r.batch_row] = len(r.prompt_ids) + len(r.output_ids) - 1
             slots[r.batch_row] = r.delta_slot
         out, self.cache = steps.decode(
-            self.base.params, self.pool.stacks, self.cache, tokens, positions, slots,
+            self.params, self.pool.stacks, self.cache, tokens, positions, slots,
             self._sampling(self.rows), config=self.base.config, dtype=self.dtype,
-            implementation=self.implementation)
+            implementation=self.implementation, mesh=self.mesh)
         out = np.asarray(out)
         self.counts["steps"] += 1
         self.counts["decode_rows"] += len(live)

@@ -26,6 +26,7 @@ import numpy as np
 
 from dzjax.compress.delta_file import Delta, load_delta
 from dzjax.errors import DzjaxError
+from dzjax.models import sharding
 from dzjax.models.forward import check_delta
 from dzjax.models.loading import Base
 from dzjax.pallas_kernels.formats import QuantizedTensor
@@ -75,10 +76,10 @@ class DeltaPool:
     Used by the engine's thread only, except `validate`, which any thread may call.
     """
 
-    def __init__(self, base: Base, capacity: int, host_cache_bytes: int):
+    def __init__(self, base: Base, capacity: int, host_cache_bytes: int, mesh=None):
         if capacity < 1:
             raise DzjaxError(f"max_resident_deltas must be >= 1, got {capacity}")
-        self.base = base
+        self.base, self.mesh = base, mesh
         self.capacity = capacity
         self.host_cache_bytes = host_cache_bytes
         self.layout: tuple | None = None
@@ -113,9 +114,15 @@ class DeltaPool:
         if entry.name in self.entries:
             raise DzjaxError(f"a delta named {entry.name!r} is already served")
         if self.layout is None:
+            stacks = jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.capacity,) + a.shape,
+                                                                 a.dtype), entry.host.params)
+            if self.mesh is None:
+                self.stacks = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), stacks)
+            else:  # split by output column over the mesh (see `dzjax.models.sharding`)
+                sharding.check_delta_columns(stacks, self.mesh)
+                self.stacks = jax.tree.map(lambda a, where: jnp.zeros(a.shape, a.dtype, device=where),
+                                           stacks, sharding.stack_shardings(stacks, self.mesh))
             self.layout = entry_layout
-            self.stacks = jax.tree.map(
-                lambda a: jnp.zeros((self.capacity,) + a.shape, a.dtype), entry.host.params)
         elif entry_layout != self.layout:
             raise DzjaxError(f"delta {entry.name!r} is stored differently from the deltas already "
                              f"served ({_describe_difference(self.layout, entry_layout)}); one "

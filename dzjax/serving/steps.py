@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from dzjax.models.config import ModelConfig
 from dzjax.models.forward import TRACE_COUNTS
-from dzjax.models.linear import RowDelta, kernel_implementation
+from dzjax.models import sharding
+from dzjax.models.linear import RowDelta, kernel_implementation, tensor_parallel
 from dzjax.models.llama import CausalLM, KVCache
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.multi_delta import make_delta_batch
@@ -57,12 +58,21 @@ def sample_rows(logits, seeds, counters, temperature, top_p):
     return jax.vmap(one)(logits, seeds, counters, temperature, top_p)
 
 
-_STATIC = ("config", "dtype", "implementation")
+_STATIC = ("config", "dtype", "implementation", "mesh")
+
+
+def _placed(cache: KVCache, mesh) -> KVCache:
+    """The cache kept split by kv heads on a tensor-parallel mesh (so that the next step sees
+    the same input sharding and does not recompile)."""
+    if mesh is None:
+        return cache
+    where = jax.sharding.NamedSharding(mesh, sharding.cache_spec())
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, where), cache)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def prefill(params, stacks, cache: KVCache, ids, lengths, rows, slots, sampling, *,
-            config: ModelConfig, dtype, implementation: str | None):
+            config: ModelConfig, dtype, implementation: str | None, mesh=None):
     """Run new prompts and write their keys/values into their cache rows.
 
     Args:
@@ -70,6 +80,7 @@ def prefill(params, stacks, cache: KVCache, ids, lengths, rows, slots, sampling,
       rows: int32 [n], each prompt's cache row; B (out of range) for padding rows, dropped.
       slots: int32 [n] delta slots (-1 = base only).
       sampling: (seeds, counters, temperature, top_p), each [n].
+      mesh: the tensor-parallel mesh the params, stacks and cache are placed on, or None.
     Returns:
       (first generated token [n], cache).
     """
@@ -77,19 +88,19 @@ def prefill(params, stacks, cache: KVCache, ids, lengths, rows, slots, sampling,
     n, t = ids.shape
     small = KVCache.zeros(config, n, t, cache.k.dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    with kernel_implementation(implementation):
+    with kernel_implementation(implementation), tensor_parallel(mesh):
         logits, small = CausalLM(config, dtype).apply(
             {"params": params}, ids, positions, row_deltas(stacks, slots, t), small)
     tokens = sample_rows(logits[jnp.arange(n), lengths - 1], *sampling)
     # Positions >= length hold padding; decode overwrites each before any query can see it.
     cache = KVCache(cache.k.at[:, rows, :t].set(small.k, mode="drop"),
                     cache.v.at[:, rows, :t].set(small.v, mode="drop"))
-    return tokens, cache
+    return tokens, _placed(cache, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def decode(params, stacks, cache: KVCache, tokens, positions, slots, sampling, *,
-           config: ModelConfig, dtype, implementation: str | None):
+           config: ModelConfig, dtype, implementation: str | None, mesh=None):
     """One token for every batch slot.
 
     Args:
@@ -100,11 +111,11 @@ def decode(params, stacks, cache: KVCache, tokens, positions, slots, sampling, *
       (next token [B], cache).
     """
     TRACE_COUNTS["serve_decode"] += 1
-    with kernel_implementation(implementation):
+    with kernel_implementation(implementation), tensor_parallel(mesh):
         logits, cache = CausalLM(config, dtype).apply(
             {"params": params}, tokens[:, None], positions[:, None],
             row_deltas(stacks, slots, 1), cache)
-    return sample_rows(logits[:, 0], *sampling), cache
+    return sample_rows(logits[:, 0], *sampling), _placed(cache, mesh)
 
 
 @functools.partial(jax.jit, donate_argnames=("stacks",))

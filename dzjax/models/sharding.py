@@ -1,0 +1,114 @@
+"""Tensor parallelism on a `jax.sharding.Mesh` with one axis, "tp": where every array lives.
+
+Megatron-style layout, expressed as shardings and left to XLA's SPMD partitioner:
+  q/k/v, gate/up kernels [in, out]   column-parallel: out split      P(None, "tp")
+  o/down kernels [in, out]           row-parallel: in split           P("tp", None)
+  lm_head [hidden, vocab]            vocab split                      P(None, "tp")
+  embedding, norms, o/down biases    replicated
+  KV cache [L, B, S, kv_heads, D]    split by kv heads                P(..., "tp", None)
+Compressed deltas are packed along their input dimension, so every one is split along its output
+columns, whatever the base weight does ([S, rows, out] -> P(None, None, "tp")): any device count
+that divides the output dimensions works from the same delta file, with no re-packing. For the
+row-parallel o/down projections this means the (small) activations are gathered before the delta
+matmul. The delta kernels run per shard under `shard_map` (see `linear`), each device on its own
+columns; exact tensors (norms, biases) are replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dzjax.errors import DzjaxError
+from dzjax.models.config import ModelConfig
+from dzjax.pallas_kernels.formats import QuantizedTensor
+
+AXIS = "tp"
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def make_mesh(devices: int | list | None = None) -> Mesh:
+    """A one-axis ("tp") mesh over `devices` (a count of the first local devices, a list, or
+    None for all)."""
+    if devices is None or isinstance(devices, int):
+        available = jax.devices()
+        n = len(available) if devices is None else devices
+        if not 1 <= n <= len(available):
+            raise DzjaxError(f"a mesh of {n} devices: only {len(available)} are available")
+        devices = available[:n]
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def tp_size(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape[AXIS]
+
+
+def check_mesh(mesh: Mesh, config: ModelConfig) -> None:
+    """Raise a DzjaxError naming the dimension that the mesh does not divide."""
+    if tuple(mesh.axis_names) != (AXIS,):
+        raise DzjaxError(f"the mesh must have the single axis {AXIS!r}, got {mesh.axis_names}")
+    n = tp_size(mesh)
+    dims = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+            "intermediate_size": config.intermediate_size}
+    if not config.tie_word_embeddings:
+        dims["vocab_size"] = config.vocab_size
+    for name, size in dims.items():
+        if size % n:
+            raise DzjaxError(f"a mesh of {n} devices does not divide the model's {name}={size}: "
+                             f"tensor parallelism splits it evenly; use a divisor of {size}")
+
+
+def _module(path) -> str:
+    names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+    return names[-2] if len(names) >= 2 else ""
+
+
+def param_spec(path, leaf) -> P:
+    """Where a base parameter lives (see the module docstring)."""
+    module, name = _module(path), getattr(path[-1], "key", "")
+    if name == "kernel" and module in COLUMN_PARALLEL:
+        return P(None, AXIS)
+    if name == "kernel" and module in ROW_PARALLEL:
+        return P(AXIS, None)
+    if name == "bias" and module in COLUMN_PARALLEL:
+        return P(AXIS)
+    return P()
+
+
+def delta_spec(leaf) -> P:
+    """A pool stack leaf: compressed arrays [S, rows, out] split by output column; exact ones
+    replicated."""
+    return P(None, None, AXIS) if leaf.ndim == 3 else P()
+
+
+def cache_spec() -> P:
+    return P(None, None, None, AXIS, None)
+
+
+def shard_params(params, mesh: Mesh):
+    """The base params placed on the mesh."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.device_put(a, NamedSharding(mesh, param_spec(path, a))), params)
+
+
+def stack_shardings(stacks, mesh: Mesh):
+    """NamedShardings for the pool's stacks (a pytree with `QuantizedTensor` stacks)."""
+    def one(leaf):
+        if isinstance(leaf, QuantizedTensor):
+            return jax.tree.map(lambda a: NamedSharding(mesh, P(None, None, AXIS)), leaf)
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, stacks, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def check_delta_columns(stacks, mesh: Mesh) -> None:
+    """Every compressed matrix's output columns must split evenly over the mesh."""
+    n = tp_size(mesh)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        stacks, is_leaf=lambda x: isinstance(x, QuantizedTensor))[0]
+    for path, leaf in leaves:
+        if isinstance(leaf, QuantizedTensor) and leaf.shape[1] % n:
+            raise DzjaxError(f"delta tensor {jax.tree_util.keystr(path)} has {leaf.shape[1]} "
+                             f"output columns, which a mesh of {n} devices does not divide")

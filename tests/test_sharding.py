@@ -1,0 +1,95 @@
+"""Tensor parallelism on a mesh of CPU devices (8, see conftest): serving and converting on a
+mesh give exactly what one device gives, and a mesh that does not fit the model is refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import fixture_dir, make_deltas, make_finetune
+from jax.sharding import PartitionSpec as P
+
+import dzjax
+from dzjax.models.config import ModelConfig, RopeConfig
+from dzjax.models.llama import CausalLM
+from dzjax.models.safetensors_io import SafetensorsFile
+from dzjax.models.saving import save_hf
+from dzjax.models.sharding import make_mesh
+
+OPTIONS = dict(max_batch=4, max_seq_len=64, max_resident_deltas=2)
+
+
+@pytest.fixture(scope="module")
+def tp_model(tmp_path_factory):
+    """A random Llama whose heads (16; 8 kv), MLP (256) and vocab (256) split over 8 devices,
+    with three deltas."""
+    tmp = tmp_path_factory.mktemp("tp")
+    config = ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=256, hidden_size=128, intermediate_size=256,
+        num_layers=2, num_heads=16, num_kv_heads=8, head_dim=8, rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=10000.0), max_position_embeddings=128)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = CausalLM(config).init(jax.random.key(0), ids, ids)["params"]
+    params = jax.tree.map(lambda a: a * 5 if a.ndim == 2 else a, params)  # peakier logits
+    base_dir = save_hf(tmp / "base", config, params, dtype=jnp.float32)
+    paths = make_deltas(base_dir, tmp, 3)
+    return dzjax.load_base(base_dir, dtype=jnp.float32), base_dir, paths
+
+
+def test_devices_are_there():
+    assert len(jax.devices()) == 8
+
+
+def test_mixed_batch_on_meshes_of_1_2_4_8_equals_one_device(tp_model):
+    base, _, paths = tp_model
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(3, 250, int(n))] for n in rng.integers(2, 20, 6)]
+    names = ["ft0", None, "ft1", "ft2", "ft0", None]
+    with dzjax.serve(base, paths, **OPTIONS) as server:
+        expected = server.generate(prompts, model=names, max_tokens=8, ignore_eos=True)
+    for n in (1, 2, 4, 8):
+        with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(n)) as server:
+            got = server.generate(prompts, model=names, max_tokens=8, ignore_eos=True)
+            stats = server.stats()
+        assert got == expected, n
+        assert stats["traces"]["decode"] <= 1
+
+
+def test_params_cache_and_deltas_are_split_over_the_mesh(tp_model):
+    base, _, paths = tp_model
+    with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(4)) as server:
+        server.generate([[5, 6, 7]], model="ft1", max_tokens=2)
+        engine = server.engine
+        layer = engine.params["model"]["layers_0"]
+        q, down = layer["self_attn"]["q_proj"]["kernel"], layer["mlp"]["down_proj"]["kernel"]
+        assert q.sharding.spec == P(None, "tp") and down.sharding.spec == P("tp", None)
+        assert {s.data.shape for s in q.addressable_shards} == {(128, 32)}  # 128 columns / 4
+        assert {s.data.shape[3] for s in engine.cache.k.addressable_shards} == {8 // 4}
+        up = engine.pool.stacks["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+        assert up.qweight.sharding.spec == P(None, None, "tp")
+        assert {s.data.shape[-1] for s in up.qweight.addressable_shards} == {256 // 4}
+
+
+def test_a_mesh_that_does_not_divide_the_model_is_refused_at_serve(tp_model):
+    base, _, paths = tp_model
+    llama = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)  # 4 heads, 2 kv heads
+    with pytest.raises(dzjax.DzjaxError, match="does not divide the model's num_key_value_heads=2"):
+        dzjax.serve(llama, mesh=make_mesh(4))
+    with pytest.raises(dzjax.DzjaxError, match="only 8 are available"):
+        make_mesh(16)
+
+
+def test_convert_on_a_mesh_writes_the_same_file(tp_model, tmp_path):
+    _, base_dir, _ = tp_model
+    ft = make_finetune(base_dir, tmp_path / "ft", seed=7)
+    calibration = np.random.default_rng(0).integers(0, 200, (4, 16))
+    files = {}
+    for n in (None, 4):
+        out = tmp_path / f"mesh{n}.dz.safetensors"
+        delta = dzjax.convert(base_dir, ft, out, group_size=32, calibration=calibration,
+                              progress=False, mesh=None if n is None else make_mesh(n))
+        files[n] = SafetensorsFile(out), delta.metadata["report"]["relative_error"]
+    (one, one_errors), (four, four_errors) = files[None], files[4]
+    assert sorted(one.keys()) == sorted(four.keys())
+    for key in one.keys():
+        np.testing.assert_array_equal(np.asarray(one.read(key)), np.asarray(four.read(key)))
+    assert one_errors == four_errors
