@@ -93,3 +93,12 @@ def test_convert_on_a_mesh_writes_the_same_file(tp_model, tmp_path):
     for key in one.keys():
         np.testing.assert_array_equal(np.asarray(one.read(key)), np.asarray(four.read(key)))
     assert one_errors == four_errors
+
+
+def test_generate_on_a_mesh_equals_one_device(tp_model):
+    base, _, paths = tp_model
+    delta = dzjax.load_delta(paths["ft1"])
+    prompts = [[1, 15, 27, 3], [1, 99]]
+    alone = dzjax.generate(base, prompts, max_tokens=6, delta=delta, stop_at_eos=False)
+    assert dzjax.generate(base, prompts, max_tokens=6, delta=delta, stop_at_eos=False,
+                          mesh=make_mesh(8)) == alone

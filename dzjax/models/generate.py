@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.errors import DzjaxError
+from dzjax.models import sharding
 from dzjax.models.forward import check_input_ids, forward_cached, resolve_delta
 from dzjax.models.llama import KVCache
 from dzjax.pallas_kernels.dispatch import requested_implementation
@@ -69,7 +70,7 @@ def _encode(base: Base, prompts) -> tuple[list[list[int]], bool]:
 def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              delta=None, dtype=jnp.float32, stop_at_eos: bool = True,
-             implementation: str | None = None):
+             implementation: str | None = None, mesh=None):
     """Generate continuations of prompts (texts or token id lists), greedy by default.
 
     Args:
@@ -83,6 +84,9 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
       stop_at_eos: stop a row at its first end-of-sequence token (which is not returned).
       implementation: kernels for a compressed delta: "xla", "pallas", "interpret" or None =
         `DZJAX_KERNEL`, else auto (Pallas on GPU, XLA elsewhere).
+      mesh: a tensor-parallel mesh (`dzjax.models.sharding`): the params, delta and cache are
+        split over it. Its devices may belong to several processes (`jax.distributed`): then
+        every process calls `generate` with the same arguments, and each gets the result.
     Returns:
       A list of generated texts for text prompts, else a list of generated token-id lists.
     """
@@ -103,7 +107,10 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
         padded[i, :len(p)] = p
     cache = KVCache.zeros(base.config, batch, _bucket(int(lengths.max()) + max_tokens),
                           dtype)
-    step = functools.partial(forward_cached, base.params, delta=delta, config=base.config,
+    params = base.params
+    if mesh is not None:
+        params, delta, cache = sharding.place(mesh, base.config, params, delta, cache)
+    step = functools.partial(forward_cached, params, delta=delta, config=base.config,
                              dtype=dtype, implementation=requested_implementation(implementation))
     positions = np.broadcast_to(np.arange(padded.shape[1], dtype=np.int32), padded.shape)
     logits, cache = step(padded, positions, cache)
@@ -114,7 +121,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
     done = np.zeros(batch, bool)
     for i in range(max_tokens):
         key, sub = jax.random.split(key)
-        tokens = np.asarray(sample_tokens(logits, sub, temperature, top_p))
+        tokens = sharding.to_host(sample_tokens(logits, sub, temperature, top_p))
         for row, token in enumerate(tokens):
             if not done[row]:
                 done[row] = int(token) in stop

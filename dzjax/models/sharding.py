@@ -88,10 +88,32 @@ def cache_spec() -> P:
     return P(None, None, None, AXIS, None)
 
 
+def _put(a, where: NamedSharding):
+    # Through the host: with several processes, each passes its (identical) copy of the value.
+    return jax.device_put(np.asarray(a), where)
+
+
 def shard_params(params, mesh: Mesh):
     """The base params placed on the mesh."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, a: jax.device_put(a, NamedSharding(mesh, param_spec(path, a))), params)
+        lambda path, a: _put(a, NamedSharding(mesh, param_spec(path, a))), params)
+
+
+def place(mesh: Mesh, config: ModelConfig, params, delta, cache):
+    """Params, one delta (replicated: XLA partitions its matmuls) and a cache on the mesh, for
+    the single-model path (`generate`)."""
+    check_mesh(mesh, config)
+    replicated = NamedSharding(mesh, P())
+    delta = None if delta is None else jax.tree.map(lambda a: _put(a, replicated), delta)
+    cache = jax.tree.map(lambda a: _put(a, NamedSharding(mesh, cache_spec())), cache)
+    return shard_params(params, mesh), delta, cache
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, also when its devices span several processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
 
 
 def stack_shardings(stacks, mesh: Mesh):
