@@ -23,6 +23,7 @@ Results: JSON (command, device, config, per-system metrics and per-request times
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -79,8 +80,8 @@ class Lengths:
 class WorkloadConfig:
     models: tuple[str, ...]  # the deltas; with zipf, the first is the most popular
     vocab_size: int
-    num_requests: int = 64
-    rate: float = 4.0  # requests/s of the Poisson process; inf = all arrive at time 0
+    num_requests: int = 256
+    rate: float = 16.0  # requests/s of the Poisson process; inf = all arrive at time 0
     popularity: str = "uniform"  # "uniform" or "zipf"
     zipf_alpha: float = 1.5
     prompt_len: Lengths = Lengths(32, 32)
@@ -220,7 +221,7 @@ def run_dzjax(base, deltas: dict, workload: list[BenchRequest], *, max_batch: in
     with serve(base, deltas, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype,
                max_resident_deltas=len(deltas), implementation=implementation) as server:
         _warm_engine(server, workload, max_batch, max_seq_len)
-        traces = _traces()
+        traces, before = _traces(), _engine_counts(server.stats())
         start = time.perf_counter()
         handles = []
         for r in workload:
@@ -230,15 +231,23 @@ def run_dzjax(base, deltas: dict, workload: list[BenchRequest], *, max_batch: in
         outcomes = []
         for r, h in zip(workload, handles):
             c = h.result()
-            since_start = lambda dt: h.request.arrival + dt - start  # engine times: from submit
+            submitted = h.request.arrival - start  # the engine's timings count from the submit
             outcomes.append(Outcome(r.index, r.model, r.arrival,
-                                    since_start(c.timings["first_token"]),
-                                    since_start(c.timings["total"]), len(c.token_ids)))
-        stats = server.stats()
-    keep = ("decode_steps", "prefill_calls", "mean_batch_rows", "mean_active_deltas",
-            "max_active_deltas")
-    return outcomes, {**{k: stats[k] for k in keep if k in stats},
+                                    submitted + c.timings["first_token"],
+                                    submitted + c.timings["total"], len(c.token_ids)))
+        after = _engine_counts(server.stats())
+    run = {k: after[k] - before[k] for k in after}  # the warm-up's steps left out
+    return outcomes, {"decode_steps": run["steps"], "prefill_calls": run["prefills"],
+                      "mean_batch_rows": run["rows"] / max(run["steps"], 1),
+                      "mean_active_deltas": run["active"] / max(run["steps"], 1),
                       "traces_during_run": _traces() - traces}
+
+
+def _engine_counts(stats: dict) -> dict:
+    """The engine's running totals, from its stats (which give some of them as means)."""
+    steps = stats["decode_steps"]
+    return {"steps": steps, "prefills": stats["prefill_calls"],
+            "rows": stats["mean_batch_rows"] * steps, "active": stats["mean_active_deltas"] * steps}
 
 
 def _warm_engine(server, workload: list[BenchRequest], max_batch: int, max_seq_len: int) -> None:
@@ -252,8 +261,9 @@ def _warm_engine(server, workload: list[BenchRequest], max_batch: int, max_seq_l
                       for r in workload}.values())
     for length in lengths:
         for n in batch_sizes(max_batch):
-            submit = lambda: [server.submit([1] * length, models[i % len(models)], max_tokens=2,
-                                            ignore_eos=True) for i in range(n)]
+            submit = lambda length=length, n=n: [
+                server.submit([1] * length, models[i % len(models)], max_tokens=2,
+                              ignore_eos=True) for i in range(n)]
             for handle in server.engine.call(submit):
                 handle.result()
 
@@ -262,19 +272,20 @@ def run_static(models, workload: list[BenchRequest], *, max_batch: int, dtype,
                prefill_s: dict) -> tuple[list, dict]:
     """The baselines: one model at a time, first come first served, static batches.
 
+    The head of the queue picks the model (switching to it if another is current); then up to
+    max_batch arrived requests of that model run as one `dzjax.generate` call.
+
     Args:
-      models: `models(name)` returns the `Base` of a merged fine-tune, loading it if needed
-        (the swap baseline) or looking it up (all merged models resident).
+      models: `models(name)` returns the `Base` of a merged fine-tune, loading it (the swap
+        baseline) or looking it up (all merged models resident).
       prefill_s: {(rows, prompt bucket, cache bucket): seconds}, for the first-token times.
     Returns:
-      (outcomes, stats with the number of loads, their seconds and the batches).
+      (outcomes, stats: model switches, seconds spent switching, batches).
     """
-    from dzjax.models.generate import generate
-
     waiting: list[BenchRequest] = []
     upcoming = list(workload)
     current, model = None, None
-    stats = {"loads": 0, "load_s": 0.0, "batches": 0}
+    stats = {"switches": 0, "switch_s": 0.0, "batches": 0}
     outcomes = []
     traces = _traces()
     start = time.perf_counter()
@@ -294,28 +305,38 @@ def run_static(models, workload: list[BenchRequest], *, max_batch: int, dtype,
             t = clock()
             model = None  # one model resident: drop the old one before loading the next
             model, current = models(name), name
-            stats["loads"] += 1
-            stats["load_s"] += clock() - t
+            stats["switches"] += 1
+            stats["switch_s"] += clock() - t
             arrive()  # requests that came during the load join this model's batch
         batch = [r for r in waiting if r.model == name][:max_batch]
         for r in batch:
             waiting.remove(r)
-        rows = _pow2(len(batch), 1, max_batch)
-        prompts = [list(r.prompt) for r in batch]
-        prompts += prompts[:1] * (rows - len(batch))  # padding rows: outputs dropped
-        max_tokens = max(r.max_tokens for r in batch)
-        longest = max(len(r.prompt) for r in batch)
-        shape = (rows, _pow2(longest, 16), _pow2(longest + max_tokens, 16))
-        t = clock()
-        generate(model, prompts, max_tokens=max_tokens, dtype=dtype, stop_at_eos=False)
-        done = clock()
+        outcomes += _static_batch(model, batch, clock, max_batch=max_batch, dtype=dtype,
+                                  prefill_s=prefill_s)
         stats["batches"] += 1
-        outcomes += [Outcome(r.index, r.model, r.arrival, t + prefill_s[shape], done,
-                             r.max_tokens) for r in batch]
-    model = None
     stats["traces_during_run"] = _traces() - traces
     stats["mean_batch_rows"] = len(outcomes) / max(stats["batches"], 1)
     return sorted(outcomes, key=lambda o: o.index), stats
+
+
+def _static_batch(model, batch: list[BenchRequest], clock, *, max_batch: int, dtype,
+                  prefill_s: dict) -> list[Outcome]:
+    """One `dzjax.generate` call for a batch of one model's requests, padded to a power of two
+    rows (as the engine pads its prefills), run for the batch's largest max_tokens; every request
+    finishes when the call returns."""
+    from dzjax.models.generate import generate
+
+    rows = _pow2(len(batch), 1, max_batch)
+    prompts = [list(r.prompt) for r in batch]
+    prompts += prompts[:1] * (rows - len(batch))  # padding rows: outputs dropped
+    max_tokens = max(r.max_tokens for r in batch)
+    longest = max(len(r.prompt) for r in batch)
+    shape = (rows, _pow2(longest, 16), _pow2(longest + max_tokens, 16))
+    start = clock()
+    outputs = generate(model, prompts, max_tokens=max_tokens, dtype=dtype, stop_at_eos=False)
+    done = clock()
+    return [Outcome(r.index, r.model, r.arrival, start + prefill_s[shape], done,
+                    len(out[:r.max_tokens])) for r, out in zip(batch, outputs)]
 
 
 def warm_static(model, workload_config: WorkloadConfig, *, max_batch: int, dtype,
@@ -372,17 +393,17 @@ def swap_loader(merged: dict[str, Path], weights_dtype, cold: bool):
     return load
 
 
-def merged_fits(merged: dict[str, Path], fraction: float) -> tuple[bool, str]:
-    """Whether every merged model fits in `fraction` of the free device (or host) memory."""
-    need = sum(sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
-               for d in merged.values())
+def merged_fits(base, count: int, fraction: float) -> tuple[bool, str]:
+    """Whether `count` models of the base's size fit in `fraction` of the free device (or host)
+    memory; returns the answer and the numbers behind it."""
+    need = count * sum(leaf.nbytes for leaf in jax.tree.leaves(base.params))
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free, where = stats["bytes_limit"] - stats.get("bytes_in_use", 0), "device"
     else:
         free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host"
     ok = need <= fraction * free
-    return ok, (f"{len(merged)} merged models need {need / 2**30:.2f} GiB; "
+    return ok, (f"{count} merged models need {need / 2**30:.2f} GiB; "
                 f"{fraction:.0%} of the free {where} memory is {fraction * free / 2**30:.2f} GiB")
 
 
@@ -393,7 +414,8 @@ def merged_fits(merged: dict[str, Path], fraction: float) -> tuple[bool, str]:
 def decode_step_times(base, deltas: dict, *, batch: int, cache_len: int, dtype: str,
                       implementation: str | None, repeats: int) -> dict:
     """Median ms of the jitted decode step over `batch` rows: base only (no delta stacks),
-    stacks resident but unused, 1 delta, and min(8, deltas, batch) deltas (rows round-robin)."""
+    stacks resident but unused, 1 delta, and min(8, deltas, batch) deltas (rows round-robin).
+    The cases take turns, so that other load on the machine skews them alike."""
     from dzjax.pallas_kernels.dispatch import requested_implementation
     from dzjax.serving.pool import DeltaPool
 
@@ -405,37 +427,45 @@ def decode_step_times(base, deltas: dict, *, batch: int, cache_len: int, dtype: 
         active = min(8, len(deltas), batch)
         cases = {"base": (None, -1), "resident_unused": (pool.stacks, -1),
                  "1_delta": (pool.stacks, 0), f"{active}_deltas": (pool.stacks, active)}
-        times = {}
-        for label, (stacks, spread) in cases.items():
-            slots = np.arange(batch) % spread if spread > 1 else np.full(batch, spread)
-            times[label] = _time_decode(base, stacks, slots.astype(np.int32), cache_len, dtype,
-                                        requested_implementation(implementation), repeats)
+        runners = {label: _decode_step(base, stacks, np.arange(batch) % spread if spread > 1
+                                       else np.full(batch, spread), cache_len, jnp.dtype(dtype),
+                                       requested_implementation(implementation))
+                   for label, (stacks, spread) in cases.items()}
+        times = {label: [] for label in runners}
+        for i in range(repeats + 2):  # two warm-up rounds: compile, then a first run
+            for label, step in runners.items():
+                t = step()
+                if i >= 2:
+                    times[label].append(t)
     finally:
         pool.close()
+    ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
     return {"batch": batch, "cache_len": cache_len, "active_deltas": active, "repeats": repeats,
-            "ms": times, "ratio_active_vs_base": times[f"{active}_deltas"] / times["base"]}
+            "ms": ms, "ratio_active_vs_base": ms[f"{active}_deltas"] / ms["base"],
+            # far below the medians: other work on the machine slowed this microbenchmark
+            "ms_min": {label: 1e3 * min(t) for label, t in times.items()}}
 
 
-def _time_decode(base, stacks, slots, cache_len, dtype, implementation, repeats) -> float:
+def _decode_step(base, stacks, slots, cache_len, dtype, implementation):
+    """A function that runs `steps.decode` once on its own cache and returns the seconds."""
     from dzjax.models.llama import KVCache
     from dzjax.serving import steps
 
     b = len(slots)
-    cache = KVCache.zeros(base.config, b, cache_len, jnp.dtype(dtype))
-    tokens = np.ones(b, np.int32)
-    positions = np.full(b, cache_len // 2, np.int32)
+    slots = np.asarray(slots, np.int32)
+    tokens, positions = np.ones(b, np.int32), np.full(b, cache_len // 2, np.int32)
     sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
                 np.ones(b, np.float32))
-    times = []
-    for i in range(repeats + 2):  # two warm-up calls: compile, then first run
+    cache = KVCache.zeros(base.config, b, cache_len, dtype)
+
+    def step() -> float:
+        nonlocal cache
         t = time.perf_counter()
         out, cache = steps.decode(base.params, stacks, cache, tokens, positions, slots, sampling,
-                                  config=base.config, dtype=jnp.dtype(dtype),
-                                  implementation=implementation)
+                                  config=base.config, dtype=dtype, implementation=implementation)
         jax.block_until_ready(out)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        return time.perf_counter() - t
+    return step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +590,7 @@ class BenchConfig:
     systems: tuple[str, ...] = SYSTEMS
     max_batch: int = 8  # batch slots of dzjax; largest static batch of the baselines
     dtype: str = "float32"  # activations
-    weights_dtype: str = "bfloat16"
+    weights_dtype: str = dataclasses.field(default_factory=lambda: default_weights_dtype())
     implementation: str | None = None  # delta kernels of dzjax
     slo_s: float = 10.0  # a request meets the SLO when its latency is at most this
     cold_swap: bool = True  # drop the merged checkpoint's pages from the page cache before a load
@@ -575,6 +605,11 @@ class BenchConfig:
             raise DzjaxError(f"need max_batch >= 1 and slo > 0, got {self.max_batch}, {self.slo_s}")
 
 
+def default_weights_dtype() -> str:
+    """float32 on a CPU (bfloat16 weights cost a conversion there at every step), else bfloat16."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def benchmark(models: Models, workload_config: WorkloadConfig, config: BenchConfig) -> dict:
     """Serve one workload with each system; returns the report (metrics, not printed)."""
     from dzjax.models.loading import load_base
@@ -585,44 +620,56 @@ def benchmark(models: Models, workload_config: WorkloadConfig, config: BenchConf
         raise DzjaxError(f"prompts and outputs of up to {max_seq_len} tokens exceed the model's "
                          f"context of {base.config.max_position_embeddings}")
     workload = make_workload(workload_config)
-    dtype = jnp.dtype(config.dtype)
     systems, prefill_s = {}, None
     for system in config.systems:
-        if system == "dzjax":
-            outcomes, extra = run_dzjax(base, models.deltas, workload, max_batch=config.max_batch,
-                                        max_seq_len=max_seq_len, dtype=config.dtype,
-                                        implementation=config.implementation)
-        else:
-            if prefill_s is None:  # the merged models share the base's shapes and programs
-                prefill_s = warm_static(base, workload_config, max_batch=config.max_batch,
-                                        dtype=dtype)
-            if system == "swap":
-                loader = swap_loader(models.merged, jnp.dtype(config.weights_dtype),
-                                     config.cold_swap)
-                extra = {"cold": config.cold_swap}
-            else:
-                fits, why = merged_fits(models.merged, config.merged_memory_fraction)
-                if not fits:
-                    systems[system] = {"skipped": why}
-                    continue
-                resident = {n: load_base(d, dtype=jnp.dtype(config.weights_dtype))
-                            for n, d in models.merged.items()}
-                loader, extra = resident.__getitem__, {"memory": why}
-            outcomes, stats = run_static(loader, workload, max_batch=config.max_batch,
-                                         dtype=dtype, prefill_s=prefill_s)
-            extra.update(stats)
-            loader = resident = None
-        systems[system] = {**summarize(outcomes, len(workload), config.slo_s), **extra}
-    report = {"systems": systems, "ratios": _ratios(systems)}
+        if system != "dzjax" and prefill_s is None:  # the merged models share the base's programs
+            prefill_s = warm_static(base, workload_config, max_batch=config.max_batch,
+                                    dtype=jnp.dtype(config.dtype))
+        systems[system] = _run_system(system, base, models, workload, config,
+                                      max_seq_len=max_seq_len, prefill_s=prefill_s)
+    span = workload[-1].arrival - workload[0].arrival
+    report = {"offered": {  # throughputs compare capacities only when every system falls behind
+        "arrival_span_s": span, "requests_per_s": len(workload) / span if span else None,
+        "requested_tokens": sum(r.max_tokens for r in workload)},
+        "systems": systems, "ratios": _ratios(systems)}
     if config.decode_repeats:
-        report["decode_step"] = decode_step_times(
+        decode = report["decode_step"] = decode_step_times(
             base, models.deltas, batch=config.max_batch, cache_len=max_seq_len,
             dtype=config.dtype, implementation=config.implementation,
             repeats=config.decode_repeats)
-        report["ratios"]["decode_step_active_deltas_vs_base"] = \
-            report["decode_step"]["ratio_active_vs_base"]
+        report["ratios"]["decode_step_active_deltas_vs_base"] = decode["ratio_active_vs_base"]
+        swap = systems.get("swap", {})
+        if swap.get("switches"):  # what a swap costs, in decode steps of the base
+            report["ratios"]["swap_load_vs_base_decode_step"] = (
+                swap["switch_s"] / swap["switches"] / (decode["ms"]["base"] / 1e3))
     report["targets"] = _targets(report, workload_config)
     return report
+
+
+def _run_system(system: str, base, models: Models, workload: list[BenchRequest],
+                config: BenchConfig, *, max_seq_len: int, prefill_s: dict | None) -> dict:
+    """One system's metrics on the workload (or why it was skipped)."""
+    from dzjax.models.loading import load_base
+
+    weights_dtype = jnp.dtype(config.weights_dtype)
+    if system == "dzjax":
+        outcomes, extra = run_dzjax(base, models.deltas, workload, max_batch=config.max_batch,
+                                    max_seq_len=max_seq_len, dtype=config.dtype,
+                                    implementation=config.implementation)
+    else:
+        if system == "swap":
+            loader = swap_loader(models.merged, weights_dtype, config.cold_swap)
+            extra = {"cold": config.cold_swap}
+        else:
+            fits, why = merged_fits(base, len(models.merged), config.merged_memory_fraction)
+            if not fits:
+                return {"skipped": why}
+            resident = {n: load_base(d, dtype=weights_dtype) for n, d in models.merged.items()}
+            loader, extra = resident.__getitem__, {"memory": why}
+        outcomes, stats = run_static(loader, workload, max_batch=config.max_batch,
+                                     dtype=jnp.dtype(config.dtype), prefill_s=prefill_s)
+        extra.update(stats)
+    return {**summarize(outcomes, len(workload), config.slo_s), **extra}
 
 
 def _ratios(systems: dict) -> dict:
@@ -657,8 +704,8 @@ def device_header() -> dict:
     dev = jax.devices()[0]
     return {"device": f"{dev.platform}:{dev.device_kind}", "backend": jax.default_backend(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "jax_version": jax.__version__, "load_average": os.getloadavg(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def default_out() -> Path:
@@ -666,7 +713,8 @@ def default_out() -> Path:
 
 
 def plot(report: dict, out: Path) -> Path:
-    """Throughput, TTFT and latency percentiles, the latency CDF and SLO attainment vs the SLO."""
+    """The PNG beside `out`: throughput, TTFT and latency percentiles, each request's latency
+    against its arrival, and SLO attainment as a function of the SLO."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -694,19 +742,23 @@ def plot(report: dict, out: Path) -> Path:
     top = max(max(r[4] for r in s["per_request"]) for s in systems.values())
     thresholds = np.linspace(0, top * 1.05, 200)
     for i, n in enumerate(names):
-        latency = np.sort([r[4] for r in systems[n]["per_request"]])
-        cdf = np.arange(1, len(latency) + 1) / systems[n]["requests"]
-        ax[1, 0].step(latency, cdf, where="post", color=f"C{i}", label=n)
-        ax[1, 1].plot(thresholds, [np.mean(latency <= t) for t in thresholds], color=f"C{i}",
-                      label=n)
-    for a, title in ((ax[1, 0], "latency CDF"), (ax[1, 1], "SLO attainment vs SLO")):
-        a.axvline(slo, color="gray", linestyle=":", label=f"SLO {slo:g} s")
-        a.set_xlabel("latency (s)")
-        a.set_title(title)
+        rows = np.array([r[2:5] for r in systems[n]["per_request"]], float)  # arrival, ttft, lat.
+        ax[1, 0].plot(rows[:, 0], rows[:, 2], ".", color=f"C{i}", label=n)
+        ax[1, 1].plot(thresholds, [np.sum(rows[:, 2] <= t) / systems[n]["requests"]
+                                   for t in thresholds], color=f"C{i}", label=n)
+    ax[1, 0].axhline(slo, color="gray", linestyle=":", label=f"SLO {slo:g} s")
+    ax[1, 0].set_xlabel("arrival (s)")
+    ax[1, 0].set_ylabel("latency (s)")
+    ax[1, 0].set_title("latency of each request")
+    ax[1, 1].axvline(slo, color="gray", linestyle=":", label=f"SLO {slo:g} s")
+    ax[1, 1].set_xlabel("SLO: latency at most (s)")
+    ax[1, 1].set_ylabel("fraction of requests")
+    ax[1, 1].set_title("SLO attainment")
+    for a in ax[1]:
         a.legend(fontsize=8)
     w = report["config"]["workload"]
     fig.suptitle(f"{report['device']}: {len(w['models'])} deltas, {w['popularity']}, "
-                 f"{w['num_requests']} requests at {w['rate']:g}/s, prompt {w['prompt_len']}, "
+                 f"{w['num_requests']} requests at {w['rate']}/s, prompt {w['prompt_len']}, "
                  f"output {w['output_len']}, batch {report['config']['bench']['max_batch']}")
     fig.tight_layout()
     png = out.with_suffix(".png")
@@ -717,8 +769,8 @@ def plot(report: dict, out: Path) -> Path:
 
 def table(report: dict) -> str:
     """A few lines for the terminal."""
-    lines = [f"{'system':8s} {'tok/s':>8s} {'req/s':>6s} {'TTFT p50':>9s} {'p99':>7s} "
-             f"{'latency p50':>11s} {'p99':>7s} {'SLO':>5s}"]
+    lines = [(f"{'system':8s} {'tok/s':>8s} {'req/s':>6s} {'TTFT p50':>9s} {'p99':>7s} "
+              f"{'latency p50':>11s} {'p99':>7s} {'SLO':>5s}")]
     for name, s in report["systems"].items():
         if "skipped" in s:
             lines.append(f"{name:8s} skipped: {s['skipped']}")
@@ -752,54 +804,72 @@ def _named_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def _defaults(cls) -> argparse.Namespace:
+    """A dataclass's field defaults, without making one (that could start a JAX backend)."""
+    return argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(cls)
+                                 if f.default is not dataclasses.MISSING})
+
+
 def add_arguments(parser) -> None:
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("base", nargs="?", type=Path, help="base HF checkpoint (without --synthetic)")
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("base", nargs="?", type=Path,
+                        help="base HF checkpoint (not with --synthetic)")
     parser.add_argument("--delta", action="append", type=_named_path, default=[],
                         metavar="NAME=PATH", help="a delta file to serve (repeat)")
     parser.add_argument("--synthetic", action="store_true",
                         help="a random base and random deltas, built once in the cache")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where models and merged checkpoints are kept, under bench/ "
+                             "(None: $DZJAX_CACHE or ~/.cache/dzjax)")
     s = parser.add_argument_group("synthetic models")
     d = SyntheticConfig()
-    for flag in ("layers", "hidden", "intermediate", "vocab", "heads", "deltas", "bits"):
-        s.add_argument(f"--{flag}", type=int, default=getattr(d, flag))
-    s.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    for flag, what in [("layers", "decoder layers"), ("hidden", "hidden size"),
+                       ("intermediate", "MLP size"), ("vocab", "vocabulary"),
+                       ("heads", "attention heads"), ("deltas", "fine-tunes"),
+                       ("bits", "bits of the compressed deltas")]:
+        s.add_argument(f"--{flag}", type=int, default=getattr(d, flag), help=what)
+    s.add_argument("--kv-heads", type=int, default=None, help="None: as many as --heads")
     s.add_argument("--sparsity", type=_sparsity, default=d.sparsity, help="n:m, a fraction, none")
     s.add_argument("--group-size", type=int, default=d.group_size, help="0 = per output channel")
-    s.add_argument("--cache-dir", type=Path, default=None,
-                   help="where models and merged checkpoints are kept (default: $DZJAX_CACHE "
-                        "or ~/.cache/dzjax, under bench/)")
     w = parser.add_argument_group("workload")
-    wd = WorkloadConfig(models=("x",), vocab_size=1)
-    w.add_argument("--requests", type=int, default=wd.num_requests)
+    wd = _defaults(WorkloadConfig)
+    w.add_argument("--requests", type=int, default=wd.num_requests, help="requests in all")
     w.add_argument("--rate", type=float, default=wd.rate,
                    help="Poisson arrivals per second (inf: all at once)")
-    w.add_argument("--popularity", choices=("uniform", "zipf"), default=wd.popularity)
-    w.add_argument("--zipf-alpha", type=float, default=wd.zipf_alpha)
+    w.add_argument("--popularity", choices=("uniform", "zipf"), default=wd.popularity,
+                   help="of the deltas (zipf: the first is the most popular)")
+    w.add_argument("--zipf-alpha", type=float, default=wd.zipf_alpha,
+                   help="zipf: p(rank i) ~ 1 / i^alpha")
     w.add_argument("--prompt-len", type=Lengths.parse, default=wd.prompt_len, help="N or LOW:HIGH")
     w.add_argument("--output-len", type=Lengths.parse, default=wd.output_len, help="N or LOW:HIGH")
-    w.add_argument("--seed", type=int, default=wd.seed)
+    w.add_argument("--seed", type=int, default=wd.seed, help="of the workload")
     b = parser.add_argument_group("systems")
-    bd = BenchConfig()
-    b.add_argument("--systems", type=lambda t: tuple(t.split(",")), default=bd.systems,
+    bd = _defaults(BenchConfig)
+    b.add_argument("--systems", type=lambda t: tuple(t.split(",")), default=",".join(bd.systems),
                    help="comma-separated, of " + ",".join(SYSTEMS))
-    b.add_argument("--max-batch", type=int, default=bd.max_batch)
+    b.add_argument("--max-batch", type=int, default=bd.max_batch,
+                   help="dzjax's batch slots; the baselines' largest static batch")
     b.add_argument("--dtype", default=bd.dtype, help="activation dtype")
-    b.add_argument("--weights-dtype", default=bd.weights_dtype)
-    b.add_argument("--implementation", default=None, help="xla, pallas, interpret (default auto)")
+    b.add_argument("--weights-dtype", default="auto",
+                   help="auto: float32 on a CPU, bfloat16 elsewhere")
+    b.add_argument("--implementation", default=None,
+                   help="delta kernels: xla, pallas, interpret (None: $DZJAX_KERNEL, else auto)")
     b.add_argument("--slo", type=float, default=bd.slo_s, help="latency SLO in seconds")
     b.add_argument("--warm-swap", action="store_true",
-                   help="let swaps read from the page cache (default: drop it, read the disk)")
-    b.add_argument("--merged-memory-fraction", type=float, default=bd.merged_memory_fraction)
+                   help="let swaps read from the page cache (without it: drop the checkpoint's "
+                        "pages first, so that a swap reads the disk)")
+    b.add_argument("--merged-memory-fraction", type=float, default=bd.merged_memory_fraction,
+                   help="the merged system runs if all models fit in this much free memory")
     b.add_argument("--decode-repeats", type=int, default=bd.decode_repeats,
                    help="decode-step microbenchmark repeats (0: skip it)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON to write (default benchmarks/results/serving-<device>-<date>"
+                        help="JSON to write (None: benchmarks/results/serving-<backend>-<date>"
                              ".json); the plot goes beside it as .png")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
 
 
-def _models(args) -> tuple[Models, dict]:
+def _models(args, weights_dtype: str) -> tuple[Models, dict]:
     """Build or prepare the models the arguments name; returns them and their config record."""
     from dzjax.demo import default_cache_dir
 
@@ -811,7 +881,7 @@ def _models(args) -> tuple[Models, dict]:
             layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
             vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads, deltas=args.deltas,
             bits=args.bits, sparsity=args.sparsity, group_size=args.group_size or None,
-            weights_dtype=args.weights_dtype, seed=args.seed)
+            weights_dtype=weights_dtype)
         return build_synthetic(config, root), {"synthetic": dataclasses.asdict(config)}
     if args.base is None or not args.delta:
         raise DzjaxError("pass a base checkpoint and --delta NAME=PATH (one or more), "
@@ -819,33 +889,35 @@ def _models(args) -> tuple[Models, dict]:
     deltas = dict(args.delta)
     if len(deltas) != len(args.delta):
         raise DzjaxError("two --delta arguments share a name")
-    models = prepare_real(args.base, deltas, args.weights_dtype, root)
+    models = prepare_real(args.base, deltas, weights_dtype, root)
     return models, {"base": str(args.base), "deltas": {n: str(p) for n, p in deltas.items()}}
 
 
 def run(args) -> dict:
     """`dzjax bench`: run, write the JSON (and PNG), print a table; returns the report."""
+    weights_dtype = default_weights_dtype() if args.weights_dtype == "auto" else args.weights_dtype
     config = BenchConfig(systems=args.systems, max_batch=args.max_batch, dtype=args.dtype,
-                         weights_dtype=args.weights_dtype, implementation=args.implementation,
+                         weights_dtype=weights_dtype, implementation=args.implementation,
                          slo_s=args.slo, cold_swap=not args.warm_swap,
                          merged_memory_fraction=args.merged_memory_fraction,
                          decode_repeats=args.decode_repeats)
-    models, model_record = _models(args)
+    models, model_record = _models(args, config.weights_dtype)
     workload_config = WorkloadConfig(
         models=tuple(models.deltas), vocab_size=_vocab_size(models.base_dir),
         num_requests=args.requests, rate=args.rate, popularity=args.popularity,
         zipf_alpha=args.zipf_alpha, prompt_len=args.prompt_len, output_len=args.output_len,
         seed=args.seed)
-    start = time.perf_counter()
+    header, start = device_header(), time.perf_counter()
     result = benchmark(models, workload_config, config)
     workload_record = {**dataclasses.asdict(workload_config),
+                       "rate": workload_config.rate if np.isfinite(workload_config.rate) else "inf",
                        "prompt_len": str(workload_config.prompt_len),
                        "output_len": str(workload_config.output_len)}
     report = {
         "what": "serving: dzjax (continuous batching, many deltas) vs swapping merged models vs "
                 "all merged models resident",
         "argv": sys.argv, "command": "dzjax bench " + shlex.join(_argv(args)),
-        **device_header(),
+        **header, "load_average_after": os.getloadavg(),  # other work on the machine skews times
         "config": {"models": model_record, "workload": workload_record,
                    "bench": dataclasses.asdict(config)},
         "setup_s": models.build_s, "bench_s": time.perf_counter() - start,
@@ -853,7 +925,7 @@ def run(args) -> dict:
     }
     out = args.out or default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     written = [out] + ([] if args.no_plot else [plot(report, out)])
     print(table(report))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -871,10 +943,13 @@ def _argv(args) -> list[str]:
     """The arguments as flags again (every one, defaults included), to rerun exactly."""
     out = [] if args.base is None else [str(args.base)]
     for name, value in sorted(vars(args).items()):
-        if name in ("base", "run", "command") or value is None or value is False:
+        if name in ("base", "run", "command") or value is False or (
+                value is None and name != "sparsity"):
             continue
         flag = "--" + name.replace("_", "-")
-        if value is True:
+        if name == "sparsity" and value is None:
+            out += [flag, "none"]
+        elif value is True:
             out.append(flag)
         elif name == "delta":
             out += [a for n, p in value for a in (flag, f"{n}={p}")]
