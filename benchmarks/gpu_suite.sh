@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark of the kernels, in one call: bash benchmarks/gpu_suite.sh OUTDIR
+# Every GPU test and benchmark, in one call: bash benchmarks/gpu_suite.sh OUTDIR
 #
 # How a session lent a GPU runs it (the GPU machine has no network: nothing is installed there;
 # it has jax 0.11.2 with CUDA, and gets a copy of the working tree):
@@ -15,6 +15,13 @@
 #      BENCH_BUDGET_S seconds (default 300, to fit one 600 s call with the tests; the JSON then says
 #      "truncated": true and a second call with only this step, e.g.
 #      `python benchmarks/kernels.py --implementation pallas --out $OUT`, completes it)
+#   4. pytest tests/test_serving.py with DZJAX_KERNEL=pallas: batched multi-delta serving on the
+#      compiled kernels equals generation on the merged weights
+#   5. the serving benchmark (dzjax vs swap vs merged, decode step with 8 deltas vs base) on a
+#      synthetic 12-layer, hidden-1024 model -> OUTDIR/serving-gpu.json (no plot: the machine
+#      may lack matplotlib); skipped with SKIP_SERVING_BENCH=1
+#   6. the tensor-parallel decode step against mesh size, over every GPU of the machine
+# Steps 5-6 may need a second call: SKIP_KERNEL_STEPS=1 skips steps 2-3.
 set -u
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -25,10 +32,27 @@ status=0
 { nvidia-smi || true; "$PY" -c 'import jax; print(jax.__version__, jax.devices())'; } \
   > "$OUT/device.log" 2>&1 || status=1
 
-DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_kernels.py -q -m "slow or not slow" \
-  --junitxml="$OUT/junit.xml" > "$OUT/pytest.log" 2>&1 || status=1
-tail -n 5 "$OUT/pytest.log"
+if [ -z "${SKIP_KERNEL_STEPS:-}" ]; then
+  DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_kernels.py -q -m "slow or not slow" \
+    --junitxml="$OUT/junit.xml" > "$OUT/pytest.log" 2>&1 || status=1
+  tail -n 5 "$OUT/pytest.log"
 
-"$PY" benchmarks/kernels.py --implementation pallas --budget-s "${BENCH_BUDGET_S:-300}" --out "$OUT" > "$OUT/benchmark.log" 2>&1 || status=1
-tail -n 3 "$OUT/benchmark.log"
+  "$PY" benchmarks/kernels.py --implementation pallas --budget-s "${BENCH_BUDGET_S:-300}" --out "$OUT" > "$OUT/benchmark.log" 2>&1 || status=1
+  tail -n 3 "$OUT/benchmark.log"
+fi
+
+DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_serving.py -q --junitxml="$OUT/junit-serving.xml" \
+  > "$OUT/pytest-serving.log" 2>&1 || status=1
+tail -n 5 "$OUT/pytest-serving.log"
+
+if [ -z "${SKIP_SERVING_BENCH:-}" ]; then
+  "$PY" -m dzjax.cli bench --synthetic --layers 12 --hidden 1024 --intermediate 2816 --heads 16 \
+    --vocab 32000 --deltas 8 --requests 256 --rate inf --max-batch 32 --no-plot \
+    --cache-dir "$OUT/cache" --out "$OUT/serving-gpu.json" > "$OUT/serving-bench.log" 2>&1 || status=1
+  tail -n 12 "$OUT/serving-bench.log"
+fi
+
+"$PY" benchmarks/tensor_parallel.py --layers 12 --hidden 1024 --intermediate 2816 --heads 16 \
+  --vocab 32000 --batch 32 --out "$OUT/tensor-parallel-gpu.json" > "$OUT/tensor-parallel.log" 2>&1 || status=1
+tail -n 5 "$OUT/tensor-parallel.log"
 exit $status

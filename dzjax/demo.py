@@ -1,14 +1,22 @@
-"""The embedded demo (`dzjax demo`): a tiny Llama trained on text shipped with dzjax, then loaded
-and generated from with dzjax (the serving issue grows it into the convert-and-serve story).
+"""The embedded demo (`dzjax demo`): the whole story on a tiny model, with nothing downloaded.
 
-Nothing is downloaded. The corpora in `dzjax/data/` are excerpts of the Python standard library
+1. A tiny Llama (the base) is trained on text shipped with dzjax.
+2. A few full-parameter fine-tunes of it are trained: on Python code, and on two rewritings of the
+   prose (shouted in capitals; whispered in lower case), so that each model's answer shows which
+   weights produced it.
+3. Each fine-tune is compressed against the base into a delta file (`dzjax.convert`).
+4. One `dzjax.serve` answers a mixed batch of all of them at once, and a small workload is timed
+   against the swap baseline (one merged model resident at a time, loaded from disk).
+
+ The corpora in `dzjax/data/` are excerpts of the Python standard library
 (see `dzjax/data/make_corpus.py`): "prose", the English paragraphs of docstrings, which the base is
 trained on, and "code", small Python functions, kept for training a fine-tune of the same base. One
 byte-level BPE tokenizer is trained on both, so that every fine-tune shares the base's vocabulary.
 
-The trained model is a standard HF checkpoint (config.json, model.safetensors, tokenizer) in the
-cache, `$DZJAX_CACHE` or `~/.cache/dzjax`, under `demo/tiny-llama-v1`; `run` builds it once and
-then reuses it.
+The trained models are standard HF checkpoints (config.json, model.safetensors, tokenizer) in the
+cache, `$DZJAX_CACHE` or `~/.cache/dzjax`, under `demo/tiny-llama-v2` (the base), `...-<name>`
+(the fine-tunes) and `demo/deltas-v2/<name>.dz.safetensors`; `run` builds each once and then
+reuses it.
 """
 
 from __future__ import annotations
@@ -32,9 +40,35 @@ from dzjax.models.config import ModelConfig, RopeConfig
 from dzjax.models.llama import CausalLM
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-MODEL_NAME = "demo/tiny-llama-v1"  # bump the version when the recipe changes
+MODEL_NAME = "demo/tiny-llama-v2"  # bump the version when the recipe changes
+DELTA_DIR = "demo/deltas-v2"
 MARKER = "dzjax_demo.json"  # written last: a model dir without it is incomplete
 PROMPTS = ("Return the", "This method", "If the file", "The optional")
+# A plain chat template, so that the demo model also answers /v1/chat/completions.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTune:
+    """A fine-tune of the demo base: trained on one corpus, rewritten by `rewrite`."""
+
+    corpus: str
+    rewrite: str  # "none", "upper" or "lower"
+    prompt: str  # what the demo asks it
+
+    def documents(self) -> list[str]:
+        docs = corpus(self.corpus)
+        return {"none": docs, "upper": [d.upper() for d in docs],
+                "lower": [d.lower() for d in docs]}[self.rewrite]
+
+
+FINETUNES = {
+    "code": FineTune("code", "none", "def read_"),
+    "shout": FineTune("prose", "upper", "RETURN THE"),
+    "whisper": FineTune("prose", "lower", "return the"),
+}
+FINETUNE_STEPS = 200
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,9 +97,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         clean_up_tokenization_spaces=False)  # decode(encode(text)) == text
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def tiny_config(tokenizer) -> ModelConfig:
@@ -196,43 +232,117 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DZJAX_CACHE") or Path.home() / ".cache" / "dzjax")
 
 
+def build_finetune(base_dir: Path, name: str, out_dir: Path, *, steps: int = FINETUNE_STEPS,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """Fine-tune every parameter of the demo base on FINETUNES[name]'s documents; save as a HF
+    checkpoint `out_dir` (with the base's tokenizer) and return its summary (also the marker)."""
+    from dzjax.models.loading import load_base
+    from dzjax.models.saving import save_hf
+
+    t0 = time.perf_counter()
+    base = load_base(base_dir, dtype=jnp.float32)
+    cfg = TrainConfig(steps=steps, peak_lr=1e-3, seed=1)
+    tokens = token_stream(base.tokenizer, FINETUNES[name].documents())
+    params, losses = train(base.config, tokens, cfg, params=base.params, log=log)
+    save_hf(out_dir, base.config, params, dtype=np.float32, tokenizer=base.tokenizer,
+            overwrite=True)
+    summary = dict(recipe=dataclasses.asdict(cfg), finetune=dataclasses.asdict(FINETUNES[name]),
+                   loss_start=float(losses[0]), loss_end=float(losses[-min(10, len(losses)):].mean()),
+                   train_seconds=round(time.perf_counter() - t0, 2))
+    _write_json_atomic(out_dir / MARKER, summary)
+    return summary
+
+
+def _cached_finetune(out_dir: Path, name: str, steps: int) -> dict | None:
+    try:
+        summary = json.loads((out_dir / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (summary.get("recipe", {}).get("steps") == steps
+            and summary.get("finetune") == dataclasses.asdict(FINETUNES[name]))
+    return summary if same else None
+
+
+def _delta(base_dir: Path, ft_dir: Path, path: Path, name: str, n_samples: int):
+    """The delta file of one fine-tune: converted once (4-bit, 2:4 sparse, groups of 128), and
+    again when the fine-tune was rebuilt after it. Returns (delta, converted now)."""
+    import dzjax
+
+    try:
+        if path.stat().st_mtime >= (ft_dir / MARKER).stat().st_mtime:
+            return dzjax.load_delta(path), False
+    except (dzjax.DzjaxError, OSError):
+        pass  # missing, stale or damaged: convert again
+    delta = dzjax.convert(base_dir, ft_dir, path, bits=4, sparsity="2:4", group_size=128,
+                          name=name, n_samples=n_samples, seq_len=128, progress=False)
+    return delta, True
+
+
 def run(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, max_tokens: int = 40,
-        out: Callable[[str], None] = print, *, steps: int = TrainConfig.steps) -> dict:
-    """Build (or reuse) the demo model, load it with dzjax, and generate from a few prompts.
+        out: Callable[[str], None] = print, *, steps: int = TrainConfig.steps,
+        finetune_steps: int = FINETUNE_STEPS, n_samples: int = 32,
+        bench_requests: int = 24) -> dict:
+    """Build (or reuse) the demo base, fine-tunes and deltas; serve them all in one batch.
 
     Args:
-      cache_dir: cache root (default `$DZJAX_CACHE` or ~/.cache/dzjax); the model lives in
-        `<cache_dir>/demo/tiny-llama-v1`.
-      rebuild: train again even when a complete model is cached.
+      cache_dir: cache root (default `$DZJAX_CACHE` or ~/.cache/dzjax).
+      rebuild: train and convert again even when complete results are cached.
       max_tokens: tokens generated per prompt (greedy).
       out: where the report's lines go.
-      steps: training steps (a cached model built with other steps is rebuilt).
+      steps, finetune_steps: training steps of the base and of each fine-tune.
+      n_samples: calibration windows for compression.
+      bench_requests: requests of the throughput comparison with the swap baseline (0: skip it).
     Returns:
-      dict with path, built (bool), build_seconds (0 when reused), load_seconds,
-      generate_seconds, params, loss_start, final_loss, prompts and texts.
+      dict with path, built, build_seconds, load_seconds, generate_seconds, params, loss_start,
+      final_loss, prompts and texts (the base's answers), finetunes ({name: prompt, text,
+      ratio_vs_bf16, delta_bytes, built}) and throughput (the comparison, or None).
     """
     import dzjax
 
-    model_dir = Path(cache_dir or default_cache_dir()) / MODEL_NAME
+    root = Path(cache_dir or default_cache_dir())
+    model_dir = root / MODEL_NAME
     summary = None if rebuild else cached_summary(model_dir, steps)
     built = summary is None
-    out("dzjax demo: a tiny Llama trained on Python's docstrings, served by dzjax")
+    out("dzjax demo: a tiny Llama and three fine-tunes, compressed to deltas and served at once")
     t0 = time.perf_counter()
     if built:
         out(f"building {model_dir} ({steps} training steps on {jax.devices()[0].platform})")
         summary = build_tiny_model(model_dir, steps=steps, log=out)
     build_seconds = time.perf_counter() - t0 if built else 0.0
 
+    finetunes = {}
+    for name in FINETUNES:
+        ft_dir = root / f"{MODEL_NAME}-{name}"
+        ft = None if rebuild or built else _cached_finetune(ft_dir, name, finetune_steps)
+        if ft is None:
+            out(f"fine-tuning {name!r} ({finetune_steps} steps on "
+                f"{FINETUNES[name].corpus}, {FINETUNES[name].rewrite})")
+            ft = build_finetune(model_dir, name, ft_dir, steps=finetune_steps)
+        t1 = time.perf_counter()
+        delta, converted = _delta(model_dir, ft_dir, root / DELTA_DIR / f"{name}.dz.safetensors",
+                                  name, n_samples)
+        report = delta.metadata["report"]
+        finetunes[name] = dict(path=str(delta.path or ""), dir=str(ft_dir), built=converted,
+                               convert_seconds=time.perf_counter() - t1 if converted else 0.0,
+                               ratio_vs_bf16=report["ratio_vs_bf16"],
+                               delta_bytes=report["delta_bytes"], loss_end=ft["loss_end"])
+
     t0 = time.perf_counter()
     base = dzjax.load_base(model_dir)
     load_seconds = time.perf_counter() - t0
+    prompts = list(PROMPTS) + [FINETUNES[n].prompt for n in FINETUNES]
+    models = [None] * len(PROMPTS) + list(FINETUNES)
     t0 = time.perf_counter()
-    texts = dzjax.generate(base, list(PROMPTS), max_tokens=max_tokens)
+    with dzjax.serve(base, {n: f["path"] for n, f in finetunes.items()},
+                     max_batch=len(prompts), max_seq_len=128) as server:
+        texts = server.generate(prompts, model=models, max_tokens=max_tokens)
     generate_seconds = time.perf_counter() - t0
+    for name, text in zip(FINETUNES, texts[len(PROMPTS):]):
+        finetunes[name].update(prompt=FINETUNES[name].prompt, text=text)
 
     c = base.config
     megabytes = sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6
-    out(f"model     {model_dir} ({megabytes:.1f} MB)")
+    out(f"base      {model_dir} ({megabytes:.1f} MB)")
     out(f"          Llama, {summary['params'] / 1e6:.2f}M params: {c.num_layers} layers, hidden "
         f"{c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} kv), vocab {c.vocab_size}")
     how = (f"built in {build_seconds:.1f} s" if built else
@@ -240,11 +350,42 @@ def run(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, max_t
     out(f"          {how}; trained {summary['recipe']['steps']} steps on "
         f"{summary['corpus_tokens']} tokens, loss {summary['loss_start']:.2f} -> "
         f"{summary['loss_end']:.2f}")
-    out(f"          loaded in {load_seconds:.1f} s; {len(PROMPTS)} prompts x {max_tokens} tokens "
-        f"generated (greedy) in {generate_seconds:.1f} s")
-    for prompt, text in zip(PROMPTS, texts):  # the prompt in brackets, then its continuation
-        out(f"  [{prompt}]{text}".replace("\n", "\\n"))
+    for name, f in finetunes.items():
+        how = f"converted in {f['convert_seconds']:.1f} s" if f["built"] else "reused"
+        out(f"delta     {name:8s} {f['delta_bytes'] / 1e3:6.0f} kB, {f['ratio_vs_bf16']:.1f}x "
+            f"smaller than a bf16 delta (4-bit, 2:4 sparse; {how})")
+    out(f"served    {len(prompts)} requests over the base and {len(FINETUNES)} deltas in one "
+        f"batch: {generate_seconds:.1f} s for {max_tokens} tokens each (greedy, "
+        f"loaded in {load_seconds:.1f} s)")
+    for prompt, model, text in zip(prompts, models, texts):  # [prompt] then its continuation
+        out(f"  {model or 'base':8s} [{prompt}]{text}".replace("\n", "\\n"))
+    throughput = None
+    if bench_requests:
+        throughput = compare_with_swap(model_dir, finetunes, bench_requests, root / "demo" / "bench")
+        d, s = throughput["dzjax"], throughput["swap"]
+        out(f"throughput {bench_requests} requests at once over the {len(FINETUNES)} deltas: "
+            f"dzjax {d['tokens_per_s']:.0f} tokens/s, the swap baseline (one merged model at a "
+            f"time, loaded from disk) {s['tokens_per_s']:.0f} tokens/s: "
+            f"{d['tokens_per_s'] / s['tokens_per_s']:.2f}x ({s['switches']} swaps)")
     return dict(path=str(model_dir), built=built, build_seconds=build_seconds,
                 load_seconds=load_seconds, generate_seconds=generate_seconds,
                 params=summary["params"], loss_start=summary["loss_start"],
-                final_loss=summary["loss_end"], prompts=list(PROMPTS), texts=texts)
+                final_loss=summary["loss_end"], prompts=list(PROMPTS),
+                texts=texts[:len(PROMPTS)], finetunes=finetunes, throughput=throughput)
+
+
+def compare_with_swap(model_dir: Path, finetunes: dict, requests: int, root: Path) -> dict:
+    """A small `dzjax bench` run on the demo models: all requests at once, uniform over the
+    fine-tunes, against the swap baseline. Returns {system: tokens_per_s, ...}."""
+    from dzjax.serving import bench
+
+    models = bench.prepare_real(model_dir, {n: Path(f["path"]) for n, f in finetunes.items()},
+                                "float32", root)
+    workload = bench.WorkloadConfig(models=tuple(finetunes), vocab_size=1024,
+                                    num_requests=requests, rate=float("inf"),
+                                    prompt_len=bench.Lengths(8, 16), output_len=bench.Lengths(16, 32))
+    report = bench.benchmark(models, workload, bench.BenchConfig(
+        systems=("dzjax", "swap"), max_batch=8, weights_dtype="float32", decode_repeats=0))
+    return {name: {"tokens_per_s": m["throughput_tokens_per_s"],
+                   "latency_p50_s": m["latency_s"]["p50"], "switches": m.get("switches", 0)}
+            for name, m in report["systems"].items()}

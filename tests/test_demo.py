@@ -12,6 +12,7 @@ from dzjax import demo
 from dzjax.models.config import ModelConfig, RopeConfig
 
 STEPS = 100  # enough to leave the uniform distribution well behind, in ten seconds or so
+SMALL = dict(steps=STEPS, finetune_steps=20, n_samples=8, bench_requests=8, max_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def cold_run(tmp_path_factory):
     """A first `run` into an empty cache: it builds the model. Returns (cache, result, lines)."""
     cache = tmp_path_factory.mktemp("cache")
     lines = []
-    result = demo.run(cache_dir=cache, steps=STEPS, max_tokens=12, out=lines.append)
+    result = demo.run(cache_dir=cache, out=lines.append, **SMALL)
     return cache, result, lines
 
 
@@ -94,11 +95,29 @@ def test_cold_run_builds_and_reports(cold_run):
 def test_second_run_reuses_the_cached_model(cold_run):
     cache, first, _ = cold_run
     lines = []
-    second = demo.run(cache_dir=cache, steps=STEPS, max_tokens=12, out=lines.append)
+    second = demo.run(cache_dir=cache, out=lines.append, **SMALL)
     assert not second["built"] and second["build_seconds"] == 0.0
+    assert not any(f["built"] for f in second["finetunes"].values())
     assert "reused from the cache" in "\n".join(lines)
     assert second["texts"] == first["texts"]  # greedy, same weights
     assert second["final_loss"] == first["final_loss"]
+
+
+def test_fine_tunes_are_compressed_and_served_in_one_batch(cold_run, base):
+    _, result, lines = cold_run
+    report = "\n".join(lines)
+    assert set(result["finetunes"]) == set(demo.FINETUNES)
+    for name, f in result["finetunes"].items():
+        assert f["ratio_vs_bf16"] > 3 and f["built"]
+        # The batched answer is what this delta gives alone.
+        alone = dzjax.generate(base, [f["prompt"]], max_tokens=12, delta=dzjax.load_delta(f["path"]))
+        assert f["text"] == alone[0]
+        assert f"{name:8s} [{f['prompt']}]{f['text']}".replace("\n", "\\n") in report
+    assert len({f["text"] for f in result["finetunes"].values()}) > 1
+    t = result["throughput"]
+    assert t["dzjax"]["tokens_per_s"] > 0 and t["swap"]["tokens_per_s"] > 0
+    assert t["swap"]["switches"] >= len(demo.FINETUNES)
+    assert "the swap baseline" in report
 
 
 def test_incomplete_or_other_recipe_cache_is_not_reused(cold_run, tmp_path):

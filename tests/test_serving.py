@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import dzjax
-from dzjax.models.forward import TRACE_COUNTS
 from dzjax.serving import ModelNotFoundError, RequestError
 from conftest import fixture_dir, make_deltas
 

@@ -158,20 +158,38 @@ def multi_delta_matmul_ref(x: jax.Array, stack: QuantizedTensor, batch: DeltaBat
 
 def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch) -> jax.Array:
     """The XLA path: one slot at a time, skipping empty slots, so only resident-and-used deltas
-    are dequantized (one [K, N] at a time, never the whole stack). Same contract as the reference."""
-    s = num_slots(stack)
-    slot_of_row = jnp.take(batch.sorted_slots, batch.inverse)  # serving order
+    are dequantized (one [K, N] at a time, never the whole stack), and each multiplies only its
+    own rows: the sorted rows of its group, in tiles of `xla_row_tile(M)` from the group's start.
+    Same contract as the reference."""
+    s, m, n = num_slots(stack), x.shape[0], stack.shape[1]
+    tile = xla_row_tile(m)
+    xs = jnp.pad(batch.sort_rows(x), ((0, tile), (0, 0)))  # a tile may start at any row
 
     def one_slot(i, y):
+        start, size = batch.group_starts[i], batch.group_sizes[i]
+
         def compute(y):
             # Only this slot's [K, N] is dequantized, rounded to x's dtype like everywhere.
             w = round_to(dequantize_xla(jax.tree.map(lambda a: a[i], stack)), x.dtype)
-            yi = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
-            return jnp.where((slot_of_row == i)[:, None], yi, y)
-        return lax.cond(batch.group_sizes[i] > 0, compute, lambda y: y, y)
 
-    y0 = jnp.zeros((x.shape[0], stack.shape[1]), jnp.float32)
-    return lax.fori_loop(0, s, one_slot, y0)
+            def row_tile(t, y):
+                row0 = start + t * tile
+                yt = jnp.dot(lax.dynamic_slice_in_dim(xs, row0, tile), w,
+                             preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
+                mine = (jnp.arange(tile) < size - t * tile)[:, None]  # not the next group's
+                old = lax.dynamic_slice_in_dim(y, row0, tile)
+                return lax.dynamic_update_slice_in_dim(y, jnp.where(mine, yt, old), row0, 0)
+
+            return lax.fori_loop(0, (size + tile - 1) // tile, row_tile, y)
+        return lax.cond(size > 0, compute, lambda y: y, y)
+
+    y = lax.fori_loop(0, s, one_slot, jnp.zeros((m + tile, n), jnp.float32))
+    return batch.unsort_rows(y[:m])
+
+
+def xla_row_tile(m: int) -> int:
+    """Rows per matmul of the XLA path: all of a decode batch, 16 at a time for prefill."""
+    return m if m <= 16 else 16
 
 
 # ----------------------------------------------------------------------------------------------
