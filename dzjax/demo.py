@@ -361,7 +361,8 @@ def run(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, max_t
         out(f"  {model or 'base':8s} [{prompt}]{text}".replace("\n", "\\n"))
     throughput = None
     if bench_requests:
-        throughput = compare_with_swap(model_dir, finetunes, bench_requests, root / "demo" / "bench")
+        throughput = compare_with_swap(model_dir, finetunes, bench_requests,
+                                       root / "demo" / "bench")
         d, s = throughput["dzjax"], throughput["swap"]
         out(f"throughput {bench_requests} requests at once over the {len(FINETUNES)} deltas: "
             f"dzjax {d['tokens_per_s']:.0f} tokens/s, the swap baseline (one merged model at a "
@@ -381,7 +382,8 @@ def compare_with_swap(model_dir: Path, finetunes: dict, requests: int, root: Pat
 
     models = bench.prepare_real(model_dir, {n: Path(f["path"]) for n, f in finetunes.items()},
                                 "float32", root)
-    workload = bench.WorkloadConfig(models=tuple(finetunes), vocab_size=1024,
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    workload = bench.WorkloadConfig(models=tuple(finetunes), vocab_size=vocab,
                                     num_requests=requests, rate=float("inf"),
                                     prompt_len=bench.Lengths(8, 16), output_len=bench.Lengths(16, 32))
     report = bench.benchmark(models, workload, bench.BenchConfig(

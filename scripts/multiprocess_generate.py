@@ -58,8 +58,13 @@ def launch(args) -> int:
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--process-id", str(i),
                                "--coordinator", f"127.0.0.1:{port}", *sys.argv[1:]], env=env)
              for i in range(args.processes)]
-    codes = [p.wait(timeout=600) for p in procs]
-    return max(codes)
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 def main() -> int:

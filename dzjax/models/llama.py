@@ -237,9 +237,11 @@ class Transformer(nn.Module):
 class CausalLM(nn.Module):
     """LlamaForCausalLM and its relatives.
 
-    __call__(input_ids [B, T], positions [B, T], delta=None, cache=None) returns float32 logits
-    [B, T, V] and the updated cache (None without one). The hidden state after every layer is
-    sown into the `intermediates` collection, for per-block tests.
+    __call__(input_ids [B, T], positions [B, T], delta=None, cache=None, logits_at=None)
+    returns float32 logits [B, T, V] and the updated cache (None without one); with `logits_at`
+    (int [B]), only the logits at that position of each row, [B, 1, V] (a prefill needs only the
+    last prompt position's: no [B, T, V] array). The hidden state after every layer is sown into
+    the `intermediates` collection, for per-block tests.
     """
 
     config: ModelConfig
@@ -247,10 +249,13 @@ class CausalLM(nn.Module):
     param_dtype: jnp.dtype = jnp.float32  # only used by init (synthetic models)
 
     @nn.compact
-    def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None,
+                 logits_at=None):
         c = self.config
         model = Transformer(c, self.dtype, self.param_dtype, name="model")
         x, cache = model(input_ids, positions, sub(delta, "model"), cache)
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]
         if c.tie_word_embeddings:
             logits = model.attend(x, sub(delta, "model"))
         else:

@@ -113,6 +113,8 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A replicated array's value, also when its devices span several processes."""
     if x.is_fully_addressable:
         return np.asarray(x)
+    if not x.sharding.is_fully_replicated:  # a shard would be only part of the value
+        raise DzjaxError(f"expected a replicated array, got one sharded as {x.sharding}")
     return np.asarray(x.addressable_data(0))
 
 

@@ -182,6 +182,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._closing = False
+        self._lock = threading.Lock()
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
         self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
@@ -192,7 +193,7 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], model: str | None, sampling: SamplingParams,
                listener: Callable[[Event], None]) -> Request:
-        if self._closing:
+        if self._closing or not self.alive:
             raise ServerClosedError("the server is closed")
         if not prompt_ids:
             raise RequestError("the prompt is empty")
@@ -206,7 +207,10 @@ class Engine:
         if sampling.stop and self.base.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; the base has none")
         request = Request(next(self._ids), model, list(prompt_ids), sampling, listener)
-        self._inbox.put(("submit", request))
+        with self._lock:  # against close(): accepted before it, or refused
+            if self._closing:
+                raise ServerClosedError("the server is closed")
+            self._inbox.put(("submit", request))
         return request
 
     def cancel(self, request: Request) -> None:
@@ -237,8 +241,9 @@ class Engine:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every accepted request, then stop; new requests are refused meanwhile."""
-        self._closing = True
-        self._inbox.put(("wake", None))
+        with self._lock:
+            self._closing = True
+            self._inbox.put(("wake", None))
         self._thread.join(timeout)
         self.pool.close()
 
@@ -249,17 +254,50 @@ class Engine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        idle = False
+        try:
+            while True:
+                busy = any(self.rows) or self.waiting
+                if self._closing and not busy and self._inbox.empty():
+                    return
+                # Block briefly when there is nothing to do, or when the last step did nothing
+                # (requests waiting for a disk read): no busy loop.
+                self._drain_inbox(block=idle or not busy)
+                try:
+                    idle = not self._step()
+                except Exception as e:  # fail the running requests, keep serving the others
+                    log.exception("serving step failed")
+                    self._recover(e)
+        finally:  # however the thread ends, nobody waits for it forever
+            self._fail_everything(ServerClosedError("the serving engine has stopped"))
+
+    def _recover(self, error: Exception) -> None:
+        for r in [r for r in self.rows if r is not None]:
+            self._finish(r, "error", error)
+        # A failed step may have consumed its donated buffers: make them again.
+        if self.cache.k.is_deleted():
+            self.cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                                      jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                                          a.shape, a.dtype, sharding=a.sharding), self.cache))
+        stacks = jax.tree.leaves(self.pool.stacks)
+        if stacks and stacks[0].is_deleted():
+            self.pool.reset_device()
+
+    def _fail_everything(self, error: Exception) -> None:
+        with self._lock:
+            self._closing = True
         while True:
-            busy = any(self.rows) or self.waiting
-            if self._closing and not busy and self._inbox.empty():
-                return
-            self._drain_inbox(block=not busy)
             try:
-                self._step()
-            except Exception as e:  # fail the running requests, keep serving the others
-                log.exception("serving step failed")
-                for r in [r for r in self.rows if r is not None]:
-                    self._finish(r, "error", e)
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                self.waiting.append(payload)
+            elif kind == "call":
+                payload()
+        for r in [r for r in self.rows if r is not None] + list(self.waiting):
+            self._finish(r, "error", error)
+        self.waiting.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -287,14 +325,17 @@ class Engine:
         if request.model is not None:
             self.pool.prefetch(request.model)
 
-    def _step(self) -> None:
-        for r in [r for r in self.rows if r is not None and r.cancelled]:
+    def _step(self) -> bool:
+        """One step; returns whether it did anything."""
+        cancelled = [r for r in self.rows if r is not None and r.cancelled]
+        for r in cancelled:
             self._finish(r, "cancelled")
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
         if any(self.rows):
             self._decode()
+        return bool(cancelled or admitted or any(self.rows))
 
     def _admit(self) -> list[Request]:
         free = [i for i, r in enumerate(self.rows) if r is None]
@@ -320,7 +361,11 @@ class Engine:
                     continue
                 slot = None
                 if name in running or len(running) < self.max_deltas_per_step:
-                    slot = self.pool.make_resident(name)
+                    try:
+                        slot = self.pool.make_resident(name)
+                    except Exception as e:  # this delta cannot be loaded: only its request fails
+                        log.exception("loading delta %r failed", name)
+                        entry.error = e
                 if slot is None:
                     if entry.error is not None:
                         self.waiting.remove(request)

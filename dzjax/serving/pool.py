@@ -73,7 +73,8 @@ class _Entry:
 class DeltaPool:
     """Device slots, host cache and disk for the deltas of one serving engine.
 
-    Used by the engine's thread only, except `validate`, which any thread may call.
+    Changed by the engine's thread only; `validate` runs on any thread, and other threads may read
+    `names()` (a snapshot).
     """
 
     def __init__(self, base: Base, capacity: int, host_cache_bytes: int, mesh=None):
@@ -158,7 +159,18 @@ class DeltaPool:
         """Start reading a delta from disk in the background unless it is on the host already."""
         entry = self.entries[name]
         if entry.host is None and entry.loading is None and self.slot_of(name) is None:
-            entry.loading = self._reader.submit(lambda: to_host(load_delta(entry.path)))
+            entry.error = None  # a new attempt (the file may have been mended)
+            entry.loading = self._reader.submit(self._read_again, entry)
+
+    def _read_again(self, entry: _Entry) -> Delta:
+        """Read a delta that left the host cache, checked again as when it was added: the file
+        may have changed since (another base, another layout)."""
+        delta = load_delta(entry.path)
+        delta.check_base(self.base)
+        if layout(delta.params) != self.layout:
+            raise DzjaxError(f"delta {entry.name!r} ({entry.path}) changed on disk since it was "
+                             f"added: {_describe_difference(self.layout, layout(delta.params))}")
+        return to_host(delta)
 
     def host_ready(self, name: str) -> bool:
         entry = self.entries[name]
@@ -173,6 +185,9 @@ class DeltaPool:
         return entry.host is not None
 
     # -- device slots --------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(list(self.entries))  # list() first: a snapshot, however the dict changes
 
     def slot_of(self, name: str) -> int | None:
         try:
@@ -215,6 +230,15 @@ class DeltaPool:
 
     def release(self, slot: int) -> None:
         self.users[slot] -= 1
+
+    def reset_device(self) -> None:
+        """Empty every device slot, with fresh stacks (after a failed step consumed the donated
+        ones); deltas load again on demand."""
+        if self.stacks is not None:
+            self.stacks = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                                       jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                                           a.shape, a.dtype, sharding=a.sharding), self.stacks))
+        self.slot_names = [None] * self.capacity
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

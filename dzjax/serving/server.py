@@ -20,7 +20,7 @@ import numpy as np
 from dzjax.errors import DzjaxError
 from dzjax.models.loading import Base
 from dzjax.serving.engine import (Engine, EngineConfig, Event, ModelNotFoundError, Request,
-                                  RequestError, SamplingParams)
+                                  RequestError, SamplingParams, ServerClosedError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,19 @@ class RequestHandle:
         self._done: Event | None = None
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """The events as they come; `timeout`: seconds to wait for each (queue.Empty after)."""
         while self._done is None:
-            event = self._events.get(timeout=timeout)
+            waited = 0.0
+            while True:
+                try:
+                    event = self._events.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    waited += 0.5
+                    if not self._server.engine.alive and self._events.empty():
+                        raise ServerClosedError("the serving engine has stopped") from None
+                    if timeout is not None and waited >= timeout:
+                        raise
             if event.kind == "done":
                 self._done = event
             yield event
@@ -114,15 +125,15 @@ class Server:
         self.engine.call(self.engine.pool.remove, name)
 
     def models(self) -> list[str]:
-        return [self.base_name] + self.engine.call(lambda: sorted(self.engine.pool.entries))
+        return [self.base_name] + self.engine.pool.names()
 
     def _delta_name(self, model: str | None) -> str | None:
         if model is None or model == self.base_name:
             return None
         if not isinstance(model, str):
             raise RequestError(f"model must be a string, got {type(model).__name__}")
-        if model not in self.engine.pool.entries:
-            served = [self.base_name] + sorted(self.engine.pool.entries)
+        if model not in self.engine.pool.names():
+            served = [self.base_name] + self.engine.pool.names()
             raise ModelNotFoundError(f"model {model!r} is not served; served: {served}")
         return model
 
@@ -193,7 +204,12 @@ class Server:
             for h in handles:
                 h.cancel()
             raise
-        results = [h.result() for h in handles]
+        try:
+            results = [h.result() for h in handles]
+        finally:  # one failed (or the caller was interrupted): stop the others
+            for h in handles:
+                if h._done is None:
+                    h.cancel()
         if details:
             return results
         as_text = self.base.tokenizer is not None and all(isinstance(p, str) for p in prompts)

@@ -5,7 +5,9 @@ a delta slot (an index into the pool's stacks, -1 = base only). A step takes the
 pool's stacks (a pytree mirroring the delta files, every leaf with a leading [S] axis) and the rows'
 slots as ordinary jit arguments, so requests joining and leaving, and deltas being loaded into or
 evicted from the pool, never change a shape: decode compiles once, prefill once per
-(new rows, prompt length) bucket. `TRACE_COUNTS` (shared with `dzjax.models.forward`) counts traces.
+(new rows, prompt length) bucket (and once more when the first delta is added to a server that
+started with none: the stacks appear). `TRACE_COUNTS` (shared with `dzjax.models.forward`)
+counts traces.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.multi_delta import make_delta_batch
 
 
+_HEAD = ("lm_head", "embed_tokens")  # the output projection (tied: the embedding table)
+
+
 def row_deltas(stacks, slots: jax.Array, seq_len: int):
-    """The delta pytree for a [B, seq_len] call: every leaf a `RowDelta` over `stacks`.
+    """The delta pytree for a [B, seq_len] call with logits at one position per row: every leaf
+    a `RowDelta` over `stacks`, grouping the B * seq_len rows of the layers, and the B rows of
+    the output projection.
 
     Args:
       stacks: None (base only) or the pool's pytree of [S]-slot stacks.
@@ -36,8 +43,13 @@ def row_deltas(stacks, slots: jax.Array, seq_len: int):
     is_leaf = lambda x: isinstance(x, QuantizedTensor)
     first = jax.tree.leaves(stacks, is_leaf=is_leaf)[0]
     num_slots = (first.qweight if isinstance(first, QuantizedTensor) else first).shape[0]
-    batch = make_delta_batch(jnp.repeat(slots, seq_len), num_slots)
-    return jax.tree.map(lambda s: RowDelta(s, slots, batch), stacks, is_leaf=is_leaf)
+    layers = make_delta_batch(jnp.repeat(slots, seq_len), num_slots)
+    head = make_delta_batch(slots, num_slots)  # the lookup of the embedding uses `slots` only
+
+    def leaf(path, stack):
+        names = {getattr(k, "key", None) for k in path}
+        return RowDelta(stack, slots, head if names & set(_HEAD) else layers)
+    return jax.tree_util.tree_map_with_path(leaf, stacks, is_leaf=is_leaf)
 
 
 def sample_rows(logits, seeds, counters, temperature, top_p):
@@ -90,8 +102,9 @@ def prefill(params, stacks, cache: KVCache, ids, lengths, rows, slots, sampling,
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     with kernel_implementation(implementation), tensor_parallel(mesh):
         logits, small = CausalLM(config, dtype).apply(
-            {"params": params}, ids, positions, row_deltas(stacks, slots, t), small)
-    tokens = sample_rows(logits[jnp.arange(n), lengths - 1], *sampling)
+            {"params": params}, ids, positions, row_deltas(stacks, slots, t), small,
+            logits_at=lengths - 1)
+    tokens = sample_rows(logits[:, 0], *sampling)
     # Positions >= length hold padding; decode overwrites each before any query can see it.
     cache = KVCache(cache.k.at[:, rows, :t].set(small.k, mode="drop"),
                     cache.v.at[:, rows, :t].set(small.v, mode="drop"))
