@@ -67,3 +67,12 @@ def make_deltas(base_dir: Path, out_dir: Path, count: int, *, group_size: int = 
                       **options)
         out[f"ft{i}"] = path
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module. Each holds memory mappings of its
+    machine code, and the whole suite's would exceed the kernel's limit on mappings
+    (vm.max_map_count, 65530 by default): LLVM then aborts with "Cannot allocate memory"."""
+    yield
+    jax.clear_caches()
