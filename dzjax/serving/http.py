@@ -514,6 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation dtype (default: float32)")
     parser.add_argument("--weights-dtype", choices=dtypes, default="bfloat16",
                         help="dtype the base weights are held in")
+    parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                        help="split the model over the first N devices (a tensor-parallel mesh)")
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -522,6 +524,9 @@ def _serve_options(args: argparse.Namespace) -> dict:
     options = {"base_name": args.base_name, "max_batch": args.max_batch,
                "max_seq_len": args.max_seq_len, "max_resident_deltas": args.max_resident_deltas,
                "dtype": args.dtype}
+    if getattr(args, "tensor_parallel", None):
+        from dzjax.models.sharding import make_mesh
+        options["mesh"] = make_mesh(args.tensor_parallel)
     return {k: v for k, v in options.items() if v is not None}
 
 
