@@ -166,8 +166,7 @@ class Server:
         events for the handle (for event loops: it must not block).
         """
         handle = RequestHandle(self, model or self.base_name)
-        ids = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) \
-            else self.encode(prompt)
+        ids = self.encode(prompt)
         params = SamplingParams(**{k: tuple(v) if k == "stop" else v
                                    for k, v in sampling.items() if v is not None})
         handle.request = self.engine.submit(ids, self._delta_name(model), params,
