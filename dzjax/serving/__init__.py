@@ -5,6 +5,7 @@
   engine   continuous batching and the scheduler, on one engine thread
   server   `serve()` and `Server`: generate, stream, stats, close
   http     the HTTP server (`dzjax serve`)
+  bench    the serving benchmark (`dzjax bench`) against the swap and all-merged baselines
 """
 
 from dzjax.serving.engine import (EngineConfig, Event, ModelNotFoundError, RequestError,
