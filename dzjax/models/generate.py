@@ -40,9 +40,11 @@ def sample_tokens(logits, key, temperature, top_p):
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
 
 
-def _bucket(n: int, smallest: int = 16) -> int:
-    """Next power of two >= n: prompts and caches of nearby lengths share one compiled program."""
-    return max(smallest, 1 << (n - 1).bit_length())
+def bucket(n: int, smallest: int = 1, largest: int | None = None) -> int:
+    """Next power of two >= n, at least `smallest`, at most `largest`: batches, prompts and caches
+    of nearby sizes share one compiled program (here and in the serving engine)."""
+    b = max(smallest, 1 << (max(n, 1) - 1).bit_length())
+    return b if largest is None else min(largest, b)
 
 
 def eos_ids(base: Base) -> set[int]:
@@ -102,10 +104,10 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
         raise DzjaxError(f"prompt of {lengths.max()} tokens + max_tokens={max_tokens} exceeds the "
                          f"model's context of {limit} positions")
     batch = len(token_lists)
-    padded = np.zeros((batch, _bucket(int(lengths.max()))), np.int32)
+    padded = np.zeros((batch, bucket(int(lengths.max()), 16)), np.int32)
     for i, p in enumerate(token_lists):
         padded[i, :len(p)] = p
-    cache = KVCache.zeros(base.config, batch, _bucket(int(lengths.max()) + max_tokens),
+    cache = KVCache.zeros(base.config, batch, bucket(int(lengths.max()) + max_tokens, 16),
                           dtype)
     params = base.params
     if mesh is not None:

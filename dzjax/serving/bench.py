@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.errors import DzjaxError
+from dzjax.models.generate import bucket
 
 SYSTEMS = ("dzjax", "swap", "merged")
 RESULTS_DIR = Path("benchmarks/results")
@@ -186,16 +187,9 @@ def _traces() -> int:
 # Shapes: every compiled program is built before the clock starts.
 
 
-def _pow2(n: int, smallest: int = 1, largest: int | None = None) -> int:
-    """Next power of two >= n, at least `smallest`, at most `largest` (the engine's and
-    `dzjax.generate`'s bucketing of batch sizes and lengths)."""
-    b = max(smallest, 1 << (max(n, 1) - 1).bit_length())
-    return b if largest is None else min(largest, b)
-
-
 def batch_sizes(max_batch: int) -> list[int]:
     """The padded batch sizes a batch of 1..max_batch rows can take."""
-    return sorted({_pow2(n, 1, max_batch) for n in range(1, max_batch + 1)})
+    return sorted({bucket(n, 1, max_batch) for n in range(1, max_batch + 1)})
 
 
 def generate_shapes(prompt_len: Lengths, output_len: Lengths) -> dict[tuple[int, int], tuple]:
@@ -205,7 +199,7 @@ def generate_shapes(prompt_len: Lengths, output_len: Lengths) -> dict[tuple[int,
     shapes = {}
     for p in range(prompt_len.low, prompt_len.high + 1):
         for m in range(output_len.low, output_len.high + 1):
-            shapes.setdefault((_pow2(p, 16), _pow2(p + m, 16)), (p, m))
+            shapes.setdefault((bucket(p, 16), bucket(p + m, 16)), (p, m))
     return shapes
 
 
@@ -257,7 +251,7 @@ def _warm_engine(server, workload: list[BenchRequest], max_batch: int, max_seq_l
     admitted together and prefilled as one group of exactly that size.
     """
     models = sorted({r.model for r in workload})
-    lengths = sorted({_pow2(len(r.prompt), 16, max_seq_len): len(r.prompt)
+    lengths = sorted({bucket(len(r.prompt), 16, max_seq_len): len(r.prompt)
                       for r in workload}.values())
     for length in lengths:
         for n in batch_sizes(max_batch):
@@ -326,12 +320,12 @@ def _static_batch(model, batch: list[BenchRequest], clock, *, max_batch: int, dt
     finishes when the call returns."""
     from dzjax.models.generate import generate
 
-    rows = _pow2(len(batch), 1, max_batch)
+    rows = bucket(len(batch), 1, max_batch)
     prompts = [list(r.prompt) for r in batch]
     prompts += prompts[:1] * (rows - len(batch))  # padding rows: outputs dropped
     max_tokens = max(r.max_tokens for r in batch)
     longest = max(len(r.prompt) for r in batch)
-    shape = (rows, _pow2(longest, 16), _pow2(longest + max_tokens, 16))
+    shape = (rows, bucket(longest, 16), bucket(longest + max_tokens, 16))
     start = clock()
     outputs = generate(model, prompts, max_tokens=max_tokens, dtype=dtype, stop_at_eos=False)
     done = clock()

@@ -37,6 +37,7 @@ import numpy as np
 from dzjax.errors import DzjaxError
 from dzjax.models import sharding
 from dzjax.models.forward import TRACE_COUNTS
+from dzjax.models.generate import bucket
 from dzjax.models.llama import KVCache
 from dzjax.models.loading import Base
 from dzjax.serving import steps
@@ -137,10 +138,6 @@ class EngineConfig:
     dtype: str = "float32"  # activations
     implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
     mesh: object = None  # a jax.sharding.Mesh with axis "tp": tensor parallelism (None: one device)
-
-
-def _bucket(n: int, smallest: int, largest: int) -> int:
-    return min(largest, max(smallest, 1 << (max(n, 1) - 1).bit_length()))
 
 
 class Engine:
@@ -276,9 +273,7 @@ class Engine:
             self._finish(r, "error", error)
         # A failed step may have consumed its donated buffers: make them again.
         if self.cache.k.is_deleted():
-            self.cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                                      jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-                                          a.shape, a.dtype, sharding=a.sharding), self.cache))
+            self.cache = steps.zeros_like_placed(self.cache)
         stacks = jax.tree.leaves(self.pool.stacks)
         if stacks and stacks[0].is_deleted():
             self.pool.reset_device()
@@ -404,9 +399,9 @@ class Engine:
     def _prefill(self, admitted: list[Request]) -> None:
         by_length = collections.defaultdict(list)
         for r in admitted:
-            by_length[_bucket(len(r.prompt_ids), 16, self.max_seq_len)].append(r)
+            by_length[bucket(len(r.prompt_ids), 16, self.max_seq_len)].append(r)
         for t, group in sorted(by_length.items()):
-            n = _bucket(len(group), 1, self.config.max_batch)
+            n = bucket(len(group), 1, self.config.max_batch)
             ids = np.zeros((n, t), np.int32)
             lengths = np.ones(n, np.int32)
             rows = np.full(n, self.config.max_batch, np.int32)  # padding rows: writes dropped

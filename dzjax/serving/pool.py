@@ -235,9 +235,7 @@ class DeltaPool:
         """Empty every device slot, with fresh stacks (after a failed step consumed the donated
         ones); deltas load again on demand."""
         if self.stacks is not None:
-            self.stacks = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                                       jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-                                           a.shape, a.dtype, sharding=a.sharding), self.stacks))
+            self.stacks = steps.zeros_like_placed(self.stacks)
         self.slot_names = [None] * self.capacity
 
     def close(self) -> None:

@@ -135,3 +135,9 @@ def decode(params, stacks, cache: KVCache, tokens, positions, slots, sampling, *
 def write_slot(stacks, slot, params):
     """The pool's stacks with one delta's tensors written into `slot` (traced: one compile)."""
     return jax.tree.map(lambda s, d: s.at[slot].set(d.astype(s.dtype)), stacks, params)
+
+
+def zeros_like_placed(tree):
+    """Zeros of every array's shape, dtype and placement (also for deleted arrays: after a failed
+    step consumed donated buffers)."""
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), tree)
