@@ -88,7 +88,7 @@ def main() -> None:
                 out, cache = steps.decode(
                     e.params, e.pool.stacks, cache, np.ones(b, np.int32),
                     np.full(b, 10, np.int32), slots, sampling, config=base.config,
-                    dtype=e.dtype, implementation=e.implementation, mesh=e.mesh)
+                    dtype=e.dtype, kernels=e.kernels)
                 out.block_until_ready()
                 return cache
 

@@ -10,35 +10,37 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _demo(args) -> None:
-    from dzjax import demo
+    from dzjax.demo import run
 
-    demo.run(cache_dir=args.cache_dir, rebuild=args.rebuild, max_tokens=args.max_tokens)
+    run(cache_dir=args.cache_dir, rebuild=args.rebuild, max_tokens=args.max_tokens)
 
 
 def _generate(args) -> None:
     import jax.numpy as jnp
 
-    import dzjax
+    from dzjax.models.generate import generate
+    from dzjax.models.loading import load_base
 
-    base = dzjax.load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
-    texts = dzjax.generate(base, args.prompt, max_tokens=args.max_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                           dtype=jnp.dtype(args.dtype))
+    base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
+    texts = generate(base, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                     top_p=args.top_p, seed=args.seed, dtype=jnp.dtype(args.dtype))
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
 
 
 def _sparsity(text: str):
-    if text.lower() in ("none", "dense"):
-        return None
-    return text if ":" in text else float(text)
+    from dzjax.pallas_kernels.formats import parse_sparsity
+
+    try:
+        return parse_sparsity(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _convert(args) -> None:
-    import dzjax
-    from dzjax.compress.pipeline import report_json, report_text
+    from dzjax.compress.pipeline import convert, report_json, report_text
 
-    delta = dzjax.convert(
+    delta = convert(
         args.base, args.finetune, args.out, bits=args.bits, sparsity=args.sparsity,
         group_size=None if args.group_size == 0 else args.group_size,
         calibration=args.calibration, name=args.name, symmetric=args.symmetric,
@@ -97,16 +99,71 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16")
     gen.set_defaults(run=_generate)
 
-    from dzjax.serving import bench, http
-
     srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server for a base and deltas")
-    http.add_arguments(srv)
-    srv.set_defaults(run=http.run)
+    _serve_arguments(srv)
+    srv.set_defaults(run=_serve)
+
+    from dzjax.bench import cli as bench_cli
 
     bch = commands.add_parser("bench", help="serving throughput against the swap baseline")
-    bench.add_arguments(bch)
-    bch.set_defaults(run=bench.run)
+    bench_cli.add_arguments(bch)
+    bch.set_defaults(run=bench_cli.run)
     return p
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from dzjax.paths import named_path
+
+    parser.add_argument("base", type=Path, help="base HF checkpoint directory (with a tokenizer)")
+    parser.add_argument("--delta", type=named_path, action="append", default=[],
+                        metavar="NAME=PATH", help="a delta file to serve as model NAME "
+                        "(repeat for more; a bare PATH is named after its file)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    parser.add_argument("--base-name", default=None,
+                        help="the model name of base-only requests (default: base)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="batch slots: requests decoded together (default: 8)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="prompt + output tokens per request (default: min(context, 1024))")
+    parser.add_argument("--max-resident-deltas", type=int, default=None,
+                        help="deltas held on the device at once (default: 8)")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                        help="activation dtype (default: float32)")
+    parser.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16",
+                        help="dtype the base weights are held in")
+    parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                        help="split the model over the first N devices (a tensor-parallel mesh)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug"))
+
+
+def serve_options(args: argparse.Namespace) -> dict:
+    """The `dzjax.serve` options that the serve command's arguments set."""
+    options = {"base_name": args.base_name, "max_batch": args.max_batch,
+               "max_seq_len": args.max_seq_len, "max_resident_deltas": args.max_resident_deltas,
+               "dtype": args.dtype}
+    if args.tensor_parallel:
+        from dzjax.models.sharding import make_mesh
+        options["mesh"] = make_mesh(args.tensor_parallel)
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _serve(args) -> None:
+    """`dzjax serve`: load the base, start the engine, serve HTTP until interrupted."""
+    import jax.numpy as jnp
+
+    from dzjax.errors import DzjaxError
+    from dzjax.models.loading import load_base
+    from dzjax.serving.http import run_server
+    from dzjax.serving.server import serve
+
+    deltas = dict(args.delta)
+    if len(deltas) != len(args.delta):
+        raise DzjaxError("two --delta options give the same name")
+    base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
+    server = serve(base, deltas, **serve_options(args))
+    run_server(server, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,10 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dzjax import bench, paths
 from dzjax.compress.calibration import DOMAINS
 from dzjax.compress.calibration import embedded_corpus as corpus
+from dzjax.compress.delta_file import load_delta
+from dzjax.compress.pipeline import convert
+from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig, RopeConfig
 from dzjax.models.llama import CausalLM
+from dzjax.models.loading import load_base
+from dzjax.models.saving import save_hf
+from dzjax.serving.server import serve
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 MODEL_NAME = "demo/tiny-llama-v2"  # bump the version when the recipe changes
@@ -188,8 +195,6 @@ def build_tiny_model(out_dir: str | os.PathLike, *, steps: int = TrainConfig.ste
     summary: the recipe, the loss at the first step and the mean of the last steps' losses
     ("loss_start", "loss_end"), the training time and the parameter count.
     """
-    from dzjax.models.saving import save_hf
-
     t0 = time.perf_counter()
     tokenizer = train_tokenizer([doc for domain in DOMAINS for doc in corpus(domain)])
     config = tiny_config(tokenizer)
@@ -228,17 +233,10 @@ def cached_summary(model_dir: Path, steps: int) -> dict | None:
     return summary if summary.get("recipe") == recipe else None
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DZJAX_CACHE") or Path.home() / ".cache" / "dzjax")
-
-
 def build_finetune(base_dir: Path, name: str, out_dir: Path, *, steps: int = FINETUNE_STEPS,
                    log: Callable[[str], None] | None = None) -> dict:
     """Fine-tune every parameter of the demo base on FINETUNES[name]'s documents; save as a HF
     checkpoint `out_dir` (with the base's tokenizer) and return its summary (also the marker)."""
-    from dzjax.models.loading import load_base
-    from dzjax.models.saving import save_hf
-
     t0 = time.perf_counter()
     base = load_base(base_dir, dtype=jnp.float32)
     cfg = TrainConfig(steps=steps, peak_lr=1e-3, seed=1)
@@ -266,14 +264,12 @@ def _cached_finetune(out_dir: Path, name: str, steps: int) -> dict | None:
 def _delta(base_dir: Path, ft_dir: Path, path: Path, name: str, n_samples: int):
     """The delta file of one fine-tune: converted once (4-bit, 2:4 sparse, groups of 128), and
     again when the fine-tune was rebuilt after it. Returns (delta, converted now)."""
-    import dzjax
-
     try:
         if path.stat().st_mtime >= (ft_dir / MARKER).stat().st_mtime:
-            return dzjax.load_delta(path), False
-    except (dzjax.DzjaxError, OSError):
+            return load_delta(path), False
+    except (DzjaxError, OSError):
         pass  # missing, stale or damaged: convert again
-    delta = dzjax.convert(base_dir, ft_dir, path, bits=4, sparsity="2:4", group_size=128,
+    delta = convert(base_dir, ft_dir, path, bits=4, sparsity="2:4", group_size=128,
                           name=name, n_samples=n_samples, seq_len=128, progress=False)
     return delta, True
 
@@ -297,9 +293,7 @@ def run(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, max_t
       final_loss, prompts and texts (the base's answers), finetunes ({name: prompt, text,
       ratio_vs_bf16, delta_bytes, built}) and throughput (the comparison, or None).
     """
-    import dzjax
-
-    root = Path(cache_dir or default_cache_dir())
+    root = Path(cache_dir or paths.cache_dir())
     model_dir = root / MODEL_NAME
     summary = None if rebuild else cached_summary(model_dir, steps)
     built = summary is None
@@ -328,12 +322,12 @@ def run(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, max_t
                                delta_bytes=report["delta_bytes"], loss_end=ft["loss_end"])
 
     t0 = time.perf_counter()
-    base = dzjax.load_base(model_dir)
+    base = load_base(model_dir)
     load_seconds = time.perf_counter() - t0
     prompts = list(PROMPTS) + [FINETUNES[n].prompt for n in FINETUNES]
     models = [None] * len(PROMPTS) + list(FINETUNES)
     t0 = time.perf_counter()
-    with dzjax.serve(base, {n: f["path"] for n, f in finetunes.items()},
+    with serve(base, {n: f["path"] for n, f in finetunes.items()},
                      max_batch=len(prompts), max_seq_len=128) as server:
         texts = server.generate(prompts, model=models, max_tokens=max_tokens)
     generate_seconds = time.perf_counter() - t0
@@ -378,8 +372,6 @@ def run(cache_dir: str | os.PathLike | None = None, rebuild: bool = False, max_t
 def compare_with_swap(model_dir: Path, finetunes: dict, requests: int, root: Path) -> dict:
     """A small `dzjax bench` run on the demo models: all requests at once, uniform over the
     fine-tunes, against the swap baseline. Returns {system: tokens_per_s, ...}."""
-    from dzjax.serving import bench
-
     models = bench.prepare_real(model_dir, {n: Path(f["path"]) for n, f in finetunes.items()},
                                 "float32", root)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

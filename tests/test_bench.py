@@ -10,9 +10,9 @@ import pytest
 
 from dzjax.cli import main, parser
 from dzjax.errors import DzjaxError
-from dzjax.serving.bench import (Lengths, Outcome, SyntheticConfig, WorkloadConfig, batch_sizes,
-                                 build_synthetic, default_weights_dtype, generate_shapes,
-                                 make_workload, popularity, prepare_real, summarize)
+from dzjax.bench import (Lengths, Outcome, SyntheticConfig, WorkloadConfig, build_synthetic,
+                         default_weights_dtype, make_workload, popularity, prepare_real, summarize)
+from dzjax.bench.systems import batch_sizes, generate_shapes
 
 MODELS = tuple(f"m{i}" for i in range(8))
 

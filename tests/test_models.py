@@ -130,12 +130,27 @@ def test_generate_sampling_is_seeded_and_stops_at_eos():
     assert dzjax.generate(stopping, [[1, 2, 3]], max_tokens=12) == [greedy[:greedy.index(eos)]]
 
 
-def test_sample_tokens_top_p_keeps_only_the_nucleus():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
-    draws = dzjax.models.sample_tokens(logits, jax.random.key(0), 1.0, 0.7)
+def test_sampler_top_p_keeps_only_the_nucleus():
+    n = 256
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * n))
+    seeds, counters = np.arange(n, dtype=np.uint32), np.zeros(n, np.int32)
+    draws = dzjax.models.sample(logits, seeds, counters, np.ones(n), np.full(n, 0.7))
     assert set(np.asarray(draws).tolist()) == {0, 1}
-    greedy = dzjax.models.sample_tokens(logits, jax.random.key(0), 0.0, 1.0)
+    greedy = dzjax.models.sample(logits, seeds, counters, np.zeros(n), np.ones(n))
     assert set(np.asarray(greedy).tolist()) == {0}
+
+
+def test_sampler_draws_depend_on_the_rows_seed_and_counter_only():
+    logits = jax.random.normal(jax.random.key(1), (6, 50)) * 3
+    seeds = np.array([7, 7, 8, 7, 9, 7], np.uint32)
+    counters = np.array([0, 0, 0, 1, 0, 0], np.int32)
+    args = (np.ones(6, np.float32), np.ones(6, np.float32))
+    same = np.tile(np.asarray(logits[:1]), (6, 1))
+    draws = np.asarray(dzjax.models.sample(same, seeds, counters, *args))
+    assert draws[0] == draws[1] == draws[5]  # same seed and counter: the same draw
+    # A row's draw does not depend on its batch-mates: row 0 alone gives the same.
+    alone = dzjax.models.sample(same[:1], seeds[:1], counters[:1], args[0][:1], args[1][:1])
+    assert int(alone[0]) == draws[0]
 
 
 @pytest.mark.parametrize("bad", [np.array([[0, 256]]), np.array([[-1, 3]]), np.zeros((1, 0), int),
@@ -152,3 +167,26 @@ def test_delta_with_unknown_or_misshapen_tensor_is_rejected():
         dzjax.logits(base, [[1, 2]], delta={"model": {"layers_9": {"mlp": jnp.zeros(3)}}})
     with pytest.raises(ValueError, match="shape"):
         dzjax.logits(base, [[1, 2]], delta={"lm_head": {"kernel": jnp.zeros((3, 3))}})
+
+
+def test_kernel_options_are_part_of_the_model_and_profiles_read_by_name(tmp_path):
+    """How compressed deltas run is the model's own static field: another implementation is
+    another program (no global state), and the stages carry names a profile shows."""
+    from conftest import make_deltas
+    from dzjax.models import KernelOptions, forward
+
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    delta = dzjax.load_delta(make_deltas(fixture_dir("llama"), tmp_path, 1)["ft0"])
+    ids = np.arange(8, dtype=np.int32)[None]
+    positions = ids.copy()
+    texts = {}
+    for impl in ("xla", "interpret"):
+        lowered = forward.lower(base.params, ids, positions, delta.params, config=base.config,
+                                kernels=KernelOptions(implementation=impl))
+        texts[impl] = lowered.as_text(debug_info=True)
+    assert "delta_matmul" in texts["xla"] and "layers_1/self_attn/q_proj" in texts["xla"]
+    assert "/attention/" in texts["xla"] and "kv_cache_write" not in texts["xla"]  # no cache
+    # The interpret-mode Pallas kernel is in the second program only.
+    assert "delta_matmul_pallas" not in texts["xla"] and "delta_matmul_pallas" in texts["interpret"]
+    with pytest.raises(ValueError, match="implementation='fast'"):
+        KernelOptions(implementation="fast")

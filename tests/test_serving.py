@@ -146,6 +146,21 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(models):
     assert other_seed != alone_sample and greedy != alone_sample
 
 
+def test_generate_and_serve_sample_the_same_tokens_for_the_same_seed(models):
+    """One sampler, one key per request (prompt i: seed + i): `dzjax.generate` and
+    `Server.generate` agree at temperature > 0, for the base and for a delta."""
+    base, paths, _ = models("llama")
+    prompts = prompts_for(3, seed=20)
+    kw = dict(max_tokens=10, temperature=0.9, top_p=0.95, seed=5)
+    delta = dzjax.load_delta(paths["ft1"])
+    with dzjax.serve(base, paths, **OPTIONS) as server:
+        for model, d in ((None, None), ("ft1", delta)):
+            want = dzjax.generate(base, prompts, delta=d, stop_at_eos=False, **kw)
+            assert server.generate(prompts, model=model, ignore_eos=True, **kw) == want
+            greedy = dzjax.generate(base, prompts, delta=d, stop_at_eos=False, max_tokens=10)
+            assert want != greedy  # the settings do sample
+
+
 @pytest.fixture(scope="module")
 def text_server(tmp_path_factory):
     """The tiny trained Llama with a tokenizer, and one delta."""
@@ -294,6 +309,7 @@ def test_decode_step_lowers_for_cuda_with_the_pallas_kernels(text_server):
 
     from test_kernels import lower_for_cuda
 
+    from dzjax.models import KernelOptions
     from dzjax.models.llama import KVCache
     from dzjax.serving import steps
 
@@ -305,7 +321,7 @@ def test_decode_step_lowers_for_cuda_with_the_pallas_kernels(text_server):
     sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
                 np.ones(b, np.float32))
     step = functools.partial(steps.decode, config=base.config, dtype=jnp.bfloat16,
-                             implementation="pallas")
+                             kernels=KernelOptions(implementation="pallas"))
     text = lower_for_cuda(step, params, stacks, cache, np.zeros(b, np.int32),
                           np.zeros(b, np.int32), np.array([0, -1, 1, 0, -1, -1, 0, 1], np.int32),
                           sampling)

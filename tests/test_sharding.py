@@ -106,8 +106,8 @@ def test_generate_on_a_mesh_equals_one_device(tp_model):
 
 def test_the_serve_command_builds_its_mesh():
     from dzjax.cli import parser
-    from dzjax.serving.http import _serve_options
+    from dzjax.cli import serve_options
 
     args = parser().parse_args(["serve", "base-dir", "--tensor-parallel", "4"])
-    assert _serve_options(args)["mesh"].shape == {"tp": 4}
-    assert "mesh" not in _serve_options(parser().parse_args(["serve", "base-dir"]))
+    assert serve_options(args)["mesh"].shape == {"tp": 4}
+    assert "mesh" not in serve_options(parser().parse_args(["serve", "base-dir"]))

@@ -32,10 +32,9 @@ from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig, RopeConfig
 from dzjax.models.loading import Base, flatten_params, hf_key_map, unflatten
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
-from dzjax.pallas_kernels.formats import Format, QuantizedTensor
+from dzjax.pallas_kernels.formats import FIELDS, Format, QuantizedTensor
 
 FORMAT_VERSION = 1
-_FIELDS = ("qweight", "scales", "zeros", "meta")
 
 
 class DeltaFileError(DzjaxError):
@@ -92,39 +91,6 @@ def config_from_json(data: dict) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def _format_to_json(fmt: Format, shape) -> dict:
-    sparsity = (f"{fmt.nm[0]}:{fmt.nm[1]}" if fmt.nm else "unstructured" if fmt.unstructured
-                else None)
-    return {"kind": "quantized", "shape": list(shape), "bits": fmt.bits,
-            "group_size": fmt.group_size, "symmetric": fmt.symmetric, "sparsity": sparsity}
-
-
-def _format_from_json(entry: dict) -> Format:
-    sparsity = entry.get("sparsity")
-    nm = tuple(int(v) for v in sparsity.split(":")) if sparsity and ":" in sparsity else None
-    return Format(bits=int(entry["bits"]), group_size=int(entry["group_size"]),
-                  symmetric=bool(entry["symmetric"]), nm=nm, unstructured=sparsity == "unstructured")
-
-
-def _expected_arrays(fmt: Format, k: int, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{field: (shape, dtype)} that a QuantizedTensor of [k, n] in `fmt` stores."""
-    from dzjax.pallas_kernels import packing
-
-    rows = fmt.stored_rows(k)
-    groups = k // fmt.group_size
-    out = {}
-    if fmt.bits == 16:
-        out["qweight"] = ((rows, n), np.dtype(np.float16))
-    else:
-        out["qweight"] = ((rows * fmt.bits // 32, n), np.dtype(np.uint32))
-        out["scales"] = ((groups, n), np.dtype(jnp.bfloat16))
-        if not fmt.symmetric:
-            out["zeros"] = ((groups, n), np.dtype(np.uint8))
-    if fmt.nm is not None:
-        out["meta"] = ((rows * packing.index_bits(fmt.nm[1]) // 32, n), np.dtype(np.uint32))
-    return out
-
-
 def _stem(hf_name: str) -> str:
     return hf_name.removesuffix(".weight")
 
@@ -144,7 +110,7 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
         if leaf is None:
             continue
         if isinstance(leaf, QuantizedTensor):
-            entries[name] = _format_to_json(leaf.format, leaf.shape)
+            entries[name] = leaf.format.to_json(leaf.shape)
             for field, array in leaf.arrays().items():
                 array = np.asarray(array)
                 if zstd_level is None:
@@ -242,7 +208,7 @@ def _read_exact(sf, path, name, transposed, hf_shape, unused):
 
 def _read_quantized(sf, path, name, entry, keys, hf_shape, unused):
     try:
-        fmt = _format_from_json(entry)
+        fmt = Format.from_json(entry)
         k, n = (int(v) for v in entry["shape"])
         fmt.check_shape(k, n, name)
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
@@ -253,5 +219,5 @@ def _read_quantized(sf, path, name, entry, keys, hf_shape, unused):
                              f"{list(reversed(hf_shape))} for this model")
     read = _read_zstd if entry.get("zstd") else _read
     arrays = {field: read(sf, path, f"{_stem(name)}.{field}", shape, dtype, unused)
-              for field, (shape, dtype) in _expected_arrays(fmt, k, n).items()}
-    return QuantizedTensor(**{f: arrays.get(f) for f in _FIELDS}, shape=(k, n), format=fmt)
+              for field, (shape, dtype) in fmt.stored_arrays(k, n).items()}
+    return QuantizedTensor(**{f: arrays.get(f) for f in FIELDS}, shape=(k, n), format=fmt)

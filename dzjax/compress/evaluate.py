@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 
-import dzjax
+from dzjax.models.forward import logits as model_logits
 from dzjax.models.loading import Base
 
 
@@ -22,7 +22,7 @@ def perplexity(base: Base, windows: np.ndarray, delta=None, batch: int = 16) -> 
     total, count = 0.0, 0
     for start in range(0, len(windows), batch):
         chunk = windows[start:start + batch]
-        logits = dzjax.logits(base, chunk, delta=delta)[:, :-1]
+        logits = model_logits(base, chunk, delta=delta)[:, :-1]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, chunk[:, 1:])
         total += float(losses.sum())
         count += losses.size

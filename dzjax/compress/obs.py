@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dzjax.compress import quant
+from dzjax.pallas_kernels import formats
 
 _HIGHEST = lax.Precision.HIGHEST  # GPUs would otherwise run float32 matmuls in TF32
 
@@ -59,19 +60,23 @@ class ObsConfig:
     damp: float = 0.01
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8, 16) or isinstance(self.bits, bool):
-            raise ValueError(f"bits must be 2, 3, 4, 8 or 16 (no quantization), got {self.bits!r}")
+        formats.check_bits(self.bits)
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size must be None or a positive int, got {self.group_size!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
-        object.__setattr__(self, "sparsity", _parse_sparsity(self.sparsity))
+        object.__setattr__(self, "sparsity", formats.parse_sparsity(self.sparsity))
 
     @property
     def n_m(self) -> tuple[int, int] | None:
         return self.sparsity if isinstance(self.sparsity, tuple) else None
+
+    def format(self, k: int) -> formats.Format:
+        """How a kernel with k inputs compressed with this config is stored."""
+        return formats.Format.for_matrix(k, bits=self.bits, sparsity=self.sparsity,
+                                         group_size=self.group_size, symmetric=self.symmetric)
 
     def check(self, k: int) -> None:
         """Raise ValueError where this config cannot compress a kernel with k inputs."""
@@ -79,27 +84,6 @@ class ObsConfig:
             raise ValueError(f"group_size={self.group_size} must divide the input dim K={k}")
         if self.n_m and k % self.n_m[1]:
             raise ValueError(f"n:m sparsity {self.n_m[0]}:{self.n_m[1]} needs m to divide K={k}")
-
-
-def _parse_sparsity(s):
-    if s is None:
-        return None
-    if isinstance(s, str):
-        parts = s.split(":")
-        try:
-            s = tuple(int(p) for p in parts) if len(parts) == 2 else float(s)
-        except ValueError:
-            raise ValueError(f"sparsity must be a float in (0, 1) or 'n:m', got {s!r}") from None
-    if isinstance(s, (tuple, list)):
-        if len(s) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in s):
-            raise ValueError(f"n:m sparsity must be two ints (n, m), got {s!r}")
-        n, m = s
-        if not 0 < n < m:
-            raise ValueError(f"n:m sparsity keeps n of every m inputs and needs 0 < n < m, got {n}:{m}")
-        return (n, m)
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1:
-        raise ValueError(f"unstructured sparsity must be a float in (0, 1), got {s!r}")
-    return float(s)
 
 
 def _block_size(k: int, cfg: ObsConfig) -> int:
@@ -139,7 +123,7 @@ def hessian_update(state: HessianState, x: jax.Array) -> HessianState:
 class ObsResult:
     """A compressed kernel. codes/scales/zeros are None when bits == 16.
 
-    w_hat [K, N] float32: the compressed weights, 0 where pruned, == quant.dequantize(codes, scales, zeros).
+    w_hat [K, N] float32: the compressed weights, 0 where pruned, == quant.grid_values(codes, scales, zeros).
     codes [K, N] uint8 in [0, 2^bits); pruned weights hold their group's zero.
     scales [K // group_size, N] float32 and zeros (same shape, uint8); [1, N] per channel.
     mask [K, N] bool, True = kept.
@@ -153,6 +137,12 @@ class ObsResult:
     zeros: jax.Array | None
     mask: jax.Array
     loss: jax.Array
+
+    def to_quantized(self, fmt: formats.Format) -> formats.QuantizedTensor:
+        """The result packed as stored in the delta file and read by the kernels."""
+        if fmt.bits == 16:
+            return formats.quantize_to_format(self.w_hat, None, None, self.mask, fmt)
+        return formats.quantize_to_format(self.codes, self.scales, self.zeros, self.mask, fmt)
 
 
 def inverse_hessian_cholesky(h: jax.Array, damp: float) -> jax.Array:
@@ -280,7 +270,7 @@ def obs_prune_quantize(w: jax.Array, h: jax.Array, cfg: ObsConfig) -> ObsResult:
         return ObsResult(w_hat=w[inverse], codes=None, scales=None, zeros=None, mask=mask, loss=loss)
     codes = codes[inverse].astype(jnp.uint8)
     zeros = zeros.astype(jnp.uint8)
-    w_hat = quant.dequantize(codes, scales, zeros)
+    w_hat = quant.grid_values(codes, scales, zeros)
     return ObsResult(w_hat=w_hat, codes=codes, scales=scales, zeros=zeros, mask=mask, loss=loss)
 
 
@@ -307,7 +297,7 @@ def round_to_nearest(w: jax.Array, cfg: ObsConfig, h: jax.Array | None = None) -
         scales, zeros = quant.minmax_grid(w.reshape(k // g, g, n), bits=cfg.bits, symmetric=cfg.symmetric)
         codes = quant.quantize(w.reshape(k // g, g, n), scales[:, None], zeros[:, None], bits=cfg.bits)
         codes, zeros = codes.reshape(k, n).astype(jnp.uint8), zeros.astype(jnp.uint8)
-        w_hat = quant.dequantize(codes, scales, zeros)
+        w_hat = quant.grid_values(codes, scales, zeros)
     else:
         w_hat = w
     loss = jnp.nan if h is None else reconstruction_loss(w0, w_hat, h)

@@ -33,13 +33,13 @@ from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_pru
                                 reconstruction_loss, round_to_nearest)
 from dzjax.errors import CheckpointError, DzjaxError
 from dzjax.models.config import ModelConfig, from_hf_config
-from dzjax.models.linear import embed, kernel_implementation
+from dzjax.models.kernel_options import KernelOptions
+from dzjax.models.linear import embed
 from dzjax.models.llama import DecoderLayer, RMSNorm
 from dzjax.models.loading import (checkpoint_files, checkpoint_fingerprint, flatten_params,
                                   hf_key_map, load_tokenizer, read_hf_config, unflatten)
 from dzjax.models.safetensors_io import SafetensorsFile
-from dzjax.pallas_kernels.dispatch import requested_implementation
-from dzjax.pallas_kernels.formats import Format, QuantizedTensor, quantize_to_format
+from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
 
 # Linears compressed together on one Hessian, in the order their inputs become available.
@@ -72,13 +72,10 @@ class ConvertConfig:
         if self.n_samples < 1 or self.seq_len < 2:
             raise DzjaxError(f"need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, "
                              f"{self.seq_len}")
-        try:
-            obs = self.obs_config(1 << 20)
+        try:  # the settings themselves, before any work (shapes are checked per matrix)
+            self.obs_config(1 << 20).format(1 << 20)
         except ValueError as e:
             raise DzjaxError(str(e)) from None
-        if obs.n_m and self.group_size and self.group_size % obs.n_m[1]:
-            raise DzjaxError(f"group_size={self.group_size} must be a multiple of m={obs.n_m[1]} "
-                             f"for {obs.n_m[0]}:{obs.n_m[1]} sparsity")
 
     def obs_config(self, k: int) -> ObsConfig:
         group = None if self.group_size is None or self.group_size >= k else self.group_size
@@ -88,17 +85,6 @@ class ConvertConfig:
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def to_quantized(result, obs: ObsConfig, k: int, n: int, name: str) -> QuantizedTensor:
-    """Pack an `ObsResult` into the file/kernel format."""
-    nm = obs.n_m
-    fmt = Format(bits=obs.bits, group_size=obs.group_size or k, symmetric=obs.symmetric, nm=nm,
-                 unstructured=isinstance(obs.sparsity, float))
-    fmt.check_shape(k, n, name)
-    if obs.bits == 16:
-        return quantize_to_format(result.w_hat, None, None, result.mask, fmt)
-    return quantize_to_format(result.codes, result.scales, result.zeros, result.mask, fmt)
 
 
 class _PairReader:
@@ -151,13 +137,12 @@ def check_pair(base: ModelConfig, ft: ModelConfig, base_dir: Path, ft_dir: Path)
                              f"{getattr(ft, field)!r}, the base's {getattr(base, field)!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "window", "capture", "implementation"))
-def _layer_pass(params, delta, x, *, config, window, capture, implementation):
+@functools.partial(jax.jit, static_argnames=("config", "window", "capture", "kernels"))
+def _layer_pass(params, delta, x, *, config, window, capture, kernels):
     """Run one decoder layer on x [n, T, D]; returns its output and the inputs of `capture`."""
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    with kernel_implementation(implementation):
-        out, state = DecoderLayer(config, window).apply(
-            {"params": params}, x, positions, None, delta, mutable=["linear_inputs"])
+    out, state = DecoderLayer(config, window, kernels=kernels).apply(
+        {"params": params}, x, positions, None, delta, mutable=["linear_inputs"])
     inputs = None
     if capture is not None:
         inputs = state["linear_inputs"][capture[0]][capture[1]]["x"][0]
@@ -178,8 +163,10 @@ def _hessian(run, xs: np.ndarray):
 def _compress(w, h, cfg: ConvertConfig, name: str):
     """Compress one delta matrix [K, N]; returns the QuantizedTensor and its relative error."""
     obs = cfg.obs_config(w.shape[0])
+    fmt = obs.format(w.shape[0])
     try:
         obs.check(w.shape[0])
+        fmt.check_shape(*w.shape, name)
     except ValueError as e:
         raise DzjaxError(f"{name}: {e}") from None
     w = jnp.asarray(w)
@@ -189,7 +176,7 @@ def _compress(w, h, cfg: ConvertConfig, name: str):
         result = round_to_nearest(w, obs, h)
     else:
         result = obs_prune_quantize(w, h, obs)
-    q = to_quantized(result, obs, *w.shape, name)
+    q = result.to_quantized(fmt)
     err = float(jnp.sqrt(reconstruction_loss(w, dequantize(q), h) /
                          jnp.maximum(reconstruction_loss(w, jnp.zeros_like(w), h), 1e-30)))
     return q, err
@@ -230,8 +217,8 @@ class _Run:
     """
 
     def __init__(self, config: ModelConfig, cfg: ConvertConfig, reader: _PairReader,
-                 devices: list | None = None):
-        self.config, self.cfg, self.reader = config, cfg, reader
+                 kernels: KernelOptions, devices: list | None = None):
+        self.config, self.cfg, self.reader, self.kernels = config, cfg, reader, kernels
         self.devices = devices or [None]
         self.stored: dict[tuple[str, ...], object] = {}  # param path -> QuantizedTensor | exact
         self.errors: dict[str, float] = {}  # HF name -> relative reconstruction error
@@ -262,7 +249,7 @@ class _Run:
         del layer_ft
         run = functools.partial(_layer_pass, jax.tree.map(jnp.asarray, layer_base),
                                 config=self.config, window=self.config.sliding_windows[i],
-                                implementation=requested_implementation())
+                                kernels=self.kernels)
         layer_errors = []
         for module, names in STAGES:
             h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
@@ -305,7 +292,7 @@ class _Run:
 
 def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int | None = 128,
             calibration=None, *, name: str | None = None, progress: bool = True,
-            mesh=None, **options) -> Delta:
+            mesh=None, implementation: str | None = None, **options) -> Delta:
     """Compress the delta of a fine-tune against its base and write it to `out`.
 
     Args:
@@ -319,6 +306,7 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
       progress: print one line per layer.
       mesh: a `jax.sharding.Mesh` (or a list of devices): the matrices that share a Hessian
         are compressed in parallel, one per device; the file is identical to one device's.
+      implementation: kernels of the compressed layers' passes (None: `DZJAX_KERNEL`, else auto).
       options: further `ConvertConfig` fields (symmetric, act_order, damp, block_size, method,
         compress_embeddings, zstd, n_samples, seq_len, seed).
     Returns:
@@ -341,7 +329,7 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
                                               n_samples=cfg.n_samples, seq_len=seq_len,
                                               seed=cfg.seed)
     devices = None if mesh is None else list(np.asarray(getattr(mesh, "devices", mesh)).flat)
-    run = _Run(config, cfg, reader, devices)
+    run = _Run(config, cfg, reader, KernelOptions.resolve(implementation), devices)
     meter = _Progress(config.num_layers + 2, progress)
     x = run.embedding(tokens)
     meter.step("embed_tokens", run.errors.get("model.embed_tokens.weight", 0.0))

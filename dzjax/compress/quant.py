@@ -42,8 +42,9 @@ def quantize(x: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int) -> j
     return jnp.clip(jnp.round(x / scale) + zero, 0, 2**bits - 1)
 
 
-def dequantize(codes: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
-    """w_hat [K, N] = scales * (codes - zeros), the group of row k being k // (K // len(scales))."""
+def grid_values(codes: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
+    """The values that codes stand for on their grid (the compressed weights, before packing):
+    w_hat [K, N] = scales * (codes - zeros), the group of row k being k // (K // len(scales))."""
     group_size = codes.shape[0] // scales.shape[0]
     scales = jnp.repeat(scales.astype(jnp.float32), group_size, axis=0)
     zeros = jnp.repeat(zeros.astype(jnp.float32), group_size, axis=0)

@@ -1,8 +1,10 @@
-"""Jitted entry points of the model: a full forward pass, prefill and one-token decode.
+"""Jitted entry points of the model: a full forward pass, prefill and one-token decode, and
+`logits`, the public one.
 
-Each is compiled once per (config, dtype, shapes): the base params and the delta are ordinary jit
-arguments, so swapping one delta for another of the same shapes reuses the compiled program.
-`TRACE_COUNTS` counts how often each entry point was traced (tests and serving stats read it).
+Each is compiled once per (config, dtype, kernel options, shapes): the base params and the delta
+are ordinary jit arguments, so swapping one delta for another of the same shapes reuses the
+compiled program. `TRACE_COUNTS` counts how often each entry point was traced (tests and serving
+stats read it).
 """
 
 from __future__ import annotations
@@ -16,38 +18,59 @@ import numpy as np
 
 from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig
-from dzjax.models.linear import kernel_implementation
+from dzjax.models.kernel_options import KernelOptions
+from dzjax.models.linear import DEFAULT_KERNELS
 from dzjax.models.llama import CausalLM, KVCache
 from dzjax.pallas_kernels.formats import QuantizedTensor
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "implementation"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "kernels"))
 def forward(params, input_ids, positions, delta=None, *, config: ModelConfig, dtype=jnp.float32,
-            implementation: str | None = None):
+            kernels: KernelOptions = DEFAULT_KERNELS):
     """Logits [B, T, V] float32 of the whole sequence, no cache.
 
-    `implementation` picks the kernels of compressed deltas (see `dzjax.pallas_kernels`).
+    `kernels` says how compressed deltas are computed (`KernelOptions`).
     """
     TRACE_COUNTS["forward"] += 1
-    with kernel_implementation(implementation):
-        logits, _ = CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta)
+    logits, _ = CausalLM(config, dtype, kernels=kernels).apply(
+        {"params": params}, input_ids, positions, delta)
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "implementation"),
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "kernels"),
                    donate_argnames=("cache",))
 def forward_cached(params, input_ids, positions, cache: KVCache, delta=None, *,
-                   config: ModelConfig, dtype=jnp.float32, implementation: str | None = None):
+                   config: ModelConfig, dtype=jnp.float32,
+                   kernels: KernelOptions = DEFAULT_KERNELS):
     """Write input_ids [B, T] at `positions` into the cache; returns (logits [B, T, V], cache).
 
     Prefill is a call with the (right-padded) prompts; decode is a call with T = 1.
     """
     TRACE_COUNTS["forward_cached"] += 1
-    with kernel_implementation(implementation):
-        return CausalLM(config, dtype).apply({"params": params}, input_ids, positions, delta,
-                                             cache)
+    return CausalLM(config, dtype, kernels=kernels).apply(
+        {"params": params}, input_ids, positions, delta, cache)
+
+
+def logits(base, input_ids, delta=None, dtype=jnp.float32, implementation=None) -> jax.Array:
+    """Logits [B, T, V] float32 of token ids [B, T] (or [T]) under base + delta.
+
+    Args:
+      base: a `Base` from `load_base`.
+      input_ids: integer token ids, [batch, seq] or [seq].
+      delta: None; a compressed `Delta` (from `convert` or `load_delta`; it must have been made
+        on this base); or a dense delta, a pytree mirroring (part of) `base.params` holding
+        W_finetune - W_base (see `dense_delta`).
+      dtype: activation dtype of the forward pass.
+      implementation: kernels for a compressed delta: "xla", "pallas", "interpret" or None =
+        `DZJAX_KERNEL`, else auto (Pallas on GPU, XLA elsewhere).
+    """
+    ids = check_input_ids(input_ids, base.config.vocab_size)
+    delta = resolve_delta(base, delta)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    return forward(base.params, ids, positions, delta, config=base.config, dtype=dtype,
+                   kernels=KernelOptions.resolve(implementation))
 
 
 def check_input_ids(input_ids, vocab_size: int) -> np.ndarray:

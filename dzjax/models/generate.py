@@ -1,7 +1,8 @@
 """Small reference generation loop: prefill the prompts, then decode one token per jitted step.
 
 This is the single-model path that the demo and the tests use; the serving engine batches many
-requests and deltas, and is checked against this.
+requests and deltas, and is checked against this. Both use the same prompt encoder, end-of-sequence
+set and sampler (prompt i with seed + i), so they give the same tokens for the same seed.
 """
 
 from __future__ import annotations
@@ -15,29 +16,12 @@ import numpy as np
 
 from dzjax.errors import DzjaxError
 from dzjax.models import sharding
-from dzjax.models.forward import check_input_ids, forward_cached, resolve_delta
+from dzjax.models.forward import forward_cached, resolve_delta
+from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.llama import KVCache
-from dzjax.pallas_kernels.dispatch import requested_implementation
 from dzjax.models.loading import Base
-
-
-@jax.jit
-def sample_tokens(logits, key, temperature, top_p):
-    """One token per row from logits [B, V]: greedy where temperature == 0, else nucleus sampling.
-
-    temperature and top_p are [B] (per row) or scalars.
-    """
-    b = logits.shape[0]
-    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
-    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    # Keep the smallest set of most likely tokens whose mass reaches top_p.
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    threshold = jnp.min(jnp.where(mass_before < top_p[:, None], ordered, jnp.inf), -1, keepdims=True)
-    sampled = jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+from dzjax.models.sampling import sample_jit
+from dzjax.models.text import encode_prompt, eos_ids
 
 
 def bucket(n: int, smallest: int = 1, largest: int | None = None) -> int:
@@ -45,28 +29,6 @@ def bucket(n: int, smallest: int = 1, largest: int | None = None) -> int:
     of nearby sizes share one compiled program (here and in the serving engine)."""
     b = max(smallest, 1 << (max(n, 1) - 1).bit_length())
     return b if largest is None else min(largest, b)
-
-
-def eos_ids(base: Base) -> set[int]:
-    ids = set(base.config.eos_token_ids)
-    if base.tokenizer is not None and base.tokenizer.eos_token_id is not None:
-        ids.add(base.tokenizer.eos_token_id)
-    return ids
-
-
-def _encode(base: Base, prompts) -> tuple[list[list[int]], bool]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if all(isinstance(p, str) for p in prompts):
-        if base.tokenizer is None:
-            raise DzjaxError(f"{base.path}: the base has no tokenizer; pass token ids instead of text")
-        return [list(base.tokenizer(p)["input_ids"]) for p in prompts], True
-    ids = [[int(t) for t in np.asarray(p).reshape(-1)] for p in prompts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise DzjaxError(f"prompt {i} is empty")
-        check_input_ids(p, base.config.vocab_size)
-    return ids, False
 
 
 def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
@@ -80,7 +42,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
       prompts: one text, a list of texts (needs the base's tokenizer) or a list of token-id lists.
       max_tokens: tokens generated per prompt at most.
       temperature, top_p: sampling; temperature 0 is greedy.
-      seed: random seed for sampling.
+      seed: prompt i samples with seed + i (as `Server.generate`: the same tokens).
       delta: None, a `dzjax.Delta` or a dense delta pytree (see `dzjax.logits`).
       dtype: activation dtype.
       stop_at_eos: stop a row at its first end-of-sequence token (which is not returned).
@@ -96,8 +58,13 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
         raise DzjaxError(f"max_tokens must be >= 1, got {max_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise DzjaxError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not 0 <= seed <= 2**32 - len(prompts):
+        raise DzjaxError(f"seed must be in [0, 2**32 - number of prompts], got {seed}")
     delta = resolve_delta(base, delta)
-    token_lists, as_text = _encode(base, prompts)
+    as_text = all(isinstance(p, str) for p in prompts)
+    token_lists = [encode_prompt(base, p, f"prompt {i}") for i, p in enumerate(prompts)]
     lengths = np.array([len(p) for p in token_lists])
     limit = base.config.max_position_embeddings
     if lengths.max() + max_tokens > limit:
@@ -113,17 +80,19 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
     if mesh is not None:
         params, delta, cache = sharding.place(mesh, base.config, params, delta, cache)
     step = functools.partial(forward_cached, params, delta=delta, config=base.config,
-                             dtype=dtype, implementation=requested_implementation(implementation))
+                             dtype=dtype, kernels=KernelOptions.resolve(implementation))
     positions = np.broadcast_to(np.arange(padded.shape[1], dtype=np.int32), padded.shape)
     logits, cache = step(padded, positions, cache)
     logits = logits[jnp.arange(batch), lengths - 1]  # each prompt's last real position
-    key = jax.random.key(seed)
-    stop = eos_ids(base) if stop_at_eos else set()
+    seeds = np.arange(batch, dtype=np.uint32) + np.uint32(seed)
+    temperatures = np.full(batch, temperature, np.float32)
+    top_ps = np.full(batch, top_p, np.float32)
+    stop = eos_ids(base.config, base.tokenizer) if stop_at_eos else frozenset()
     out: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
     for i in range(max_tokens):
-        key, sub = jax.random.split(key)
-        tokens = sharding.to_host(sample_tokens(logits, sub, temperature, top_p))
+        counters = np.full(batch, i, np.int32)
+        tokens = sharding.to_host(sample_jit(logits, seeds, counters, temperatures, top_ps))
         for row, token in enumerate(tokens):
             if not done[row]:
                 done[row] = int(token) in stop

@@ -1,204 +1,255 @@
-"""The one place where the model touches its weights: base weight plus an optional delta.
+"""The one place where the model touches its weights: a base weight plus an optional delta.
 
 The forward pass reaches every projection through `linear`, the embedding table through `embed`
-and every small tensor (norm weights, biases) through `add_delta`, so that supporting a new kind of
-delta (dense today, compressed and multi-delta later) never touches the model definition.
+(and a tied output projection through `unembed`), and every small tensor (norm weights, biases)
+through `add_delta`. Each kind of delta answers the same three questions, so supporting a new kind
+never touches the model definition:
 
-A delta for one weight is `None` (base only), a dense array of the weight's shape holding
-`W_finetune - W_base`, a compressed `QuantizedTensor` of the weight in kernel layout [in, out]
-(the embedding table's as [hidden, vocab]), or a `RowDelta`: one of those per batch row, picked
-from a stack of resident deltas (serving many fine-tunes in one batch).
+  kind            what it holds                                   made by
+  Dense           W_finetune - W_base, the weight's own shape     `dense_delta`, exact file tensors
+  Compressed      a `QuantizedTensor` [in, out] (an embedding's   `convert`, `load_delta`
+                  as [hidden, vocab])
+  CompressedRows  per batch row, one of S resident compressed     `delta_stacks.row_deltas` (serving)
+                  deltas: stack [S, ...] and slots [B]
+  ExactRows       per batch row, one of S exact tensors:          `delta_stacks.row_deltas` (serving)
+                  stack [S, *shape] and slots [B]
+
+  matmul(x, kernels)   x [..., K] @ delta [K, N] -> [..., N] float32
+  lookup(ids)          rows of an embedding table's delta [V, D] for ids [B, ...] -> [..., D] f32
+  as_head()            the delta of the tied output projection table^T, given the table's
+  added_to(w, ndim)    w + delta, for small tensors (exact kinds only)
+A slot of -1 means "base only": that row's delta is zero.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dzjax.pallas_kernels import delta_matmul, multi_delta_matmul
+from dzjax.models.kernel_options import KernelOptions
+from dzjax.pallas_kernels import delta_matmul, make_delta_batch, multi_delta_matmul
 from dzjax.pallas_kernels.formats import QuantizedTensor
-from dzjax.pallas_kernels.multi_delta import DeltaBatch
 from dzjax.pallas_kernels.reference import dequantize, dequantize_columns
 
-# The kernel implementation for compressed deltas ("xla", "pallas", "interpret", "auto"), set by
-# the jitted entry points around tracing; they take it as a static argument, so that a change of
-# implementation compiles anew instead of reusing a program traced with another.
-_IMPLEMENTATION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "dzjax_kernel_implementation", default=None)
-# The tensor-parallel mesh of a traced serving step (see `dzjax.models.sharding`), or None.
-_MESH: contextvars.ContextVar = contextvars.ContextVar("dzjax_mesh", default=None)
+DEFAULT_KERNELS = KernelOptions()
 
 
-@contextlib.contextmanager
-def kernel_implementation(implementation: str | None):
-    """Within this context, `linear` computes compressed deltas with `implementation`."""
-    token = _IMPLEMENTATION.set(implementation)
-    try:
-        yield
-    finally:
-        _IMPLEMENTATION.reset(token)
+def _check_shape(got, want, what: str) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(f"{what}: delta shape {tuple(got)} does not match weight shape "
+                         f"{tuple(want)}")
+
+
+def _exact_only(kind: str):
+    raise TypeError(f"a {kind} delta is a compressed matrix: it has no small-tensor form")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """A dense delta of the weight's own shape."""
+
+    delta: jax.Array
+
+    def matmul(self, x, kernels):
+        return jnp.dot(x, self.delta.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def lookup(self, ids):
+        return jnp.take(self.delta, ids, axis=0).astype(jnp.float32)
+
+    def as_head(self):
+        return Dense(self.delta.T)
+
+    def added_to(self, w, ndim):
+        # In float32, so that a bf16 base plus an exact delta gives back the bf16 fine-tune.
+        return (w.astype(jnp.float32) + self.delta.astype(jnp.float32)).astype(w.dtype)
+
+    @property
+    def shape(self):
+        return self.delta.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressed:
+    """One compressed matrix; the embedding table's is stored as its transpose [hidden, vocab]."""
+
+    q: QuantizedTensor
+
+    def matmul(self, x, kernels):
+        with jax.named_scope("delta_matmul"):
+            return delta_matmul(x, self.q, implementation=kernels.implementation)
+
+    def lookup(self, ids):  # one stored column per token
+        rows = dequantize_columns(self.q, ids.reshape(-1)).T
+        return rows.reshape(*ids.shape, self.q.shape[0])
+
+    def as_head(self):
+        return self  # stored [hidden, vocab]: already the head's [in, out] layout
+
+    def added_to(self, w, ndim):
+        _exact_only("compressed")
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def _token_slots(slots, lead_shape) -> jax.Array:
+    """Each token's slot for activations with leading shape [B, T, ...], flattened."""
+    return jnp.broadcast_to(slots.reshape((-1,) + (1,) * (len(lead_shape) - 1)),
+                            lead_shape).reshape(-1)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RowDelta:
-    """A delta per batch row: row b of the batch uses `stack[slots[b]]`, or none when -1.
+class CompressedRows:
+    """Row b of the batch uses compressed delta `stack[slots[b]]` (none when -1)."""
 
-    `stack` holds S resident deltas of one tensor with a leading slot axis: a `QuantizedTensor`
-    whose arrays are [S, ...] (a compressed matrix) or an [S, *shape] array (an exact tensor).
-    `batch` groups the B * T rows of the call's [B, T, ...] activations by slot (each batch
-    row's slot repeated T times) for the multi-delta kernel.
-    """
-
-    stack: QuantizedTensor | jax.Array
+    stack: QuantizedTensor  # arrays [S, ...]
     slots: jax.Array  # int32 [B]
-    batch: DeltaBatch  # over the B * T flattened rows
+
+    def matmul(self, x, kernels):
+        k, n = self.stack.shape
+        rows = x.reshape(-1, k)
+        # Rows grouped by slot for the multi-delta kernel; identical for every projection of one
+        # step, so XLA computes it once.
+        batch = make_delta_batch(_token_slots(self.slots, x.shape[:-1]),
+                                 self.stack.qweight.shape[0])
+        impl = kernels.implementation
+        with jax.named_scope("multi_delta_matmul"):
+            if not kernels.sharded:
+                y = multi_delta_matmul(rows, self.stack, batch, implementation=impl)
+            else:  # every device multiplies all rows by its own output columns of the deltas
+                mesh = kernels.mesh
+
+                def local(rows, stack, batch):
+                    stack = dataclasses.replace(stack, shape=(k, n // mesh.size))
+                    return multi_delta_matmul(rows, stack, batch, implementation=impl)
+                axis = mesh.axis_names[0]
+                columns = jax.tree.map(lambda _: P(None, None, axis), self.stack)
+                y = jax.shard_map(local, mesh=mesh, in_specs=(P(), columns, P()),
+                                  out_specs=P(None, axis), check_vma=False)(rows, self.stack, batch)
+        return y.reshape(*x.shape[:-1], n)
+
+    def lookup(self, ids):  # [S, hidden, vocab]: one column of its own slot per token
+        slots = _token_slots(self.slots, ids.shape)
+        flat_ids = ids.reshape(-1)
+        safe = jnp.maximum(slots, 0)
+        gathered = {name: a[safe, :, flat_ids].T for name, a in self.stack.arrays().items()}
+        small = dataclasses.replace(self.stack, **gathered,
+                                    shape=(self.stack.shape[0], flat_ids.shape[0]))
+        picked = jnp.where((slots >= 0)[:, None], dequantize(small).T, 0.0)
+        return picked.reshape(*ids.shape, self.stack.shape[0])
+
+    def as_head(self):
+        return self  # stored [hidden, vocab], as `Compressed`
+
+    def added_to(self, w, ndim):
+        _exact_only("compressed")
+
+    @property
+    def shape(self):
+        return self.stack.shape
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExactRows:
+    """Row b of the batch uses exact tensor `stack[slots[b]]` (none when -1)."""
+
+    stack: jax.Array  # [S, *shape]
+    slots: jax.Array  # int32 [B]
 
     def rows(self, ndim: int | None = None) -> jax.Array:
-        """The exact tensor of each row, [B, *shape] (zero for base-only rows), float32; with
-        `ndim`, reshaped to broadcast against an [B, ..., *shape] activation of that rank."""
-        stack = self.stack if not isinstance(self.stack, QuantizedTensor) else None
-        if stack is None:
-            raise TypeError("rows() is for exact tensors; compressed ones go through a kernel")
-        picked = jnp.take(stack, jnp.maximum(self.slots, 0), axis=0).astype(jnp.float32)
+        """Each row's tensor [B, *shape] in float32 (zero for base-only rows); with `ndim`,
+        reshaped to broadcast against an [B, ..., *shape] activation of that rank."""
+        picked = jnp.take(self.stack, jnp.maximum(self.slots, 0), axis=0).astype(jnp.float32)
         picked = jnp.where((self.slots >= 0).reshape((-1,) + (1,) * (picked.ndim - 1)), picked, 0)
         if ndim is None:
             return picked
         return picked.reshape(picked.shape[:1] + (1,) * (ndim - picked.ndim) + picked.shape[1:])
 
-    def token_slots(self, lead_shape) -> jax.Array:
-        """Each token's slot for activations with leading shape [B, T, ...], flattened."""
-        return jnp.broadcast_to(self.slots.reshape((-1,) + (1,) * (len(lead_shape) - 1)),
-                                lead_shape).reshape(-1)
+    def matmul(self, x, kernels):  # each row by its own gathered [K, N] matrix
+        w = self.rows().astype(x.dtype)
+        return jnp.einsum("b...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
+
+    def lookup(self, ids):
+        slots = _token_slots(self.slots, ids.shape)
+        picked = self.stack[jnp.maximum(slots, 0), ids.reshape(-1)].astype(jnp.float32)
+        return jnp.where((slots >= 0)[:, None], picked, 0.0).reshape(*ids.shape, -1)
+
+    def as_head(self):
+        return ExactRows(jnp.swapaxes(self.stack, 1, 2), self.slots)
+
+    def added_to(self, w, ndim):
+        return (w.astype(jnp.float32) + self.rows(ndim)).astype(w.dtype)
+
+    @property
+    def shape(self):
+        return self.stack.shape[1:]
 
 
-@contextlib.contextmanager
-def tensor_parallel(mesh):
-    """Within this context, per-row delta kernels run per shard of `mesh` (None: no mesh)."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
+def kind(delta):
+    """The delta of one weight as one of the kinds above (None stays None)."""
+    if delta is None or isinstance(delta, (Dense, Compressed, CompressedRows, ExactRows)):
+        return delta
+    if isinstance(delta, QuantizedTensor):
+        return Compressed(delta)
+    return Dense(jnp.asarray(delta))
 
 
-def _one_slot(delta: RowDelta) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(delta.stack.shape[1:], delta.stack.dtype)
-
-
-def _check_dense(w: jax.Array, delta, what: str) -> None:
-    if delta.shape != w.shape:
-        raise ValueError(f"{what}: delta shape {delta.shape} does not match weight shape {w.shape}")
-
-
-def linear(x: jax.Array, kernel: jax.Array, delta=None, bias=None, bias_delta=None) -> jax.Array:
+def linear(x: jax.Array, kernel: jax.Array, delta=None, bias=None, bias_delta=None, *,
+           kernels: KernelOptions = DEFAULT_KERNELS) -> jax.Array:
     """y = x @ (kernel + delta) + (bias + bias_delta), in x's dtype with float32 accumulation.
 
     Args:
       x: [..., K] activations.
       kernel: [K, N] base weight (any float dtype; cast to x's dtype for the matmul).
-      delta: None or a dense [K, N] delta.
-      bias, bias_delta: optional [N] base bias and its delta.
+      delta: None or a delta of any kind (see the module docstring) of a [K, N] weight.
+      bias, bias_delta: optional [N] base bias and its (exact) delta.
+      kernels: how compressed deltas are computed (`KernelOptions`).
     Returns:
       [..., N] in x.dtype.
     """
     y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    if isinstance(delta, RowDelta):
-        y = y + _row_delta_matmul(x, kernel, delta)
-    elif isinstance(delta, QuantizedTensor):
-        _check_dense(kernel, delta, "linear")
-        y = y + delta_matmul(x, delta, implementation=_IMPLEMENTATION.get())
-    elif delta is not None:
-        _check_dense(kernel, delta, "linear")
-        y = y + jnp.dot(x, delta.astype(x.dtype), preferred_element_type=jnp.float32)
+    delta = kind(delta)
+    if delta is not None:
+        _check_shape(delta.shape, kernel.shape, "linear")
+        y = y + delta.matmul(x, kernels)
     if bias is not None:
         y = y + add_delta(bias, bias_delta, ndim=y.ndim).astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def _row_delta_matmul(x: jax.Array, kernel: jax.Array, delta: RowDelta) -> jax.Array:
-    """Each row's x @ its own delta -> [..., N] float32 (0 for base-only rows)."""
-    k, n = kernel.shape
-    if isinstance(delta.stack, QuantizedTensor):
-        _check_dense(kernel, delta.stack, "linear")
-        implementation, mesh = _IMPLEMENTATION.get(), _MESH.get()
-        rows = x.reshape(-1, k)
-        if mesh is None or mesh.size == 1:
-            y = multi_delta_matmul(rows, delta.stack, delta.batch, implementation=implementation)
-        else:  # every device multiplies all rows by its own output columns of the deltas
-            def local(rows, stack, batch):
-                stack = dataclasses.replace(stack, shape=(k, n // mesh.size))
-                return multi_delta_matmul(rows, stack, batch, implementation=implementation)
-            axis = mesh.axis_names[0]
-            columns = jax.tree.map(lambda _: P(None, None, axis), delta.stack)
-            y = jax.shard_map(local, mesh=mesh, in_specs=(P(), columns, P()),
-                              out_specs=P(None, axis), check_vma=False)(
-                rows, delta.stack, delta.batch)
-        return y.reshape(*x.shape[:-1], n)
-    _check_dense(kernel, _one_slot(delta), "linear")  # exact matrices: gathered per row
-    w = delta.rows().astype(x.dtype)  # [B, K, N]
-    return jnp.einsum("b...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
-
-
 def embed(ids: jax.Array, table: jax.Array, delta=None) -> jax.Array:
-    """Rows of (table + delta) for token ids [...] -> [..., D], in the table's dtype."""
+    """Rows of (table + delta) for token ids [B, ...] -> [B, ..., D], in the table's dtype."""
     rows = jnp.take(table, ids, axis=0)
-    if isinstance(delta, RowDelta):
-        delta_rows = _row_delta_embed(ids, table, delta).reshape(rows.shape)
-        rows = (rows.astype(jnp.float32) + delta_rows).astype(table.dtype)
-    elif isinstance(delta, QuantizedTensor):  # stored as [hidden, vocab]: gather columns
-        _check_dense(table.T, delta, "embed")
-        delta_rows = dequantize_columns(delta, ids.reshape(-1)).T.reshape(rows.shape)
-        rows = (rows.astype(jnp.float32) + delta_rows).astype(table.dtype)
-    elif delta is not None:
-        _check_dense(table, delta, "embed")
-        delta_rows = jnp.take(delta, ids, axis=0)
-        rows = (rows.astype(jnp.float32) + delta_rows.astype(jnp.float32)).astype(table.dtype)
-    return rows
+    delta = kind(delta)
+    if delta is None:
+        return rows
+    want = table.shape[::-1] if isinstance(delta, (Compressed, CompressedRows)) else table.shape
+    _check_shape(delta.shape, want, "embed")
+    with jax.named_scope("delta_embed"):
+        return (rows.astype(jnp.float32) + delta.lookup(ids)).astype(table.dtype)
 
 
-def _row_delta_embed(ids: jax.Array, table: jax.Array, delta: RowDelta) -> jax.Array:
-    """Each token's row of its own delta table -> [tokens, D] float32 (0 for base-only rows)."""
-    slots = delta.token_slots(ids.shape)
-    flat_ids = ids.reshape(-1)
-    safe = jnp.maximum(slots, 0)
-    if isinstance(delta.stack, QuantizedTensor):  # [S, hidden, vocab]: one column per token
-        _check_dense(table.T, delta.stack, "embed")
-        gathered = {name: a[safe, :, flat_ids].T for name, a in delta.stack.arrays().items()}
-        small = dataclasses.replace(delta.stack, **gathered,
-                                    shape=(table.shape[1], flat_ids.shape[0]))
-        picked = dequantize(small).T
-    else:
-        _check_dense(table, _one_slot(delta), "embed")
-        picked = delta.stack[safe, flat_ids].astype(jnp.float32)
-    return jnp.where((slots >= 0)[:, None], picked, 0.0)
-
-
-def unembed(h: jax.Array, table: jax.Array, delta=None) -> jax.Array:
+def unembed(h: jax.Array, table: jax.Array, delta=None, *,
+            kernels: KernelOptions = DEFAULT_KERNELS) -> jax.Array:
     """Tied output projection h @ (table + delta)^T -> [..., vocab] in h's dtype."""
-    if isinstance(delta, RowDelta) and not isinstance(delta.stack, QuantizedTensor):
-        delta = dataclasses.replace(delta, stack=jnp.swapaxes(delta.stack, 1, 2))
-    elif delta is not None and not isinstance(delta, (QuantizedTensor, RowDelta)):
-        delta = delta.T  # dense deltas mirror the table [vocab, hidden]; compressed ones are stored
-    return linear(h, table.T, delta)  # transposed already
+    delta = kind(delta)
+    return linear(h, table.T, None if delta is None else delta.as_head(), kernels=kernels)
 
 
 def add_delta(w: jax.Array, delta=None, ndim: int | None = None) -> jax.Array:
-    """A small tensor (norm weight, bias) of the fine-tune: stored exactly, so simply w + delta.
+    """A small tensor (norm weight, bias) of the fine-tune, stored exactly: w + delta.
 
-    A `RowDelta` gives each batch row its own tensor, shaped to broadcast against an activation
-    of rank `ndim` ([B, 1, ..., *w.shape]).
+    A per-row delta gives each batch row its own tensor, shaped to broadcast against an
+    activation of rank `ndim` ([B, 1, ..., *w.shape]).
     """
+    delta = kind(delta)
     if delta is None:
         return w
-    if isinstance(delta, RowDelta):
-        _check_dense(w, _one_slot(delta), "add_delta")
-        return (w.astype(jnp.float32) + delta.rows(ndim)).astype(w.dtype)
-    _check_dense(w, delta, "add_delta")
-    # In float32, so that a bf16 base plus an exact delta gives back the bf16 fine-tune exactly.
-    return (w.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w.dtype)
+    _check_shape(delta.shape, w.shape, "add_delta")
+    return delta.added_to(w, ndim)

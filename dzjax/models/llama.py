@@ -4,6 +4,11 @@ Parameters mirror the HF names (`model.layers_3.self_attn.q_proj.kernel` is HF's
 `model.layers.3.self_attn.q_proj.weight`, transposed to [in, out]). The forward pass takes the
 base params through `apply` and a delta pytree of the same structure (any subtree may be missing,
 meaning "no delta there") as an argument; every weight is reached through `dzjax.models.linear`.
+How compressed deltas are computed (kernel implementation, tensor-parallel mesh) is the static
+field `kernels` of every module that reaches a weight (`KernelOptions`), set once on `CausalLM`.
+Flax names every module's ops by its path (model/layers_3/self_attn/q_proj/...); the steps inside
+a module that a profile should tell apart carry `jax.named_scope`s (kv_cache_write, attention,
+tied_lm_head, and in `linear` delta_matmul, multi_delta_matmul, delta_embed).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.models.config import ModelConfig, RopeConfig
-from dzjax.models.linear import add_delta, embed, linear, unembed
+from dzjax.models.kernel_options import KernelOptions
+from dzjax.models.linear import DEFAULT_KERNELS, add_delta, embed, linear, unembed
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -100,6 +106,7 @@ class Linear(nn.Module):
     features: int
     use_bias: bool = False
     param_dtype: jnp.dtype = jnp.float32
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     @nn.compact
     def __call__(self, x, delta=None):
@@ -107,7 +114,8 @@ class Linear(nn.Module):
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         self.sow("linear_inputs", "x", x)  # recorded only when compression asks (mutable)
-        return linear(x, kernel, sub(delta, "kernel"), bias, sub(delta, "bias"))
+        return linear(x, kernel, sub(delta, "kernel"), bias, sub(delta, "bias"),
+                      kernels=self.kernels)
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +135,7 @@ class Embed(nn.Module):
     vocab_size: int
     features: int
     param_dtype: jnp.dtype = jnp.float32
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     def setup(self):
         self.embedding = self.param("embedding", _INIT, (self.vocab_size, self.features),
@@ -137,21 +146,25 @@ class Embed(nn.Module):
 
     def attend(self, h, delta=None):
         """Tied output projection: h @ (embedding + delta)^T."""
-        return unembed(h, self.embedding, sub(delta, "embedding"))
+        return unembed(h, self.embedding, sub(delta, "embedding"), kernels=self.kernels)
 
 
 class Attention(nn.Module):
     config: ModelConfig
     window: int | None
     param_dtype: jnp.dtype = jnp.float32
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     @nn.compact
     def __call__(self, x, positions, kv, delta=None):
-        c, pd = self.config, self.param_dtype
+        c, pd, kn = self.config, self.param_dtype, self.kernels
         b, t, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, pd, name="q_proj")(x, sub(delta, "q_proj"))
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, name="k_proj")(x, sub(delta, "k_proj"))
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, name="v_proj")(x, sub(delta, "v_proj"))
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, pd, kn, name="q_proj")(
+            x, sub(delta, "q_proj"))
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, kn, name="k_proj")(
+            x, sub(delta, "k_proj"))
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, kn, name="v_proj")(
+            x, sub(delta, "v_proj"))
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -163,27 +176,32 @@ class Attention(nn.Module):
         if kv is None:  # a plain forward pass over the whole sequence
             keys, values, k_pos = k, v, positions
         else:  # write this step's keys/values at their positions, attend over the whole cache
-            rows = jnp.arange(b)[:, None]
-            keys = kv[0].at[rows, positions].set(k.astype(kv[0].dtype), mode="drop")
-            values = kv[1].at[rows, positions].set(v.astype(kv[1].dtype), mode="drop")
+            with jax.named_scope("kv_cache_write"):
+                rows = jnp.arange(b)[:, None]
+                keys = kv[0].at[rows, positions].set(k.astype(kv[0].dtype), mode="drop")
+                values = kv[1].at[rows, positions].set(v.astype(kv[1].dtype), mode="drop")
             k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
             kv = (keys, values)
-        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), positions, k_pos,
-                        self.window)
-        out = Linear(c.hidden_size, c.o_bias, pd, name="o_proj")(out, sub(delta, "o_proj"))
+        with jax.named_scope("attention"):
+            out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), positions, k_pos,
+                            self.window)
+        out = Linear(c.hidden_size, c.o_bias, pd, kn, name="o_proj")(out, sub(delta, "o_proj"))
         return out, kv
 
 
 class MLP(nn.Module):
     config: ModelConfig
     param_dtype: jnp.dtype = jnp.float32
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     @nn.compact
     def __call__(self, x, delta=None):
-        c, pd = self.config, self.param_dtype
-        gate = Linear(c.intermediate_size, c.mlp_bias, pd, name="gate_proj")(x, sub(delta, "gate_proj"))
-        up = Linear(c.intermediate_size, c.mlp_bias, pd, name="up_proj")(x, sub(delta, "up_proj"))
-        return Linear(c.hidden_size, c.mlp_bias, pd, name="down_proj")(
+        c, pd, kn = self.config, self.param_dtype, self.kernels
+        gate = Linear(c.intermediate_size, c.mlp_bias, pd, kn, name="gate_proj")(
+            x, sub(delta, "gate_proj"))
+        up = Linear(c.intermediate_size, c.mlp_bias, pd, kn, name="up_proj")(
+            x, sub(delta, "up_proj"))
+        return Linear(c.hidden_size, c.mlp_bias, pd, kn, name="down_proj")(
             jax.nn.silu(gate) * up, sub(delta, "down_proj"))
 
 
@@ -191,17 +209,18 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     window: int | None
     param_dtype: jnp.dtype = jnp.float32
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     @nn.compact
     def __call__(self, x, positions, kv, delta=None):
-        c, pd = self.config, self.param_dtype
+        c, pd, kn = self.config, self.param_dtype, self.kernels
         h = RMSNorm(c.rms_norm_eps, pd, name="input_layernorm")(x, sub(delta, "input_layernorm"))
-        h, kv = Attention(c, self.window, pd, name="self_attn")(h, positions, kv,
-                                                               sub(delta, "self_attn"))
+        h, kv = Attention(c, self.window, pd, kn, name="self_attn")(h, positions, kv,
+                                                                   sub(delta, "self_attn"))
         x = x + h
         h = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(
             x, sub(delta, "post_attention_layernorm"))
-        return x + MLP(c, pd, name="mlp")(h, sub(delta, "mlp")), kv
+        return x + MLP(c, pd, kn, name="mlp")(h, sub(delta, "mlp")), kv
 
 
 class Transformer(nn.Module):
@@ -210,11 +229,13 @@ class Transformer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    kernels: KernelOptions = DEFAULT_KERNELS
 
     def setup(self):
-        c, pd = self.config, self.param_dtype
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, pd)
-        self.layers = [DecoderLayer(c, c.sliding_windows[i], pd) for i in range(c.num_layers)]
+        c, pd, kn = self.config, self.param_dtype, self.kernels
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, pd, kn)
+        self.layers = [DecoderLayer(c, c.sliding_windows[i], pd, kn)
+                       for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, pd)
 
     def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None):
@@ -237,6 +258,7 @@ class Transformer(nn.Module):
 class CausalLM(nn.Module):
     """LlamaForCausalLM and its relatives.
 
+    CausalLM(config, dtype, kernels=KernelOptions(...)).apply({"params": params}, ...)
     __call__(input_ids [B, T], positions [B, T], delta=None, cache=None, logits_at=None)
     returns float32 logits [B, T, V] and the updated cache (None without one); with `logits_at`
     (int [B]), only the logits at that position of each row, [B, 1, V] (a prefill needs only the
@@ -247,18 +269,20 @@ class CausalLM(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32  # activations
     param_dtype: jnp.dtype = jnp.float32  # only used by init (synthetic models)
+    kernels: KernelOptions = DEFAULT_KERNELS  # how compressed deltas are computed
 
     @nn.compact
     def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None,
                  logits_at=None):
         c = self.config
-        model = Transformer(c, self.dtype, self.param_dtype, name="model")
+        model = Transformer(c, self.dtype, self.param_dtype, self.kernels, name="model")
         x, cache = model(input_ids, positions, sub(delta, "model"), cache)
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]
         if c.tie_word_embeddings:
-            logits = model.attend(x, sub(delta, "model"))
+            with jax.named_scope("tied_lm_head"):
+                logits = model.attend(x, sub(delta, "model"))
         else:
-            logits = Linear(c.vocab_size, False, self.param_dtype, name="lm_head")(
-                x, sub(delta, "lm_head"))
+            logits = Linear(c.vocab_size, False, self.param_dtype, self.kernels,
+                            name="lm_head")(x, sub(delta, "lm_head"))
         return logits.astype(jnp.float32), cache

@@ -1,9 +1,14 @@
 """A small, strict safetensors reader and an atomic writer, on NumPy (bf16 through ml_dtypes).
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}, "__metadata__": {str: str}}, then the raw little-endian data. Reading it ourselves
-gives lazy per-tensor reads, bf16 without torch, and errors that name the file and tensor when a
-file is truncated or malformed. Nothing in a file is ever executed.
+data_offsets}, "__metadata__": {str: str}}, then the raw little-endian data. Nothing in a file is
+ever executed.
+
+Why not the `safetensors` library (the tests read our files with it, `test_loading`): its reader
+memory-maps the file, so the pages of a whole checkpoint stay resident while it loads, where one
+positioned read per tensor keeps host memory at one tensor; its errors do not name the tensor of a
+truncated or malformed file; and its writer takes every tensor at once, where `write_safetensors`
+streams `LazyTensor`s (export computes base + delta one tensor at a time) into an atomic rename.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Compressed deltas are packed along their input dimension, so every one is split 
 columns, whatever the base weight does ([S, rows, out] -> P(None, None, "tp")): any device count
 that divides the output dimensions works from the same delta file, with no re-packing. For the
 row-parallel o/down projections this means the (small) activations are gathered before the delta
-matmul. The delta kernels run per shard under `shard_map` (see `linear`), each device on its own
-columns; exact tensors (norms, biases) are replicated.
+matmul. The delta kernels run per shard under `shard_map` (`linear.CompressedRows`, told the mesh
+by `KernelOptions`), each device on its own columns; exact tensors (norms, biases) are replicated.
 """
 
 from __future__ import annotations
@@ -78,12 +78,6 @@ def param_spec(path, leaf) -> P:
     return P()
 
 
-def delta_spec(leaf) -> P:
-    """A pool stack leaf: compressed arrays [S, rows, out] split by output column; exact ones
-    replicated."""
-    return P(None, None, AXIS) if leaf.ndim == 3 else P()
-
-
 def cache_spec() -> P:
     return P(None, None, None, AXIS, None)
 
@@ -107,6 +101,12 @@ def place(mesh: Mesh, config: ModelConfig, params, delta, cache):
     delta = None if delta is None else jax.tree.map(lambda a: _put(a, replicated), delta)
     cache = jax.tree.map(lambda a: _put(a, NamedSharding(mesh, cache_spec())), cache)
     return shard_params(params, mesh), delta, cache
+
+
+def zeros_like_placed(tree):
+    """Zeros of every array's shape, dtype and placement (also for deleted arrays: after a failed
+    step consumed donated buffers)."""
+    return jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype, device=a.sharding), tree)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

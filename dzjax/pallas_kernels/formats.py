@@ -1,4 +1,6 @@
-"""`QuantizedTensor`: one compressed delta matrix, as stored in the delta file and fed to kernels.
+"""The one description of how a delta matrix is compressed: `Format` (what the settings mean,
+which are supported, how they are written in a delta file's JSON, which arrays they store) and
+`QuantizedTensor`, one compressed matrix as stored in the delta file and fed to the kernels.
 
 A [K, N] matrix (K = inputs, N = outputs; y = x @ W) is stored as
   qweight  uint32 [K' * bits / 32, N]   codes packed along K (see `packing`), K' = K, or K * n / m
@@ -17,10 +19,45 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 from dzjax.pallas_kernels import packing
 
-SUPPORTED_BITS = (2, 3, 4, 8, 16)
+SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 = no quantization (float16 values; for ablations)
+FIELDS = ("qweight", "scales", "zeros", "meta")  # a QuantizedTensor's arrays, by file suffix
+
+
+def parse_sparsity(s):
+    """None / "none" / "dense" (dense), a fraction in (0, 1) or its text (unstructured), or n:m
+    as "n:m" or (n, m) -> None, a float, or an (n, m) tuple. Raises ValueError naming the value."""
+    if s is None or (isinstance(s, str) and s.lower() in ("none", "dense")):
+        return None
+    if isinstance(s, str):
+        parts = s.split(":")
+        try:
+            s = tuple(int(p) for p in parts) if len(parts) == 2 else float(s)
+        except ValueError:
+            raise ValueError(f"sparsity must be a fraction in (0, 1), 'n:m' or none, got {s!r}") \
+                from None
+    if isinstance(s, (tuple, list)):
+        if len(s) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in s):
+            raise ValueError(f"n:m sparsity must be two ints (n, m), got {s!r}")
+        n, m = s
+        if not 0 < n < m:
+            raise ValueError(f"n:m sparsity keeps n of every m inputs and needs 0 < n < m, "
+                             f"got {n}:{m}")
+        return (n, m)
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1:
+        raise ValueError(f"unstructured sparsity must be a fraction in (0, 1), got {s!r}")
+    return float(s)
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS} (16 = no quantization), "
+                         f"got bits={bits!r}")
+    return int(bits)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,8 +73,7 @@ class Format:
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r} must be a positive int")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; supported: {SUPPORTED_BITS}")
+        check_bits(self.bits)
         if self.nm is not None:
             n, m = self.nm
             if not 0 < n < m:
@@ -46,6 +82,65 @@ class Format:
                 raise ValueError(f"group_size={self.group_size} must be a multiple of m={m}")
         if self.nm is not None and self.unstructured:
             raise ValueError("a format is either n:m or unstructured, not both")
+
+    @classmethod
+    def for_matrix(cls, k: int, *, bits: int, sparsity=None, group_size: int | None = None,
+                   symmetric: bool = False) -> Format:
+        """The format of a [k, N] matrix compressed with these settings: `sparsity` as
+        `parse_sparsity` reads it, `group_size` None (or >= k) = one scale per output channel."""
+        sparsity = parse_sparsity(sparsity)
+        group = k if group_size is None or group_size >= k else group_size
+        return cls(bits=check_bits(bits), group_size=group, symmetric=symmetric,
+                   nm=sparsity if isinstance(sparsity, tuple) else None,
+                   unstructured=isinstance(sparsity, float))
+
+    @property
+    def sparsity(self) -> str | None:
+        """How the delta file's JSON names the sparsity: "n:m", "unstructured" or None."""
+        return (f"{self.nm[0]}:{self.nm[1]}" if self.nm else "unstructured" if self.unstructured
+                else None)
+
+    def to_json(self, shape) -> dict:
+        """A compressed tensor's entry in the delta file's metadata."""
+        return {"kind": "quantized", "shape": [int(d) for d in shape], "bits": self.bits,
+                "group_size": self.group_size, "symmetric": self.symmetric,
+                "sparsity": self.sparsity}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> Format:
+        """The inverse of `to_json` (the shape is read by the caller); ValueError, KeyError or
+        TypeError on a malformed entry."""
+        sparsity = entry.get("sparsity")
+        if sparsity not in (None, "unstructured") and not isinstance(sparsity, str):
+            raise ValueError(f"sparsity {sparsity!r}")
+        nm = parse_sparsity(sparsity) if sparsity not in (None, "unstructured") else None
+        if nm is not None and not isinstance(nm, tuple):
+            raise ValueError(f"sparsity {sparsity!r} is not 'n:m' or 'unstructured'")
+        if not isinstance(entry["symmetric"], bool):
+            raise TypeError(f"symmetric {entry['symmetric']!r}")
+        bits, group = entry["bits"], entry["group_size"]
+        if isinstance(bits, bool) or not isinstance(bits, int) or isinstance(group, bool) \
+                or not isinstance(group, int):
+            raise TypeError(f"bits {bits!r} and group_size {group!r} must be integers")
+        return cls(bits=bits, group_size=group, symmetric=entry["symmetric"], nm=nm,
+                   unstructured=sparsity == "unstructured")
+
+    def stored_arrays(self, k: int, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{field: (shape, dtype)} of the arrays a [k, n] matrix in this format stores."""
+        rows = self.stored_rows(k)
+        groups = k // self.group_size
+        out = {}
+        if self.bits == 16:
+            out["qweight"] = ((rows, n), np.dtype(np.float16))
+        else:
+            out["qweight"] = ((rows * self.bits // packing.WORD_BITS, n), np.dtype(np.uint32))
+            out["scales"] = ((groups, n), np.dtype(ml_dtypes.bfloat16))
+            if not self.symmetric:
+                out["zeros"] = ((groups, n), np.dtype(np.uint8))
+        if self.nm is not None:
+            ib = packing.index_bits(self.nm[1])
+            out["meta"] = ((rows * ib // packing.WORD_BITS, n), np.dtype(np.uint32))
+        return out
 
     def stored_rows(self, k: int) -> int:
         return k if self.nm is None else k * self.nm[0] // self.nm[1]
@@ -75,8 +170,7 @@ class QuantizedTensor:
 
     def arrays(self) -> dict[str, jax.Array]:
         """The stored arrays by their file suffix (absent ones left out)."""
-        names = ("qweight", "scales", "zeros", "meta")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in FIELDS if getattr(self, n) is not None}
 
     @property
     def nbytes(self) -> int:

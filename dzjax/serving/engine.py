@@ -1,22 +1,15 @@
 """The serving engine: continuous batching of many requests over many deltas, on one thread.
 
-Each loop iteration (a "step"): take new requests and commands from the inbox, admit waiting
-requests into free batch slots (the scheduler below), prefill the admitted ones, then decode one
-token for every running request in one jitted call. Requests join and leave between steps; the
-compiled programs never change (see `steps`).
+Each loop iteration (a "step"): take new requests and commands from the inbox, take in finished
+delta reads, ask the scheduler (`scheduler.schedule`, a pure function of the queue and the pool)
+for a plan and carry it out (write deltas into device slots, admit requests into free batch rows),
+prefill the admitted requests, then decode one token for every running request in one jitted call.
+Requests join and leave between steps; the compiled programs never change (see `steps`).
 
-Scheduler policy:
-- First come, first served: waiting requests are considered in arrival order.
-- A request needs a free batch slot and, unless it is for the base model, its delta in a device
-  slot of the pool. A delta not on the host is read from disk in the background as soon as its
-  request is queued, while the others decode.
-- At most `max_deltas_per_step` distinct deltas run in one step.
-- Later requests may overtake one that waits for a pool slot or the delta cap, but only
-  `max_overtakes` times: after that, no request for another delta is admitted until it runs
-  (base-only requests still are, as they hold no pool slot), so running deltas drain, a slot frees
-  and an unpopular delta cannot starve.
-- Memory is fixed up front (KV cache rows, pool slots): when it is short, requests wait in the
-  queue; a request that could never fit (prompt + max_tokens > max_seq_len) is refused at once.
+Memory is fixed up front (KV cache rows, pool slots): when it is short, requests wait in the queue;
+a request that could never fit (prompt + max_tokens > max_seq_len) is refused at once.
+Other threads talk to the engine only through its methods; every change of state happens on the
+engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -38,93 +31,17 @@ from dzjax.errors import DzjaxError
 from dzjax.models import sharding
 from dzjax.models.forward import TRACE_COUNTS
 from dzjax.models.generate import bucket
+from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.llama import KVCache
 from dzjax.models.loading import Base
-from dzjax.serving import steps
+from dzjax.models.text import eos_ids
+from dzjax.serving import scheduler, steps
+from dzjax.serving.detokenize import TextStream
 from dzjax.serving.pool import DeltaPool
+from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundError, Request,
+                                    RequestError, SamplingParams, ServerClosedError)
 
 log = logging.getLogger("dzjax.serving")
-
-
-class RequestError(DzjaxError):
-    """A request cannot be served as asked (its fields, its model, its length)."""
-
-
-class ModelNotFoundError(RequestError):
-    """A request names a model that is not served."""
-
-
-class ServerClosedError(DzjaxError):
-    """The server is closed (or its engine stopped): it takes no more requests."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    """How one request generates. temperature 0 is greedy."""
-
-    max_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        checks = [(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-                   f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-                  (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
-                   f"temperature must be in [0, 100], got {self.temperature!r}"),
-                  (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
-                   f"top_p must be in (0, 1], got {self.top_p!r}"),
-                  (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32,
-                   f"seed must be an integer in [0, 2**32), got {self.seed!r}"),
-                  (all(isinstance(s, str) and s for s in self.stop),
-                   f"stop must be non-empty strings, got {self.stop!r}")]
-        for ok, message in checks:
-            if not ok:
-                raise RequestError(message)
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """What a request reports as it runs: a piece of output, then the end."""
-
-    kind: str  # "token" or "done"
-    text: str = ""  # the new text (token events; empty without a tokenizer)
-    token_ids: tuple[int, ...] = ()  # the new token ids
-    finish_reason: str | None = None  # done: "stop", "length", "cancelled" or "error"
-    error: Exception | None = None
-
-
-@dataclasses.dataclass
-class Request:
-    """One request and everything measured about it (times from `time.perf_counter`)."""
-
-    id: int
-    model: str | None  # a delta name; None = the base model
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    listener: Callable[[Event], None]
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    admitted: float | None = None
-    first_token: float | None = None
-    finished: float | None = None
-    output_ids: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""  # the output text so far (with a tokenizer)
-    emitted: int = 0  # characters of `text` already reported
-    decoded: tuple[int, int] = (0, 0)  # incremental detokenization: (prefix, read) token offsets
-    finish_reason: str | None = None
-    cancelled: bool = False
-    overtaken: int = 0
-    batch_row: int | None = None
-    delta_slot: int = -1
-
-    @property
-    def timings(self) -> dict:
-        """Seconds from arrival to admission, first token and finish."""
-        since = lambda t: None if t is None else t - self.arrival
-        return {"queued": since(self.admitted), "first_token": since(self.first_token),
-                "total": since(self.finished)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,12 +58,10 @@ class EngineConfig:
 
 
 class Engine:
-    """Owns the model state and runs the loop on its own thread; other threads talk to it
-    through `submit`, `cancel`, `call` (run a function on the engine thread) and `close`."""
+    """Owns the model state and runs the loop on its own thread; other threads call `submit`,
+    `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats` and `close`."""
 
     def __init__(self, base: Base, config: EngineConfig):
-        from dzjax.pallas_kernels.dispatch import requested_implementation
-
         self.base, self.config = base, config
         if config.max_batch < 1:
             raise DzjaxError(f"max_batch must be >= 1, got {config.max_batch}")
@@ -156,26 +71,25 @@ class Engine:
             raise DzjaxError(f"max_seq_len={self.max_seq_len} must be in [2, {context}] "
                              f"(the model's context)")
         self.dtype = jnp.dtype(config.dtype)
-        self.implementation = requested_implementation(config.implementation)
-        self.max_deltas_per_step = config.max_deltas_per_step or config.max_resident_deltas
-        self.max_overtakes = (config.max_batch if config.max_overtakes is None
-                              else config.max_overtakes)
-        self.mesh, self.params = config.mesh, base.params
-        if self.mesh is not None:  # refuse a mesh that does not divide the model, before XLA does
-            sharding.check_mesh(self.mesh, base.config)
-            self.params = sharding.shard_params(base.params, self.mesh)
+        self.kernels = KernelOptions.resolve(config.implementation, config.mesh)
+        self.limits = scheduler.Limits(
+            max_deltas_per_step=config.max_deltas_per_step or config.max_resident_deltas,
+            max_overtakes=config.max_batch if config.max_overtakes is None
+            else config.max_overtakes)
+        self.params = base.params
+        if config.mesh is not None:  # refuse a mesh that does not divide the model, before XLA does
+            sharding.check_mesh(config.mesh, base.config)
+            self.params = sharding.shard_params(base.params, config.mesh)
         self.pool = DeltaPool(base, config.max_resident_deltas, config.host_cache_bytes,
-                              mesh=self.mesh)
-        self.eos = set(base.config.eos_token_ids)
-        tok = base.tokenizer
-        if tok is not None and tok.eos_token_id is not None:
-            self.eos.add(tok.eos_token_id)
+                              mesh=config.mesh)
+        self.eos = eos_ids(base.config, base.tokenizer)
         self.cache = KVCache.zeros(base.config, config.max_batch, self.max_seq_len, self.dtype)
-        if self.mesh is not None:
+        if config.mesh is not None:
             self.cache = jax.device_put(self.cache, jax.sharding.NamedSharding(
-                self.mesh, sharding.cache_spec()))
+                config.mesh, sharding.cache_spec()))
         self.rows: list[Request | None] = [None] * config.max_batch
         self.waiting: collections.deque[Request] = collections.deque()
+        self._streams: dict[int, TextStream] = {}  # request id -> its text (with a tokenizer)
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._closing = False
@@ -190,6 +104,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], model: str | None, sampling: SamplingParams,
                listener: Callable[[Event], None]) -> Request:
+        """Queue a request (token ids, in the vocabulary); its events go to `listener`, which is
+        called on the engine thread and must not block."""
         if self._closing or not self.alive:
             raise ServerClosedError("the server is closed")
         if not prompt_ids:
@@ -214,6 +130,18 @@ class Engine:
         """Stop a request (a client went away): its batch slot is freed at the next step."""
         request.cancelled = True
         self._inbox.put(("wake", None))
+
+    def add_delta(self, name: str, source) -> None:
+        """Serve another delta (a `Delta` or a file path): read and checked on the caller's
+        thread, registered between steps."""
+        self.call(self.pool.add, self.pool.validate(name, source))
+
+    def remove_delta(self, name: str) -> None:
+        """Stop serving a delta; refused while requests run on it, queued ones fail."""
+        self.call(self.pool.remove, name)
+
+    def delta_names(self) -> list[str]:
+        return self.pool.names()
 
     def call(self, fn, *args):
         """Run fn(*args) on the engine thread between steps; returns its result or raises."""
@@ -273,7 +201,7 @@ class Engine:
             self._finish(r, "error", error)
         # A failed step may have consumed its donated buffers: make them again.
         if self.cache.k.is_deleted():
-            self.cache = steps.zeros_like_placed(self.cache)
+            self.cache = sharding.zeros_like_placed(self.cache)
         stacks = jax.tree.leaves(self.pool.stacks)
         if stacks and stacks[0].is_deleted():
             self.pool.reset_device()
@@ -317,14 +245,13 @@ class Engine:
             return
         self.counts["requests"] += 1
         self.waiting.append(request)
-        if request.model is not None:
-            self.pool.prefetch(request.model)
 
     def _step(self) -> bool:
         """One step; returns whether it did anything."""
         cancelled = [r for r in self.rows if r is not None and r.cancelled]
         for r in cancelled:
             self._finish(r, "cancelled")
+        self.pool.poll()
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
@@ -333,56 +260,50 @@ class Engine:
         return bool(cancelled or admitted or any(self.rows))
 
     def _admit(self) -> list[Request]:
+        """Ask the scheduler for a plan and carry it out; returns the admitted requests."""
+        waiting = [scheduler.Waiting(r.id, r.model, r.overtaken, r.cancelled)
+                   for r in self.waiting]
         free = [i for i, r in enumerate(self.rows) if r is None]
         running = {r.model for r in self.rows if r is not None and r.model is not None}
-        admitted: list[Request] = []
-        starving = None  # a request overtaken too often: others' deltas wait for it
-        for request in list(self.waiting):
-            if request.cancelled:
-                self.waiting.remove(request)
-                self._finish(request, "cancelled")
-                continue
-            if not free:
-                break
-            name = request.model
-            if name is not None:
-                entry = self.pool.entries.get(name)
-                if entry is None:  # removed while queued
-                    self.waiting.remove(request)
-                    self._finish(request, "error", ModelNotFoundError(
-                        f"model {name!r} was removed"))
+        plan = scheduler.schedule(waiting, free, running, self.pool.view(), self.limits)
+        by_id = {r.id: r for r in self.waiting}
+        for i in plan.cancel:
+            self._leave_queue(by_id[i], "cancelled")
+        for i, why in plan.fail:
+            error = (ModelNotFoundError(why) if by_id[i].model not in self.pool.entries
+                     else DeltaUnavailableError(why))
+            self._leave_queue(by_id[i], "error", error)
+        for name in plan.forget_failures:
+            self.pool.forget_failure(name)
+        for name in plan.read:
+            self.pool.start_read(name)
+        for i, n in plan.overtaken.items():
+            by_id[i].overtaken = n
+        admitted = []
+        for a in plan.admit:
+            r = by_id[a.request]
+            if a.load is not None:
+                try:
+                    self.pool.load(a.load, a.slot)
+                except Exception as e:  # this delta cannot be loaded: only its requests fail
+                    log.exception("loading delta %r failed", a.load)
+                    self.pool.mark_failed(a.load, e)
+                    self._leave_queue(r, "error", DeltaUnavailableError(
+                        f"delta {a.load!r} could not be loaded: {e}"))
                     continue
-                if starving is not None and name != starving.model:
-                    continue
-                slot = None
-                if name in running or len(running) < self.max_deltas_per_step:
-                    try:
-                        slot = self.pool.make_resident(name)
-                    except Exception as e:  # this delta cannot be loaded: only its request fails
-                        log.exception("loading delta %r failed", name)
-                        entry.error = e
-                if slot is None:
-                    if entry.error is not None:
-                        self.waiting.remove(request)
-                        self._finish(request, "error", entry.error)
-                        continue
-                    # Waiting for a pool slot or the cap (not for a disk read) can starve.
-                    if self.pool.host_ready(name) and request.overtaken >= self.max_overtakes:
-                        starving = request
-                    continue
-                self.pool.acquire(slot)
-                request.delta_slot = slot
-                running.add(name)
-            for earlier in self.waiting:
-                if earlier is request:
-                    break
-                earlier.overtaken += 1
-            self.waiting.remove(request)
-            request.batch_row = free.pop(0)
-            request.admitted = time.perf_counter()
-            self.rows[request.batch_row] = request
-            admitted.append(request)
+            if a.slot >= 0:
+                if self.pool.slot_names[a.slot] != r.model:  # an earlier load here failed
+                    continue  # it waits for the next step
+                self.pool.acquire(a.slot)
+            self.waiting.remove(r)
+            r.batch_row, r.delta_slot, r.admitted = a.row, a.slot, time.perf_counter()
+            self.rows[a.row] = r
+            admitted.append(r)
         return admitted
+
+    def _leave_queue(self, r: Request, reason: str, error: Exception | None = None) -> None:
+        self.waiting.remove(r)
+        self._finish(r, reason, error)
 
     @staticmethod
     def _sampling(requests: list[Request | None]):
@@ -412,7 +333,7 @@ class Engine:
             tokens, self.cache = steps.prefill(
                 self.params, self.pool.stacks, self.cache, ids, lengths, rows, slots,
                 self._sampling(group + [None] * (n - len(group))), config=self.base.config,
-                dtype=self.dtype, implementation=self.implementation, mesh=self.mesh)
+                dtype=self.dtype, kernels=self.kernels)
             self.counts["prefill_calls"] += 1
             tokens = np.asarray(tokens)
             for i, r in enumerate(group):
@@ -431,7 +352,7 @@ class Engine:
         out, self.cache = steps.decode(
             self.params, self.pool.stacks, self.cache, tokens, positions, slots,
             self._sampling(self.rows), config=self.base.config, dtype=self.dtype,
-            implementation=self.implementation, mesh=self.mesh)
+            kernels=self.kernels)
         out = np.asarray(out)
         self.counts["steps"] += 1
         self.counts["decode_rows"] += len(live)
@@ -454,39 +375,17 @@ class Engine:
         if self.base.tokenizer is None:
             self._notify(r, Event("token", token_ids=(token,)))
         else:
-            grown = len(r.text)
-            r.text += self._new_text(r)
-            # A stop string can only end in the new text (or straddle into it).
-            longest = max(map(len, r.sampling.stop), default=0)
-            start = max(0, grown - longest + 1)
-            cut = min((i for i in (r.text.find(s, start) for s in r.sampling.stop) if i >= 0),
-                      default=-1)
-            if cut >= 0:
-                r.text, reason = r.text[:cut], "stop"
-            safe = len(r.text)  # hold back what may be the start of a stop string
-            if reason is None:
-                for s in r.sampling.stop:
-                    for k in range(min(len(s) - 1, len(r.text)), 0, -1):
-                        if r.text.endswith(s[:k]):
-                            safe = min(safe, len(r.text) - k)
-                            break
-            new, r.emitted = r.text[r.emitted:safe], max(r.emitted, safe)
-            self._notify(r, Event("token", text=new, token_ids=(token,)))
+            stream = self._streams.get(r.id)
+            if stream is None:
+                stream = self._streams[r.id] = TextStream(self.base.tokenizer, r.output_ids,
+                                                          r.sampling.stop)
+            piece, stopped = stream.push()
+            r.text = stream.text
+            if stopped:
+                reason = "stop"
+            self._notify(r, Event("token", text=piece, token_ids=(token,)))
         if reason is not None:
             self._finish(r, reason)
-
-    def _new_text(self, r: Request) -> str:
-        """The text that r's last token completes, decoding only a few tokens (not the whole
-        output each time): the tokens since the last complete character, against the same
-        tokens without the new ones. Empty while a multi-byte character is still incomplete."""
-        tok = self.base.tokenizer
-        prefix, read = r.decoded
-        before = tok.decode(r.output_ids[prefix:read], skip_special_tokens=True)
-        after = tok.decode(r.output_ids[prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        r.decoded = (read, len(r.output_ids))
-        return after[len(before):]
 
     def _notify(self, r: Request, event: Event) -> None:
         try:
@@ -504,13 +403,14 @@ class Engine:
             if r.delta_slot >= 0:
                 self.pool.release(r.delta_slot)
         self.counts["finished_" + reason] += 1
-        tail = r.text[r.emitted:] if reason != "error" else ""
-        r.emitted = len(r.text)
+        stream = self._streams.pop(r.id, None)
+        tail = stream.rest() if stream is not None and reason != "error" else ""
         if tail:
             self._notify(r, Event("token", text=tail))
         self._notify(r, Event("done", finish_reason=reason, error=error))
 
     def stats(self) -> dict:
+        """Counts, occupancy, traces and the pool's state (call it through `call`)."""
         c = self.counts
         elapsed = time.perf_counter() - self.started
         return {

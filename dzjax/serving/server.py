@@ -15,12 +15,13 @@ import queue
 from typing import Iterator, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 from dzjax.errors import DzjaxError
-from dzjax.models.loading import Base
-from dzjax.serving.engine import (Engine, EngineConfig, Event, ModelNotFoundError, Request,
-                                  RequestError, SamplingParams, ServerClosedError)
+from dzjax.models.loading import Base, load_base
+from dzjax.models.text import encode_prompt
+from dzjax.serving.engine import Engine, EngineConfig
+from dzjax.serving.requests import (Event, ModelNotFoundError, Request, RequestError,
+                                    SamplingParams, ServerClosedError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,38 +118,42 @@ class Server:
         """Serve another delta (a `dzjax.Delta` or a file path) under `name`, while running."""
         if name == self.base_name:
             raise DzjaxError(f"{name!r} names the base model")
-        entry, entry_layout = self.engine.pool.validate(name, delta)  # read and checked here
-        self.engine.call(self.engine.pool.add, entry, entry_layout)  # registered between steps
+        self.engine.add_delta(name, delta)
 
     def remove_delta(self, name: str) -> None:
         """Stop serving a delta; refused while requests run on it, queued ones fail."""
-        self.engine.call(self.engine.pool.remove, name)
+        self.engine.remove_delta(name)
 
     def models(self) -> list[str]:
-        return [self.base_name] + self.engine.pool.names()
+        return [self.base_name] + self.engine.delta_names()
+
+    @property
+    def max_seq_len(self) -> int:
+        """Prompt + output tokens a request may have at most."""
+        return self.engine.max_seq_len
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine runs (False once closed, or if it stopped)."""
+        return self.engine.alive
 
     def _delta_name(self, model: str | None) -> str | None:
         if model is None or model == self.base_name:
             return None
         if not isinstance(model, str):
             raise RequestError(f"model must be a string, got {type(model).__name__}")
-        if model not in self.engine.pool.names():
-            served = [self.base_name] + self.engine.pool.names()
-            raise ModelNotFoundError(f"model {model!r} is not served; served: {served}")
+        if model not in self.engine.delta_names():
+            raise ModelNotFoundError(f"model {model!r} is not served; served: {self.models()}")
         return model
 
     # -- requests ------------------------------------------------------------------------------
 
     def encode(self, prompt) -> list[int]:
-        """A prompt (text, or token ids) as token ids."""
-        if isinstance(prompt, str):
-            if self.base.tokenizer is None:
-                raise RequestError("the base has no tokenizer: pass token ids, not text")
-            return list(self.base.tokenizer(prompt)["input_ids"])
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise RequestError("a prompt is a string or a list of token ids")
-        return [int(t) for t in ids]
+        """A prompt (text, or token ids) as token ids, as `dzjax.generate` encodes it."""
+        try:
+            return encode_prompt(self.base, prompt)
+        except DzjaxError as e:
+            raise RequestError(str(e)) from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Chat messages through the tokenizer's chat template, ready for the assistant's turn."""
@@ -247,6 +252,5 @@ def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
     base_name ("base": the model name of base-only requests).
     """
     if isinstance(base, str) or hasattr(base, "__fspath__"):
-        from dzjax.models.loading import load_base
         base = load_base(base)
     return Server(base, deltas, **options)

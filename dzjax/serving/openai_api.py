@@ -1,0 +1,209 @@
+"""OpenAI's API, as the HTTP server speaks it: the request fields (read and checked one by one,
+each error naming its field), the error shape, and the response bodies (whole and streamed).
+
+Fields: prompt (a string, token ids, or a list of either), messages (chat), max_tokens (omitted:
+16 for completions, as OpenAI's; the rest of the context for chat; chat also reads
+max_completion_tokens), temperature, top_p, seed (omitted: a random one), stop (a string or a
+list), stream, stream_options.include_usage, and the extension ignore_eos. n must be 1; fields that
+would change the output but are not implemented (logprobs, echo, penalties, tools, ...) are refused
+unless neutral; other unknown fields are ignored.
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a malformed
+request (naming the field) or one that does not fit the context, 404 for an unknown model, 503
+when shutting down or when the model's delta cannot be loaded.
+Nothing here knows Starlette: `http` does the transport.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+
+from dzjax.serving.requests import (DeltaUnavailableError, ModelNotFoundError, RequestError,
+                                    SamplingParams, ServerClosedError)
+
+log = logging.getLogger("dzjax.serving.http")
+
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to the context
+# Fields of OpenAI's API that would change the output and are not implemented: refused unless
+# absent, null or one of these neutral values.
+UNSUPPORTED = {"echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,),
+               "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,),
+               "logit_bias": ({},), "tools": ([],), "functions": ([],)}
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """A request answered with an error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def payload(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def invalid(param: str | None, message: str) -> HTTPError:
+    return HTTPError(400, message, param=param)
+
+
+def as_http_error(e: Exception) -> HTTPError:
+    """The answer to an exception raised for a request: the client's fault (4xx) or ours (5xx)."""
+    if isinstance(e, HTTPError):
+        return e
+    if isinstance(e, ModelNotFoundError):
+        return HTTPError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, RequestError):
+        return HTTPError(400, str(e))
+    if isinstance(e, ServerClosedError):  # shutting down: try again elsewhere or later
+        return HTTPError(503, str(e), kind="server_error")
+    if isinstance(e, DeltaUnavailableError):  # its file is gone or damaged: the operator's to fix
+        return HTTPError(503, str(e), param="model", code="model_unavailable",
+                         kind="server_error")
+    log.error("request failed", exc_info=e)
+    return HTTPError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+
+# -- request fields ----------------------------------------------------------------------------
+
+def typed(body: dict, name: str, kinds: tuple, what: str):
+    """body[name] if it is of one of `kinds` (bool only where named), None if absent or null."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise invalid(name, f"{name} must be {what}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def model_field(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model", "model must be a non-empty string: the base or a delta's name")
+    return model
+
+
+def is_token_ids(value) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def prompts(body: dict) -> list[str | list[int]]:
+    """The completion prompts: a string, token ids, or a non-empty list of either."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or is_token_ids(prompt):
+        return [prompt]
+    if (isinstance(prompt, list) and prompt
+            and all(isinstance(p, str) or is_token_ids(p) for p in prompt)):
+        return prompt
+    raise invalid("prompt", "prompt must be a string, a list of token ids, or a non-empty list "
+                             "of strings or of token-id lists")
+
+
+def content_text(content, i: int) -> str:
+    """A message's content as text: a string, or a list of text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise invalid("messages", f"messages[{i}].content must be a string or a list of text parts")
+
+
+def messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise invalid("messages", f"messages[{i}] must be an object with a string role")
+        out.append({"role": m["role"], "content": content_text(m.get("content"), i)})
+    return out
+
+
+def sampling_fields(body: dict, chat: bool) -> dict:
+    """The `SamplingParams` fields a request sets (its max_tokens only if given), checked."""
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise invalid(name, f"{name} is not supported by this server")
+    n = typed(body, "n", (int,), "an integer")
+    if n not in (None, 1):
+        raise invalid("n", f"n must be 1 (one choice per prompt), got {n}")
+    tokens_field = "max_completion_tokens" if chat and "max_completion_tokens" in body \
+        else "max_tokens"
+    stop = typed(body, "stop", (str, list), "a string or a list of strings")
+    sampling = {"max_tokens": typed(body, tokens_field, (int,), "an integer"),
+                "temperature": typed(body, "temperature", (int, float), "a number"),
+                "top_p": typed(body, "top_p", (int, float), "a number"),
+                "seed": typed(body, "seed", (int,), "an integer"),
+                "stop": [stop] if isinstance(stop, str) else stop,
+                "ignore_eos": typed(body, "ignore_eos", (bool,), "a boolean")}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    for name, value in sampling.items():  # the engine's own checks, one field at a time
+        try:
+            SamplingParams(**{name: tuple(value) if name == "stop" else value})
+        except RequestError as e:
+            if name == "max_tokens":  # the engine's name for it; say the one the client sent
+                name, e = tokens_field, str(e).replace("max_tokens", tokens_field)
+            raise invalid(name, str(e)) from None
+    return sampling
+
+
+def include_usage(body: dict) -> bool:
+    """stream_options.include_usage: end the stream with a chunk that has the usage counts."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise invalid("stream_options", "stream_options must be an object")
+    return bool(typed(options, "include_usage", (bool,), "a boolean"))
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """What one call answers with: OpenAI's completion or chat completion, whole or in chunks."""
+
+    chat: bool
+    model: str
+    id: str
+    created: int
+
+    @classmethod
+    def new(cls, chat: bool, model: str) -> Reply:
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        return cls(chat, model, prefix + uuid.uuid4().hex, int(time.time()))
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None = None,
+                     first: bool = False) -> dict:
+        """One choice's piece of a stream; a chat stream opens each choice with its role."""
+        if not self.chat:
+            return self.choice(index, text, finish_reason)
+        delta = {"role": "assistant", "content": text} if first else \
+            ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+    def body(self, choices: list[dict], usage: dict | None = None, chunk: bool = False) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
+            else "text_completion"
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+               "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out

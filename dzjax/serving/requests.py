@@ -1,0 +1,97 @@
+"""What a request is: its sampling settings, its state in the engine, the events it reports, and
+the errors a request can end with."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from dzjax.errors import DzjaxError
+
+
+class RequestError(DzjaxError):
+    """A request cannot be served as asked (its fields, its model, its length)."""
+
+
+class ModelNotFoundError(RequestError):
+    """A request names a model that is not served."""
+
+
+class DeltaUnavailableError(DzjaxError):
+    """A request's delta could not be read or loaded (its file is gone or damaged): the server's
+    fault, not the request's; a later request tries again."""
+
+
+class ServerClosedError(DzjaxError):
+    """The server is closed (or its engine stopped): it takes no more requests."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request generates. temperature 0 is greedy."""
+
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        checks = [(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                   f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+                  (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
+                   f"temperature must be in [0, 100], got {self.temperature!r}"),
+                  (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+                   f"top_p must be in (0, 1], got {self.top_p!r}"),
+                  (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32,
+                   f"seed must be an integer in [0, 2**32), got {self.seed!r}"),
+                  (all(isinstance(s, str) and s for s in self.stop),
+                   f"stop must be non-empty strings, got {self.stop!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a request reports as it runs: a piece of output, then the end."""
+
+    kind: str  # "token" or "done"
+    text: str = ""  # the new text (token events; empty without a tokenizer)
+    token_ids: tuple[int, ...] = ()  # the new token ids
+    finish_reason: str | None = None  # done: "stop", "length", "cancelled" or "error"
+    error: Exception | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One request and everything measured about it (times from `time.perf_counter`).
+
+    Changed by the engine thread only, except `cancelled`, which any thread may set.
+    """
+
+    id: int
+    model: str | None  # a delta name; None = the base model
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    listener: Callable[[Event], None]
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""  # the output text so far (with a tokenizer)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    overtaken: int = 0
+    batch_row: int | None = None
+    delta_slot: int = -1
+
+    @property
+    def timings(self) -> dict:
+        """Seconds from arrival to admission, first token and finish."""
+        since = lambda t: None if t is None else t - self.arrival
+        return {"queued": since(self.admitted), "first_token": since(self.first_token),
+                "total": since(self.finished)}
