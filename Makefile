@@ -25,8 +25,8 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-test-all: venv  # includes the tests marked slow
-	$(PY) -m pytest -q -m ''
+test-all: venv  # includes the tests marked slow, and many more fuzzing examples
+	HYPOTHESIS_PROFILE=all $(PY) -m pytest -q -m ''
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

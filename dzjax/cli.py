@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype the base weights are held in")
     parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                         help="split the model over the first N devices (a tensor-parallel mesh)")
+    parser.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                        help="largest request body; larger ones get 413 (default: 8 MiB)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGINT/SIGTERM, how long running requests may finish")
+    parser.add_argument("--delta-read-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a delta read from disk that takes longer fails (default: 120)")
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -142,7 +149,7 @@ def serve_options(args: argparse.Namespace) -> dict:
     """The `dzjax.serve` options that the serve command's arguments set."""
     options = {"base_name": args.base_name, "max_batch": args.max_batch,
                "max_seq_len": args.max_seq_len, "max_resident_deltas": args.max_resident_deltas,
-               "dtype": args.dtype}
+               "dtype": args.dtype, "delta_read_timeout_s": args.delta_read_timeout}
     if args.tensor_parallel:
         from dzjax.models.sharding import make_mesh
         options["mesh"] = make_mesh(args.tensor_parallel)
@@ -163,13 +170,21 @@ def _serve(args) -> None:
         raise DzjaxError("two --delta options give the same name")
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     server = serve(base, deltas, **serve_options(args))
-    run_server(server, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(server, host=args.host, port=args.port, log_level=args.log_level,
+               max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout)
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     from dzjax.errors import DzjaxError
 
     args = parser().parse_args(argv)
+    if args.command != "serve":  # (serve shuts down gracefully on its own)
+        # SIGTERM as an exception, so that a killed convert removes its temporary file.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.run(args)
     except DzjaxError as e:  # bad input: the message says what is wrong, no traceback

@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,19 @@ import pytest
 # Eight CPU devices, for the tensor-parallel tests (a mesh of 1, 2, 4 or 8). Must be set before
 # JAX starts its backend; single-device code runs on the first, as without it.
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Fuzzing (hypothesis): CI runs a fixed, small set of examples; `make test-all` many random ones.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
+                              suppress_health_check=_quiet, print_blob=True)
+    settings.register_profile("all", max_examples=300, deadline=None,
+                              suppress_health_check=_quiet, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # the test extra is not installed: the fuzz tests are skipped
+    pass
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHITECTURES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]

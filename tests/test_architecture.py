@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dzjax"
-# Which rooms each room may import (errors and paths are leaves everyone may use).
+# Which rooms each room may import (errors, paths and jsonsafe are leaves everyone may use).
 ALLOWED = {
     "errors": set(),
     "paths": set(),
+    "jsonsafe": set(),
     "pallas_kernels": set(),
     "models": {"pallas_kernels"},
     "compress": {"models", "pallas_kernels"},
@@ -21,7 +22,7 @@ ALLOWED = {
     "cli": {"demo", "bench", "serving", "models", "compress", "pallas_kernels"},
     "data": set(),
 }
-LEAVES = {"errors", "paths"}
+LEAVES = {"errors", "paths", "jsonsafe"}
 MAX_LINES = 500
 
 

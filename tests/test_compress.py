@@ -12,7 +12,7 @@ from conftest import fixture_dir, reference
 
 import dzjax
 from dzjax.compress import pipeline
-from dzjax.compress.delta_file import DeltaFileError, save_delta
+from dzjax.compress.delta_file import DeltaFileError, content_hash, save_delta
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
 from dzjax.models.saving import save_hf
 from dzjax.pallas_kernels.formats import QuantizedTensor
@@ -58,16 +58,21 @@ def test_file_holds_compressed_tensors_and_metadata(llama_delta):
     path, delta = llama_delta
     sf = SafetensorsFile(path)
     meta = json.loads(sf.metadata["dzjax"])
-    assert meta["format_version"] == 1 and meta["name"] == "llama_ft"
-    assert meta["base_fingerprint"] == dzjax.load_base(fixture_dir("llama")).fingerprint
+    assert meta["format_version"] == 2 and meta["name"] == "llama_ft"
+    base = dzjax.load_base(fixture_dir("llama"))
+    assert meta["base_fingerprint"] == base.fingerprint and meta["base_digest"] == base.digest
     assert sf.dtype("model.layers.0.mlp.up_proj.qweight") == np.uint32
     assert sf.shape("model.layers.0.mlp.up_proj.qweight") == (64 // 2 * 4 // 32, 128)  # [K/2 * 4 bits / 32, N]
     assert sf.shape("model.layers.0.mlp.down_proj.qweight") == (128 // 2 * 4 // 32, 64)
     assert sf.shape("model.embed_tokens.qweight") == (64 // 2 * 4 // 32, 256)  # [hidden, vocab]
     assert sf.dtype("model.norm.weight") == np.float32  # exact
-    entry = meta["tensors"]["model.layers.1.self_attn.o_proj.weight"]
+    entry = dict(meta["tensors"]["model.layers.1.self_attn.o_proj.weight"])
+    hashes = entry.pop("hashes")
     assert entry == {"kind": "quantized", "shape": [64, 64], "bits": 4, "group_size": 32,
                      "symmetric": False, "sparsity": "2:4"}
+    stem = "model.layers.1.self_attn.o_proj"
+    assert set(hashes) == {f"{stem}.{f}" for f in ("qweight", "scales", "zeros", "meta")}
+    assert hashes[f"{stem}.scales"] == content_hash(sf.read(f"{stem}.scales"))
     report = delta.metadata["report"]
     assert report["file_bytes"] == path.stat().st_size
     assert 3.0 < report["bits_per_compressed_weight"] < 4.0  # 2:4 at 4 bits + group scales
@@ -147,15 +152,25 @@ def test_truncated_delta_file(llama_delta, tmp_path):
         dzjax.load_delta(bad)
 
 
-def _rewrite(path, out, edit_meta=None, edit_tensors=None):
+def _rewrite(path, out, edit_meta=None, edit_tensors=None, rehash=True):
+    """A copy of a delta file with its header and tensors edited; with `rehash`, the hashes are
+    made to match again (a well-formed file that says something else), else left as they were
+    (a damaged file)."""
     sf = SafetensorsFile(path)
     meta = json.loads(sf.metadata["dzjax"])
     tensors = {k: np.array(sf.read(k)) for k in sf.keys()}
-    if edit_meta:
-        edit_meta(meta)
     if edit_tensors:
         edit_tensors(tensors)
-    write_safetensors(out, tensors, metadata={"dzjax": json.dumps(meta)})
+    if rehash and isinstance(meta.get("tensors"), dict):
+        for entry in meta["tensors"].values():
+            if isinstance(entry, dict) and isinstance(entry.get("hashes"), dict):
+                entry["hashes"] = {k: content_hash(tensors[k]) if k in tensors else v
+                                   for k, v in entry["hashes"].items()}
+    if edit_meta:
+        edit_meta(meta)
+    header = json.dumps(meta)
+    digest = content_hash(header) if rehash else sf.metadata["dzjax_digest"]
+    write_safetensors(out, tensors, metadata={"dzjax": header, "dzjax_digest": digest})
     return out
 
 
@@ -260,7 +275,7 @@ def test_logits_same_with_xla_and_interpret_kernels(llama_delta, monkeypatch):
 
 def test_zstd_stage_at_rest_is_lossless_and_smaller(llama_delta, tmp_path):
     path, converted = llama_delta
-    small = save_delta(converted, tmp_path / "z.dz", zstd_level=19)
+    small = save_delta(converted, tmp_path / "z.dz", zstd_level=19).path
     assert small.stat().st_size < 0.95 * path.stat().st_size
     plain, packed = dzjax.load_delta(path), dzjax.load_delta(small)
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(packed.params), strict=True):

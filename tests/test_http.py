@@ -256,6 +256,30 @@ def test_bad_field_is_400_naming_it(served, path, field, value):
     assert field in answer["error"]["message"], answer
 
 
+def test_limits_are_4xx_naming_the_field(served):
+    """Nothing a client sends can exhaust the server: bodies, nesting, prompts and stop strings
+    are bounded, each refusal says which field; lone surrogates are a 400, not a 500."""
+    huge = json.dumps({"model": "ft0", "prompt": "x" * (9 << 20)}).encode()
+    status, answer = post(served, "/v1/completions", huge)
+    assert status == 413 and answer["error"]["code"] == "request_too_large"
+    status, answer = post(served, "/v1/completions",
+                          b'{"model": "ft0", "prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}")
+    assert status == 400 and "nested" in answer["error"]["message"]
+    for field, value, message in [
+            ("prompt", "x" * 10000, "bytes of text"),
+            ("prompt", "ok \udc80", "not valid text"),
+            ("stop", [f"s{i}" for i in range(17)], "stop strings"),
+            ("stop", ["y" * 257], "characters")]:
+        body = json.dumps({"model": "ft0", "prompt": "hi", "max_tokens": 2, field: value})
+        status, answer = post(served, "/v1/completions", body.encode())  # \udc80 escaped
+        assert status == 400, (field, answer)
+        assert answer["error"]["param"] == field and message in answer["error"]["message"]
+    status, answer = post(served, "/v1/chat/completions", {
+        "model": "ft0", "messages": [{"role": "user", "content": "\udc80"}]})
+    assert status == 400 and answer["error"]["param"] == "messages", answer
+    assert ask(served, "ft0", PROMPTS[0], 8) == served.expected("ft0", PROMPTS[0], 8)
+
+
 def test_chat_without_a_template_is_400(served, monkeypatch):
     monkeypatch.setattr(served.base.tokenizer, "chat_template", None)
     with pytest.raises(openai.BadRequestError) as e:
@@ -355,3 +379,40 @@ def test_a_waiting_client_that_leaves_frees_its_slot(served):
     assert cancelled(served) == before + 1
     r = served.client.completions.create(model="ft2", prompt=PROMPTS[0], max_tokens=8)
     assert r.choices[0].text == served.expected("ft2", PROMPTS[0], 8)
+
+
+# -- fuzzing (hypothesis; CI runs a fixed small set, `make test-all` many random ones) ----------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+           "top_p", "seed", "stop", "stream", "n", "logprobs", "echo", "stream_options",
+           "ignore_eos", "presence_penalty", "user", "suffix"]
+_scalars = (st.none() | st.booleans() | st.integers(-5, 300) | st.floats(-2, 3, allow_nan=False)
+            | st.sampled_from(["ft0", "base", "nope", "", "hi", "\udc80", "x" * 300])
+            | st.text(max_size=12))
+_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3)
+                       | st.dictionaries(st.sampled_from(["role", "content", "type", "text",
+                                                          "include_usage"]), c, max_size=3),
+                       max_leaves=8)
+
+
+@given(body=st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=6), _values, max_size=7),
+       chat=st.booleans())
+def test_fuzzed_bodies_get_answers_or_4xx_never_500(served, body, chat):
+    if isinstance(body.get("max_tokens"), int):  # keep each example short
+        body["max_tokens"] = min(body["max_tokens"], 8)
+    body.setdefault("max_tokens", 4)
+    body.pop("max_completion_tokens", None) if chat else None
+    content = json.dumps(body).encode()  # lone surrogates travel escaped, as clients send them
+    r = httpx2.post(served.url + ("/v1/chat/completions" if chat else "/v1/completions"),
+                    content=content, headers={"Content-Type": "application/json"}, timeout=120)
+    assert r.status_code in (200, 400, 404, 413), (r.status_code, r.text[:500], body)
+    if r.status_code != 200 and not body.get("stream"):
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_server_still_answers_after_the_fuzzing(served):
+    assert ask(served, "ft1", PROMPTS[1], 8) == served.expected("ft1", PROMPTS[1], 8)
+    assert wait_idle(served)["running"] == 0

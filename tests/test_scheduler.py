@@ -26,7 +26,7 @@ def test_the_docstring_example():
     waiting = [Waiting(0, "c"), Waiting(1, "b"), Waiting(2, None), Waiting(3, "a")]
     plan = schedule(waiting, [0, 1], set(),
                     pool([("a", 0, 1), None], a=RESIDENT, b=ON_HOST, c=ON_DISK), NO_CAP)
-    assert plan.read == ["c"]
+    assert plan.read == ["c"] and plan.keep == ["c", "b"]
     assert plan.admit == [Admission(1, 0, slot=1, load="b"), Admission(2, 1)]
     assert plan.overtaken == {0: 2}
     assert not plan.fail and not plan.cancel
@@ -50,7 +50,7 @@ def test_eviction_takes_the_least_recently_used_idle_slot_and_never_a_busy_one()
     plan = schedule([Waiting(0, "a"), Waiting(1, "b"), Waiting(2, "c")], [0, 1, 2], {"x"},
                     pool(slots, x=RESIDENT, y=RESIDENT, z=RESIDENT, a=ON_HOST, b=ON_HOST,
                          c=ON_HOST), NO_CAP)
-    assert [(a.slot, a.load, a.evicts) for a in plan.admit] == [(2, "a", "z"), (1, "b", "y")]
+    assert [(a.slot, a.load) for a in plan.admit] == [(2, "a"), (1, "b")]  # z, then y go
     assert plan.overtaken == {}  # c is last: nobody behind it was admitted
 
 
@@ -86,11 +86,18 @@ def test_waiting_for_a_disk_read_never_starves_others():
     assert plan.read == []  # already being read
 
 
-def test_every_queued_delta_on_disk_is_read_at_once_whatever_its_place():
+def test_queued_deltas_on_disk_are_read_ahead_of_their_turn_within_a_window():
     plan = schedule([Waiting(0, None), Waiting(1, "d1"), Waiting(2, "d2"), Waiting(3, "d1")],
                     [0], set(), pool([None], d1=ON_DISK, d2=ON_DISK), NO_CAP)
-    assert plan.read == ["d1", "d2"]
+    assert plan.read == ["d1", "d2"] and plan.keep == ["d1", "d2"]
     assert [a.request for a in plan.admit] == [0]
+    # A window of 2: the third distinct delta waits for its turn, and what is being read or on
+    # the host counts toward the window (kept there until it runs).
+    limits = Limits(max_deltas_per_step=8, max_overtakes=4, read_ahead=2)
+    waiting = [Waiting(i, f"d{i}") for i in range(4)]
+    plan = schedule(waiting, [], set(), pool([None], d0=READING, d1=ON_HOST, d2=ON_DISK,
+                                             d3=ON_DISK), limits)
+    assert plan.read == [] and plan.keep == ["d0", "d1"]
 
 
 def test_failed_reads_and_removed_deltas_fail_their_requests_only():

@@ -25,6 +25,15 @@ from dzjax.models.loading import read_hf_config
 from dzjax.pallas_kernels.formats import parse_sparsity
 
 
+def _sparsity(text: str):
+    """A --sparsity value, checked, as the synthetic config records it: "n:m", a fraction or None."""
+    try:
+        value = parse_sparsity(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else value
+
+
 def _defaults(cls) -> argparse.Namespace:
     """A dataclass's field defaults, without making one (that could start a JAX backend)."""
     return argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(cls)
@@ -51,8 +60,7 @@ def add_arguments(parser) -> None:
                        ("bits", "bits of the compressed deltas")]:
         s.add_argument(f"--{flag}", type=int, default=getattr(d, flag), help=what)
     s.add_argument("--kv-heads", type=int, default=None, help="None: as many as --heads")
-    s.add_argument("--sparsity", type=parse_sparsity, default=d.sparsity,
-                   help="n:m, a fraction, none")
+    s.add_argument("--sparsity", type=_sparsity, default=d.sparsity, help="n:m, a fraction, none")
     s.add_argument("--group-size", type=int, default=d.group_size, help="0 = per output channel")
     w = parser.add_argument_group("workload")
     wd = _defaults(WorkloadConfig)
@@ -166,8 +174,7 @@ def _argv(args) -> list[str]:
             continue
         flag = "--" + name.replace("_", "-")
         if name == "sparsity":
-            out += [flag, "none" if value is None else
-                    f"{value[0]}:{value[1]}" if isinstance(value, tuple) else str(value)]
+            out += [flag, "none" if value is None else str(value)]
         elif value is True:
             out.append(flag)
         elif name == "delta":

@@ -1,8 +1,12 @@
 """`Delta`, a compressed fine-tune, and its file: one safetensors file, validated on load.
 
-File layout (format_version 1):
-  __metadata__["dzjax"]  JSON: format_version, the model config, the base fingerprint, the
-                         fine-tune's name and source, and for every tensor how it is stored.
+File layout (format_version 2):
+  __metadata__["dzjax"]  JSON: format_version, the model config, the base's fingerprint and
+                         digest, the fine-tune's name and source, and for every tensor how it is
+                         stored and the xxh3-128 hash of each of its stored arrays' bytes.
+  __metadata__["dzjax_digest"]
+                         the xxh3-128 hash of the "dzjax" text: the header is checked before it
+                         is parsed, and with the tensor hashes it covers every byte that matters.
   <HF name minus ".weight">.qweight/.scales/.zeros/.meta
                          a compressed matrix (`QuantizedTensor`), in the kernel layout [in, out]
                          with codes packed along the input dimension. The embedding table is
@@ -15,6 +19,11 @@ File layout (format_version 1):
                          from the format). Quantization codes are far from uniform, so this saves
                          15-25% (benchmarks/compression.py quality); it is undone at load.
 Every tensor is a delta: W_finetune - W_base.
+
+Nothing in a file is trusted before it is checked: the header against its digest, nesting depth
+and limits on the model's size (or against the base, when one is given), every shape against the
+config, every decompressed size against the shape (never the zstd frame's own claim), every
+tensor's bytes against its hash; scales and exact tensors must be finite. Nothing is executed.
 """
 
 from __future__ import annotations
@@ -26,19 +35,35 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import xxhash
 import zstandard
 
+from dzjax import jsonsafe
 from dzjax.errors import DzjaxError
-from dzjax.models.config import ModelConfig, RopeConfig
+from dzjax.models.config import config_from_dict
 from dzjax.models.loading import Base, flatten_params, hf_key_map, unflatten
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
 from dzjax.pallas_kernels.formats import FIELDS, Format, QuantizedTensor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_HEADER_DEPTH = 16  # nesting of the "dzjax" JSON (it needs 5)
+# What a file may claim about its model before it is compared with a base.
+LIMITS = {"num_layers": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+          "vocab_size": 1 << 22, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024,
+          "max_position_embeddings": 1 << 24}
 
 
 class DeltaFileError(DzjaxError):
-    """A delta file is malformed, of an unknown version, or made for another base."""
+    """A delta file is malformed, damaged, of an unknown version, or made for another base."""
+
+
+def content_hash(data) -> str:
+    """The hash a delta file records for stored bytes (an array's, or the header's text)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    elif isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).view(np.uint8).data
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,6 +74,7 @@ class Delta:
     params: dict
     metadata: dict
     path: Path | None = None
+    digest: str | None = None  # the file's header digest (covers every tensor's hash)
 
     @property
     def name(self) -> str:
@@ -64,44 +90,53 @@ class Delta:
             self.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
 
     def check_base(self, base: Base) -> None:
-        """Raise unless this delta was made on `base` (same architecture, config and weights)."""
-        if self.metadata["config"]["architecture"] != base.config.architecture:
-            raise DeltaFileError(
-                f"delta {self.name!r} is for a {self.metadata['config']['architecture']}, "
-                f"the base {base.path or ''} is a {base.config.architecture}")
-        if config_from_json(self.metadata["config"]) != base.config:
-            raise DeltaFileError(f"delta {self.name!r} ({self.path}) records a model config that "
-                                 f"differs from the base's ({base.path or ''})")
-        if self.base_fingerprint != base.fingerprint:
-            raise DeltaFileError(
-                f"delta {self.name!r} ({self.path}) was made on base "
-                f"{self.metadata.get('base_source', '?')} with fingerprint {self.base_fingerprint}, "
-                f"not on this base {base.path or ''} (fingerprint {base.fingerprint})")
+        """Raise unless this delta was made on `base` (same architecture, config and weights:
+        the quick fingerprint first, then the digest of every weight)."""
+        check_made_on(self.metadata, base, self.path)
 
 
-def config_to_json(config: ModelConfig) -> dict:
-    return dataclasses.asdict(config)
+def check_made_on(metadata: dict, base: Base, path=None) -> None:
+    name = metadata.get("name") or (Path(path).name if path else "delta")
+    where = f"delta {name!r}" + (f" ({path})" if path else "")
+    if metadata["config"]["architecture"] != base.config.architecture:
+        raise DeltaFileError(f"{where} is for a {metadata['config']['architecture']}, the base "
+                             f"{base.path or ''} is a {base.config.architecture}")
+    if config_from_dict(metadata["config"]) != base.config:
+        raise DeltaFileError(f"{where} records a model config that differs from the base's "
+                             f"({base.path or ''})")
+    made_on = metadata.get("base_source", "?")
+    if metadata["base_fingerprint"] != base.fingerprint:
+        raise DeltaFileError(f"{where} was made on base {made_on} with fingerprint "
+                             f"{metadata['base_fingerprint']}, not on this base {base.path or ''}"
+                             f" (fingerprint {base.fingerprint})")
+    if metadata["base_digest"] != base.digest:
+        raise DeltaFileError(f"{where} was made on base {made_on} whose weights have digest "
+                             f"{metadata['base_digest']}; this base {base.path or ''} has "
+                             f"{base.digest}: some of its weights differ")
 
 
-def config_from_json(data: dict) -> ModelConfig:
-    data = dict(data)
-    data["rope"] = RopeConfig(**data["rope"])
-    for key in ("sliding_windows", "eos_token_ids"):
-        data[key] = tuple(data[key])
-    return ModelConfig(**data)
+def _check_limits(data) -> None:
+    """The sizes a config claims are integers within LIMITS (before anything is built)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {str(data)[:80]} is not an object")
+    for key, limit in LIMITS.items():
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"config {key}={value!r} is not an integer in [1, {limit}]")
 
 
 def _stem(hf_name: str) -> str:
     return hf_name.removesuffix(".weight")
 
 
-def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) -> Path:
-    """Write `delta` to `path` atomically (a temporary file renamed onto it).
+def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) -> Delta:
+    """Write `delta` to `path` atomically (a temporary file renamed onto it); returns the delta
+    as written (its metadata with every tensor's entry and hash, its path and digest).
 
     zstd_level: compress the compressed matrices' arrays losslessly at rest (e.g. 19), or None.
     """
     path = Path(path)
-    config = config_from_json(delta.metadata["config"])
+    config = config_from_dict(delta.metadata["config"])
     flat = flatten_params(delta.params)
     tensors: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
@@ -109,115 +144,176 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
         leaf = flat.get(keys)
         if leaf is None:
             continue
+        stored = {}
         if isinstance(leaf, QuantizedTensor):
             entries[name] = leaf.format.to_json(leaf.shape)
             for field, array in leaf.arrays().items():
                 array = np.asarray(array)
                 if zstd_level is None:
-                    tensors[f"{_stem(name)}.{field}"] = array
+                    stored[f"{_stem(name)}.{field}"] = array
                 else:
                     packed = zstandard.ZstdCompressor(level=zstd_level).compress(array.tobytes())
-                    tensors[f"{_stem(name)}.{field}.zst"] = np.frombuffer(packed, np.uint8)
+                    stored[f"{_stem(name)}.{field}.zst"] = np.frombuffer(packed, np.uint8)
                     entries[name]["zstd"] = True
         else:
             entries[name] = {"kind": "exact"}
             array = np.asarray(leaf, np.float32)
-            tensors[name] = array.T if transposed else array
+            stored[name] = np.ascontiguousarray(array.T if transposed else array)
+        entries[name]["hashes"] = {key: content_hash(a) for key, a in stored.items()}
+        tensors.update(stored)
     metadata = dict(delta.metadata, format_version=FORMAT_VERSION, tensors=entries)
-    write_safetensors(path, tensors, metadata={"dzjax": json.dumps(metadata)})
-    return path
+    header = json.dumps(metadata)
+    digest = content_hash(header)
+    write_safetensors(path, tensors, metadata={"dzjax": header, "dzjax_digest": digest})
+    return dataclasses.replace(delta, metadata=metadata, path=path, digest=digest)
 
 
-def load_delta(path: str | Path) -> Delta:
-    """Read and validate a delta file (format version, tensor names, shapes, dtypes).
+def load_delta(path: str | Path, base: Base | None = None) -> Delta:
+    """Read and validate a delta file (header digest, format version, limits, tensor names,
+    shapes, dtypes, hashes, finite values).
 
-    The base it was made on is checked when the delta is used with a base (`Delta.check_base`).
+    With `base`, the delta must have been made on it, checked before any tensor is read;
+    without, that is checked when the delta is used with a base (`Delta.check_base`).
     Nothing in the file is executed.
     """
     path = Path(path)
     sf = SafetensorsFile(path)
-    raw = sf.metadata.get("dzjax")
-    if raw is None:
-        raise DeltaFileError(f"{path}: not a dzjax delta file (no 'dzjax' metadata)")
+    metadata, digest = _read_header(sf, path)
     try:
-        metadata = json.loads(raw)
-        version = metadata["format_version"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise DeltaFileError(f"{path}: unreadable dzjax metadata") from None
-    if version != FORMAT_VERSION:
-        raise DeltaFileError(f"{path}: format_version {version!r} is not supported "
-                             f"(this dzjax reads version {FORMAT_VERSION})")
-    try:
-        config = config_from_json(metadata["config"])
+        _check_limits(metadata["config"])
+        config = config_from_dict(metadata["config"])
         entries = dict(metadata["tensors"])
-        if not isinstance(metadata["base_fingerprint"], str):
-            raise TypeError("base_fingerprint")
-        key_map = hf_key_map(config)
+        for key in ("base_fingerprint", "base_digest"):
+            if not isinstance(metadata[key], str):
+                raise TypeError(f"{key} {metadata[key]!r}")
     except Exception as e:  # any garbled config: it must not reach the model
         raise DeltaFileError(f"{path}: dzjax metadata lacks or garbles {type(e).__name__}: "
                              f"{e}") from None
+    if base is not None:
+        check_made_on(metadata, base, path)
+    key_map = hf_key_map(config)
     unused = set(sf.keys())
     flat = {}
     for name, entry in entries.items():
         if name not in key_map:
             raise DeltaFileError(f"{path}: tensor {name!r} is not a parameter of "
                                  f"{config.architecture}")
-        if not isinstance(entry, dict):
-            raise DeltaFileError(f"{path}: tensor {name!r}: malformed entry {entry!r}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("hashes"), dict):
+            raise DeltaFileError(f"{path}: tensor {name!r}: malformed entry {str(entry)[:200]}")
         keys, transposed, hf_shape = key_map[name]
-        flat[keys] = (_read_quantized(sf, path, name, entry, keys, hf_shape, unused)
+        reader = _TensorReader(sf, path, entry["hashes"], unused)
+        flat[keys] = (_read_quantized(reader, name, entry, hf_shape)
                       if entry.get("kind") == "quantized"
-                      else _read_exact(sf, path, name, transposed, hf_shape, unused))
+                      else _read_exact(reader, name, transposed, hf_shape))
     if unused:
         raise DeltaFileError(f"{path}: unexpected tensor(s) {', '.join(sorted(unused)[:5])}")
-    return Delta(params=unflatten(flat), metadata=metadata, path=path)
+    return Delta(params=unflatten(flat), metadata=metadata, path=path, digest=digest)
 
 
-def _read(sf, path, key, shape, dtype, unused):
-    if key not in sf:
-        raise DeltaFileError(f"{path}: missing tensor {key!r}")
-    if sf.shape(key) != tuple(shape) or sf.dtype(key) != dtype:
-        raise DeltaFileError(f"{path}: tensor {key!r} is {sf.dtype(key)} {sf.shape(key)}, "
-                             f"expected {dtype} {tuple(shape)}")
-    unused.discard(key)
-    return jnp.asarray(sf.read(key))
-
-
-def _read_zstd(sf, path, key, shape, dtype, unused):
-    key = f"{key}.zst"
-    if key not in sf:
-        raise DeltaFileError(f"{path}: missing tensor {key!r}")
-    if sf.dtype(key) != np.uint8 or len(sf.shape(key)) != 1:
-        raise DeltaFileError(f"{path}: tensor {key!r} must be 1-D uint8 (zstd bytes)")
-    size = int(np.prod(shape)) * dtype.itemsize
+def _read_header(sf: SafetensorsFile, path: Path) -> tuple[dict, str]:
+    """The "dzjax" metadata, checked against its digest before it is parsed."""
+    raw, digest = sf.metadata.get("dzjax"), sf.metadata.get("dzjax_digest")
+    if raw is None:
+        raise DeltaFileError(f"{path}: not a dzjax delta file (no 'dzjax' metadata)")
+    if digest is None:  # version 1 files had no hashes
+        raise DeltaFileError(f"{path}: a delta file without content hashes (format_version 1, "
+                             f"an older dzjax); convert the fine-tune again")
+    if content_hash(raw) != digest:
+        raise DeltaFileError(f"{path}: the dzjax header is damaged (its hash is not the "
+                             f"recorded one)")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(sf.read(key).tobytes(), max_output_size=size)
+        metadata = jsonsafe.loads(raw, max_depth=MAX_HEADER_DEPTH)
+    except jsonsafe.JSONLimitError as e:
+        raise DeltaFileError(f"{path}: unreadable dzjax metadata: {e}") from None
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 2.0
+        raise DeltaFileError(f"{path}: format_version {version!r} is not supported "
+                             f"(this dzjax reads version {FORMAT_VERSION})")
+    return metadata, digest
+
+
+class _TensorReader:
+    """Reads one entry's stored arrays: checked against their shape, dtype and recorded hash."""
+
+    def __init__(self, sf, path, hashes: dict, unused: set):
+        self.sf, self.path, self.hashes, self.unused = sf, path, hashes, unused
+
+    def _stored(self, key: str) -> np.ndarray:
+        if key not in self.sf:
+            raise DeltaFileError(f"{self.path}: missing tensor {key!r}")
+        data = self.sf.read(key)
+        if self.hashes.get(key) != content_hash(data):
+            raise DeltaFileError(f"{self.path}: tensor {key!r} is damaged (its bytes do not "
+                                 f"match the recorded hash)")
+        self.unused.discard(key)
+        return data
+
+    def read(self, key, shape, dtype, zstd: bool = False) -> np.ndarray:
+        shape = tuple(shape)
+        if not zstd:
+            if key in self.sf and (self.sf.shape(key) != shape or self.sf.dtype(key) != dtype):
+                raise DeltaFileError(f"{self.path}: tensor {key!r} is {self.sf.dtype(key)} "
+                                     f"{self.sf.shape(key)}, expected {dtype} {shape}")
+            return self._stored(key)
+        key = f"{key}.zst"
+        if key in self.sf and (self.sf.dtype(key) != np.uint8 or len(self.sf.shape(key)) != 1):
+            raise DeltaFileError(f"{self.path}: tensor {key!r} must be 1-D uint8 (zstd bytes)")
+        size = int(np.prod(shape)) * dtype.itemsize
+        raw = _decompress(self._stored(key).tobytes(), size, f"{self.path}: tensor {key!r}")
+        return np.frombuffer(raw, dtype).reshape(shape)
+
+
+def _decompress(data: bytes, size: int, what: str) -> bytes:
+    """Exactly `size` bytes out of a zstd frame, never allocating more than size + 1 whatever
+    the frame claims (a small frame can declare gigabytes)."""
+    try:
+        claimed = zstandard.frame_content_size(data)
+        if claimed not in (-1, size):
+            raise DeltaFileError(f"{what}: the zstd frame declares {claimed} bytes, the shape "
+                                 f"needs {size}")
+        reader = zstandard.ZstdDecompressor().stream_reader(data)
+        out = bytearray()
+        while len(out) <= size:
+            piece = reader.read(size + 1 - len(out))
+            if not piece:
+                break
+            out += piece
     except zstandard.ZstdError as e:
-        raise DeltaFileError(f"{path}: tensor {key!r}: corrupt zstd data ({e})") from None
-    if len(raw) != size:
-        raise DeltaFileError(f"{path}: tensor {key!r} holds {len(raw)} bytes, expected {size} for "
-                             f"{dtype} {tuple(shape)}")
-    unused.discard(key)
-    return jnp.asarray(np.frombuffer(raw, dtype).reshape(shape))
+        raise DeltaFileError(f"{what}: corrupt zstd data ({e})") from None
+    if len(out) != size:
+        raise DeltaFileError(f"{what} holds {'more than ' if len(out) > size else ''}{len(out)} "
+                             f"bytes, expected {size}")
+    return bytes(out)
 
 
-def _read_exact(sf, path, name, transposed, hf_shape, unused):
-    array = _read(sf, path, name, hf_shape, np.dtype(np.float32), unused)
-    return array.T if transposed else array
+def _finite(array: np.ndarray, path, key: str) -> np.ndarray:
+    if not np.isfinite(np.asarray(array, np.float32)).all():
+        raise DeltaFileError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return array
 
 
-def _read_quantized(sf, path, name, entry, keys, hf_shape, unused):
+def _read_exact(reader: _TensorReader, name, transposed, hf_shape):
+    array = _finite(reader.read(name, hf_shape, np.dtype(np.float32)), reader.path, name)
+    return jnp.asarray(array.T if transposed else array)
+
+
+def _read_quantized(reader: _TensorReader, name, entry, hf_shape):
     try:
         fmt = Format.from_json(entry)
         k, n = (int(v) for v in entry["shape"])
         fmt.check_shape(k, n, name)
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
-        raise DeltaFileError(f"{path}: tensor {name!r}: bad compression settings ({e})") from None
+        raise DeltaFileError(f"{reader.path}: tensor {name!r}: bad compression settings "
+                             f"({e})") from None
     # Kernels are [in, out] = HF shape reversed; the embedding is stored transposed likewise.
     if (k, n) != tuple(reversed(hf_shape)):
-        raise DeltaFileError(f"{path}: tensor {name!r} has shape {[k, n]}, expected "
+        raise DeltaFileError(f"{reader.path}: tensor {name!r} has shape {[k, n]}, expected "
                              f"{list(reversed(hf_shape))} for this model")
-    read = _read_zstd if entry.get("zstd") else _read
-    arrays = {field: read(sf, path, f"{_stem(name)}.{field}", shape, dtype, unused)
-              for field, (shape, dtype) in fmt.stored_arrays(k, n).items()}
-    return QuantizedTensor(**{f: arrays.get(f) for f in FIELDS}, shape=(k, n), format=fmt)
+    arrays = {}
+    for field, (shape, dtype) in fmt.stored_arrays(k, n).items():
+        key = f"{_stem(name)}.{field}"
+        arrays[field] = reader.read(key, shape, dtype, zstd=bool(entry.get("zstd")))
+        if field == "scales":
+            _finite(arrays[field], reader.path, key)
+    return QuantizedTensor(**{f: None if arrays.get(f) is None else jnp.asarray(arrays[f])
+                              for f in FIELDS}, shape=(k, n), format=fmt)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from dzjax.compress.delta_file import Delta
 from dzjax.models.forward import resolve_delta
 from dzjax.models.loading import Base, flatten_params
+from dzjax.models.safetensors_io import check_target
 from dzjax.models.saving import save_hf
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
@@ -30,6 +31,8 @@ def export_hf(base: Base, delta: Delta, out: str | Path, overwrite: bool = False
     The weights are stored in the base's dtype; the directory is written atomically. An existing
     non-empty `out` is refused unless `overwrite` (then it is replaced).
     """
+    if base.path is not None:  # replacing the base's own folder would destroy it
+        check_target(Path(out) / "config.json", inputs=(base.path,))
     flat = flatten_params(resolve_delta(base, delta) or {})
     hf_config = base.hf_config.to_dict() if base.hf_config is not None else None
     # Each merged tensor is computed as it is written: no merged copy of the model is held.

@@ -28,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.compress import calibration as calib
-from dzjax.compress.delta_file import Delta, config_to_json, save_delta
+from dzjax.compress.delta_file import Delta, save_delta
 from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
                                 reconstruction_loss, round_to_nearest)
 from dzjax.errors import CheckpointError, DzjaxError
-from dzjax.models.config import ModelConfig, from_hf_config
+from dzjax.models.config import ModelConfig, config_to_dict, from_hf_config
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.linear import embed
 from dzjax.models.llama import DecoderLayer, RMSNorm
-from dzjax.models.loading import (checkpoint_files, checkpoint_fingerprint, flatten_params,
-                                  hf_key_map, load_tokenizer, read_hf_config, unflatten)
-from dzjax.models.safetensors_io import SafetensorsFile
+from dzjax.models.loading import (checkpoint_digest, checkpoint_files, checkpoint_fingerprint,
+                                  flatten_params, hf_key_map, load_tokenizer, read_hf_config,
+                                  unflatten)
+from dzjax.models.safetensors_io import SafetensorsFile, check_target, remove_stale_temps
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -163,9 +164,9 @@ def _hessian(run, xs: np.ndarray):
 def _compress(w, h, cfg: ConvertConfig, name: str):
     """Compress one delta matrix [K, N]; returns the QuantizedTensor and its relative error."""
     obs = cfg.obs_config(w.shape[0])
-    fmt = obs.format(w.shape[0])
     try:
         obs.check(w.shape[0])
+        fmt = obs.format(w.shape[0])
         fmt.check_shape(*w.shape, name)
     except ValueError as e:
         raise DzjaxError(f"{name}: {e}") from None
@@ -319,6 +320,9 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     for d in (base_dir, ft_dir):
         if not d.is_dir():
             raise DzjaxError(f"{d}: no such checkpoint directory")
+    # Before any work: the output must be writable and must not destroy an input.
+    check_target(out, inputs=(base_dir, ft_dir))
+    remove_stale_temps(out)
     config = from_hf_config(read_hf_config(base_dir), where=str(base_dir / "config.json"))
     ft_config = from_hf_config(read_hf_config(ft_dir), where=str(ft_dir / "config.json"))
     check_pair(config, ft_config, base_dir, ft_dir)
@@ -343,16 +347,17 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     metadata = {
         "name": name or ft_dir.name, "source": str(ft_dir), "base_source": str(base_dir),
         "base_fingerprint": checkpoint_fingerprint(base_dir, config),
-        "config": config_to_json(config), "settings": cfg.settings(),
+        "base_digest": checkpoint_digest(base_dir, config),
+        "config": config_to_dict(config), "settings": cfg.settings(),
         "calibration": source,
     }
     delta = Delta(params=unflatten(stored), metadata=metadata)
     report = _report(delta, config, errors, reader, start)
     delta = Delta(params=delta.params, metadata=dict(metadata, report=report))
-    save_delta(delta, out, zstd_level=19 if cfg.zstd else None)
+    delta = save_delta(delta, out, zstd_level=19 if cfg.zstd else None)
     report["file_bytes"] = out.stat().st_size
     report["seconds"] = round(time.perf_counter() - start, 2)
-    return dataclasses.replace(delta, path=out)
+    return delta
 
 
 def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader, start) -> dict:

@@ -84,6 +84,70 @@ class ModelConfig:
                 f"{len(self.sliding_windows)} sliding windows for {self.num_layers} layers")
 
 
+def _checked(value, kind, name: str, optional: bool = False):
+    """`value` if it is of `kind` (int: not bool; float: int or float, finite), else ValueError."""
+    if value is None and optional:
+        return None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and abs(value) < float("inf")
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        what = "list" if isinstance(kind, tuple) else kind.__name__
+        raise ValueError(f"config {name}={str(value)[:80]} is not a {what}")
+    return float(value) if kind is float else value
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """The config as plain JSON-able values (what a delta file records)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict) -> ModelConfig:
+    """The inverse of `config_to_dict` for data from a file: every field checked for its type and
+    the architecture for support, so that nothing malformed reaches the model. ValueError (or
+    UnsupportedConfigError) names the field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {data!r} is not an object")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"config has unknown fields {sorted(unknown)}")
+    rope = data.get("rope")
+    if not isinstance(rope, dict) or set(rope) - {f.name for f in dataclasses.fields(RopeConfig)}:
+        raise ValueError(f"config rope={rope!r} is not a rope config")
+    rope_types = {"theta": float, "rope_type": str, "factor": float, "low_freq_factor": float,
+                  "high_freq_factor": float, "original_max_position_embeddings": int}
+    rope = RopeConfig(**{k: _checked(v, rope_types[k], f"rope.{k}") for k, v in rope.items()})
+    if rope.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedConfigError(f"config rope.rope_type={rope.rope_type!r} is not supported")
+    if data.get("architecture") not in _ARCHITECTURES:
+        raise UnsupportedConfigError(f"config architecture={data.get('architecture')!r} is not "
+                                     f"supported")
+    values = {"architecture": data["architecture"], "rope": rope}
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
+        values[name] = _checked(data.get(name), int, name)
+        if values[name] < 1:
+            raise ValueError(f"config {name}={values[name]} must be >= 1")
+    values["rms_norm_eps"] = _checked(data.get("rms_norm_eps"), float, "rms_norm_eps")
+    for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+        if name in data:
+            values[name] = _checked(data[name], bool, name)
+    windows = _checked(data.get("sliding_windows", []), (list, tuple), "sliding_windows")
+    values["sliding_windows"] = tuple(_checked(w, int, "sliding_windows[]", optional=True)
+                                      for w in windows)
+    eos = _checked(data.get("eos_token_ids", []), (list, tuple), "eos_token_ids")
+    values["eos_token_ids"] = tuple(_checked(t, int, "eos_token_ids[]") for t in eos)
+    values["bos_token_id"] = _checked(data.get("bos_token_id"), int, "bos_token_id", optional=True)
+    return ModelConfig(**values)
+
+
 def _eos_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()

@@ -60,11 +60,6 @@ def empty_stacks(params, capacity: int, mesh=None):
                         shapes, sharding.stack_shardings(shapes, mesh))
 
 
-def num_slots(stacks) -> int:
-    first = jax.tree.leaves(stacks, is_leaf=is_leaf)[0]
-    return (first.qweight if isinstance(first, QuantizedTensor) else first).shape[0]
-
-
 @functools.partial(jax.jit, donate_argnames=("stacks",))
 def write_slot(stacks, slot, params):
     """The stacks with one delta's tensors written into `slot` (traced: one compile)."""
@@ -83,11 +78,10 @@ def row_deltas(stacks, slots: jax.Array):
     return jax.tree.map(leaf, stacks, is_leaf=is_leaf)
 
 
-def check_fits(stacks_layout: tuple | None, name: str, params) -> tuple:
-    """The layout of `params`; raises naming the first difference from `stacks_layout`."""
-    own = layout(params)
+def check_fits(stacks_layout: tuple | None, name: str, own: tuple) -> None:
+    """Raise naming the first difference when a delta of layout `own` cannot join stacks of
+    `stacks_layout` (None: no stacks yet, anything fits)."""
     if stacks_layout is not None and own != stacks_layout:
         raise DzjaxError(f"delta {name!r} is stored differently from the deltas already served "
                          f"({describe_difference(stacks_layout, own)}); one server serves "
                          f"deltas converted with the same settings")
-    return own

@@ -18,8 +18,7 @@ import numpy as np
 
 from dzjax.errors import DzjaxError
 from dzjax.models.config import ModelConfig
-from dzjax.models.kernel_options import KernelOptions
-from dzjax.models.linear import DEFAULT_KERNELS
+from dzjax.models.kernel_options import DEFAULT_KERNELS, KernelOptions
 from dzjax.models.llama import CausalLM, KVCache
 from dzjax.pallas_kernels.formats import QuantizedTensor
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,7 +38,8 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
 
     Args:
       base: the loaded base model.
-      prompts: one text, a list of texts (needs the base's tokenizer) or a list of token-id lists.
+      prompts: one text, one token-id list, a list of texts (needs the base's tokenizer) or a
+        list of token-id lists.
       max_tokens: tokens generated per prompt at most.
       temperature, top_p: sampling; temperature 0 is greedy.
       seed: prompt i samples with seed + i (as `Server.generate`: the same tokens).
@@ -58,8 +58,8 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
         raise DzjaxError(f"max_tokens must be >= 1, got {max_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise DzjaxError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]  # one prompt (a text, or one list of token ids)
     if not 0 <= seed <= 2**32 - len(prompts):
         raise DzjaxError(f"seed must be in [0, 2**32 - number of prompts], got {seed}")
     delta = resolve_delta(base, delta)
@@ -80,7 +80,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
     if mesh is not None:
         params, delta, cache = sharding.place(mesh, base.config, params, delta, cache)
     step = functools.partial(forward_cached, params, delta=delta, config=base.config,
-                             dtype=dtype, kernels=KernelOptions.resolve(implementation))
+                             dtype=dtype, kernels=KernelOptions.resolve(implementation, mesh))
     positions = np.broadcast_to(np.arange(padded.shape[1], dtype=np.int32), padded.shape)
     logits, cache = step(padded, positions, cache)
     logits = logits[jnp.arange(batch), lengths - 1]  # each prompt's last real position

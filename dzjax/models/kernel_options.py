@@ -28,6 +28,9 @@ class KernelOptions:
     mesh: Mesh | None = None
 
     def __post_init__(self):
+        if self.implementation is None:  # would leave the choice to the environment at trace time
+            raise ValueError("KernelOptions needs an implementation; KernelOptions.resolve(None) "
+                             "reads DZJAX_KERNEL")
         requested_implementation(self.implementation)  # validates the name
 
     @classmethod
@@ -39,3 +42,6 @@ class KernelOptions:
     @property
     def sharded(self) -> bool:
         return self.mesh is not None and self.mesh.size > 1
+
+
+DEFAULT_KERNELS = KernelOptions()  # the documented default: "auto", one device

@@ -2,7 +2,7 @@
 
 The forward pass reaches every projection through `linear`, the embedding table through `embed`
 (and a tied output projection through `unembed`), and every small tensor (norm weights, biases)
-through `add_delta`. Each kind of delta answers the same three questions, so supporting a new kind
+through `add_delta`. Each kind of delta has the same small interface, so supporting a new kind
 never touches the model definition:
 
   kind            what it holds                                   made by
@@ -14,9 +14,12 @@ never touches the model definition:
   ExactRows       per batch row, one of S exact tensors:          `delta_stacks.row_deltas` (serving)
                   stack [S, *shape] and slots [B]
 
+  shape                the weight shape it fits ([hidden, vocab] for a compressed embedding:
+                       `stores_table_transposed`)
   matmul(x, kernels)   x [..., K] @ delta [K, N] -> [..., N] float32
   lookup(ids)          rows of an embedding table's delta [V, D] for ids [B, ...] -> [..., D] f32
-  as_head()            the delta of the tied output projection table^T, given the table's
+  as_head()            given the embedding table's delta, the delta of the tied output
+                       projection table^T
   added_to(w, ndim)    w + delta, for small tensors (exact kinds only)
 A slot of -1 means "base only": that row's delta is zero.
 """
@@ -29,13 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dzjax.models.kernel_options import KernelOptions
+from dzjax.models.kernel_options import DEFAULT_KERNELS, KernelOptions
 from dzjax.pallas_kernels import delta_matmul, make_delta_batch, multi_delta_matmul
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize, dequantize_columns
-
-DEFAULT_KERNELS = KernelOptions()
-
 
 def _check_shape(got, want, what: str) -> None:
     if tuple(got) != tuple(want):
@@ -52,9 +52,11 @@ class Dense:
     """A dense delta of the weight's own shape."""
 
     delta: jax.Array
+    stores_table_transposed = False
 
     def matmul(self, x, kernels):
-        return jnp.dot(x, self.delta.astype(x.dtype), preferred_element_type=jnp.float32)
+        with jax.named_scope("dense_delta_matmul"):
+            return jnp.dot(x, self.delta.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def lookup(self, ids):
         return jnp.take(self.delta, ids, axis=0).astype(jnp.float32)
@@ -76,6 +78,7 @@ class Compressed:
     """One compressed matrix; the embedding table's is stored as its transpose [hidden, vocab]."""
 
     q: QuantizedTensor
+    stores_table_transposed = True
 
     def matmul(self, x, kernels):
         with jax.named_scope("delta_matmul"):
@@ -109,6 +112,7 @@ class CompressedRows:
 
     stack: QuantizedTensor  # arrays [S, ...]
     slots: jax.Array  # int32 [B]
+    stores_table_transposed = True
 
     def matmul(self, x, kernels):
         k, n = self.stack.shape
@@ -161,6 +165,7 @@ class ExactRows:
 
     stack: jax.Array  # [S, *shape]
     slots: jax.Array  # int32 [B]
+    stores_table_transposed = False
 
     def rows(self, ndim: int | None = None) -> jax.Array:
         """Each row's tensor [B, *shape] in float32 (zero for base-only rows); with `ndim`,
@@ -172,8 +177,9 @@ class ExactRows:
         return picked.reshape(picked.shape[:1] + (1,) * (ndim - picked.ndim) + picked.shape[1:])
 
     def matmul(self, x, kernels):  # each row by its own gathered [K, N] matrix
-        w = self.rows().astype(x.dtype)
-        return jnp.einsum("b...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
+        with jax.named_scope("exact_rows_matmul"):
+            w = self.rows().astype(x.dtype)
+            return jnp.einsum("b...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
 
     def lookup(self, ids):
         slots = _token_slots(self.slots, ids.shape)
@@ -229,8 +235,8 @@ def embed(ids: jax.Array, table: jax.Array, delta=None) -> jax.Array:
     delta = kind(delta)
     if delta is None:
         return rows
-    want = table.shape[::-1] if isinstance(delta, (Compressed, CompressedRows)) else table.shape
-    _check_shape(delta.shape, want, "embed")
+    _check_shape(delta.shape, table.shape[::-1] if delta.stores_table_transposed else table.shape,
+                 "embed")
     with jax.named_scope("delta_embed"):
         return (rows.astype(jnp.float32) + delta.lookup(ids)).astype(table.dtype)
 

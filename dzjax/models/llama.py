@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.models.config import ModelConfig, RopeConfig
-from dzjax.models.kernel_options import KernelOptions
-from dzjax.models.linear import DEFAULT_KERNELS, add_delta, embed, linear, unembed
+from dzjax.models.kernel_options import DEFAULT_KERNELS, KernelOptions
+from dzjax.models.linear import add_delta, embed, linear, unembed
 
 _INIT = nn.initializers.normal(0.02)
 

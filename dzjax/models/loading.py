@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -21,10 +20,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from dzjax.errors import CheckpointError, UnsupportedConfigError
+from dzjax.models import fingerprint as fp
 from dzjax.models.config import ModelConfig, from_hf_config
 from dzjax.models.llama import CausalLM
 from dzjax.models.safetensors_io import SafetensorsFile
@@ -48,14 +47,28 @@ class Base:
     tokenizer: Any = None
     path: Path | None = None
     hf_config: Any = None  # the transformers config it was loaded from, for export
+    weights_digest: str | None = None  # computed by load_base as it reads; else from the params
 
     @property
     def dtype(self):
         return jax.tree.leaves(self.params)[0].dtype
 
     @functools.cached_property
+    def digest(self) -> str:
+        """The digest of every weight (`dzjax.models.fingerprint`); a delta records the one of
+        the base it was made on."""
+        if self.weights_digest is not None:
+            return self.weights_digest
+        flat = flatten_params(self.params)
+        digest = fp.WeightsDigest()
+        for name, (keys, transposed, _) in hf_key_map(self.config).items():
+            leaf = np.asarray(flat[keys])
+            digest.add(name, leaf.T if transposed else leaf)
+        return digest.hexdigest()
+
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the base weights (see `fingerprint`); a delta records the one it was made on.
+        """The quick sampled fingerprint of the base weights (`dzjax.models.fingerprint`).
 
         Read from the checkpoint's files when the base was loaded from them (so that loading in
         float16, which rounds differently from bf16, changes nothing), else from the params.
@@ -73,16 +86,36 @@ class Base:
                 return np.asarray(leaf[cols, rows] if transposed else leaf[rows, cols])
             return read
 
-        return fingerprint({name: (shape, sample(keys, transposed))
-                            for name, (keys, transposed, shape) in hf_key_map(self.config).items()})
+        return fp.fingerprint({name: (shape, sample(keys, transposed)) for name, (keys, transposed,
+                               shape) in hf_key_map(self.config).items()})
+
+
+def checkpoint_fingerprint(path: Path, config: ModelConfig) -> str:
+    """The quick fingerprint of a checkpoint directory, read from its files."""
+    return fp.checkpoint_fingerprint(checkpoint_files(path), {
+        name: shape for name, (_, _, shape) in hf_key_map(config).items()})
+
+
+def checkpoint_digest(path: Path, config: ModelConfig) -> str:
+    """The digest of every weight of a checkpoint directory, streamed from its files."""
+    return fp.checkpoint_digest(checkpoint_files(path), sorted(hf_key_map(config)))
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
-    """The params pytree of `config` as ShapeDtypeStructs (nothing allocated)."""
+    """The params pytree of `config` as ShapeDtypeStructs (nothing allocated).
+
+    The model is traced with one decoder layer, whose params every layer shares in shape: the
+    cost does not grow with the layer count (a file claiming thousands of layers is cheap to
+    check).
+    """
     ids = jnp.zeros((1, 1), jnp.int32)
+    one_layer = dataclasses.replace(config, num_layers=1, sliding_windows=config.sliding_windows[:1])
     variables = jax.eval_shape(
-        lambda: CausalLM(config, param_dtype=dtype).init(jax.random.key(0), ids, ids))
-    return variables["params"]
+        lambda: CausalLM(one_layer, param_dtype=dtype).init(jax.random.key(0), ids, ids))
+    params = variables["params"]
+    layer = params["model"].pop("layers_0")
+    params["model"].update({f"layers_{i}": layer for i in range(config.num_layers)})
+    return params
 
 
 def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -113,46 +146,6 @@ def hf_key_map(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool, tu
         name, transposed = hf_name(keys)
         out[name] = (keys, transposed, tuple(reversed(leaf.shape)) if transposed else leaf.shape)
     return out
-
-
-_FINGERPRINT_SAMPLES = 64
-
-
-def fingerprint(tensors: dict[str, tuple[tuple[int, ...], Any]]) -> str:
-    """A short hash of a model's weights that does not depend on the dtype they are held in.
-
-    Args:
-      tensors: {HF name: (HF shape, sample)}, where sample(rows, cols) returns the values at those
-        positions of the tensor in HF layout (1-D tensors: cols only).
-    Returns:
-      sha256 hex digest over every name, shape and the bfloat16 rounding of 64 values spread over
-      the tensor: the same from a checkpoint's files as from its params held in float32 or bf16
-      (float16 rounds differently, so a loaded base hashes its files: `Base.fingerprint`).
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        shape, sample = tensors[name]
-        size = int(np.prod(shape))
-        flat = np.unique(np.linspace(0, size - 1, _FINGERPRINT_SAMPLES).astype(np.int64))
-        rows, cols = (np.divmod(flat, shape[1]) if len(shape) == 2 else (None, flat))
-        values = np.asarray(sample(rows, cols), np.float32).astype(ml_dtypes.bfloat16)
-        digest.update(f"{name}:{list(shape)}:".encode() + values.tobytes())
-    return digest.hexdigest()[:32]
-
-
-def checkpoint_fingerprint(path: Path, config: ModelConfig) -> str:
-    """`fingerprint` of a checkpoint directory, read from its files (a few pages per tensor)."""
-    files = checkpoint_files(path)
-    opened = {file: SafetensorsFile(file) for file in set(files.values())}
-
-    def sample(name):
-        def read(rows, cols):
-            array = opened[files[name]].view(name)
-            return array[rows, cols] if array.ndim == 2 else array[cols]
-        return read
-
-    return fingerprint({name: (shape, sample(name))
-                        for name, (_, _, shape) in hf_key_map(config).items()})
 
 
 def read_hf_config(path: Path):
@@ -204,9 +197,11 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
-def load_params(path: Path, config: ModelConfig, dtype) -> dict:
-    """Every parameter of `config` read exactly once from the checkpoint at `path`, in `dtype`."""
+def load_params(path: Path, config: ModelConfig, dtype) -> tuple[dict, str]:
+    """Every parameter of `config` read exactly once from the checkpoint at `path`, in `dtype`,
+    and the digest of the weights as read (`dzjax.models.fingerprint`)."""
     key_map = hf_key_map(config)
+    digest = fp.WeightsDigest()
     files = checkpoint_files(path)
     opened: dict[Path, SafetensorsFile] = {}
     flat: dict[tuple[str, ...], jax.Array] = {}
@@ -225,13 +220,14 @@ def load_params(path: Path, config: ModelConfig, dtype) -> dict:
         if not np.issubdtype(sf.dtype(name), np.floating) and sf.dtype(name).name != "bfloat16":
             raise CheckpointError(f"{file}: tensor {name!r} has dtype {sf.dtype(name)}")
         array = sf.read(name)
+        digest.add(name, array)
         array = np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
         flat[keys] = jax.device_put(array)  # host copy dropped right after
     missing = sorted(name for name, (keys, _, _) in key_map.items() if keys not in flat)
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    return unflatten(flat)
+    return unflatten(flat), digest.hexdigest()
 
 
 def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
@@ -267,6 +263,6 @@ def load_base(path: str | Path, dtype=jnp.bfloat16) -> Base:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     hf_config = read_hf_config(path)
     config = from_hf_config(hf_config, where=str(path / "config.json"))
-    params = load_params(path, config, np.dtype(dtype))
+    params, digest = load_params(path, config, np.dtype(dtype))
     return Base(config=config, params=params, tokenizer=load_tokenizer(path), path=path,
-                hf_config=hf_config)
+                hf_config=hf_config, weights_digest=digest)

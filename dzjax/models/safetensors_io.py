@@ -13,6 +13,7 @@ streams `LazyTensor`s (export computes base + delta one tensor at a time) into a
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from typing import Callable, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from dzjax.errors import CheckpointError
+from dzjax import jsonsafe
+from dzjax.errors import CheckpointError, DzjaxError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -34,7 +36,8 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER = 100 * 2**20
+_MAX_HEADER = 100 * 2**20  # bytes of a file's JSON header
+_MAX_HEADER_DEPTH = 8
 
 
 class SafetensorsFile:
@@ -54,15 +57,16 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{self.path}: not a safetensors file or truncated (header of {header_len} "
                     f"bytes in a file of {size})")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            try:  # {name: {dtype, shape, data_offsets}, __metadata__: {str: str}}: 3 levels
+                header = jsonsafe.loads(f.read(header_len), max_depth=_MAX_HEADER_DEPTH)
+            except jsonsafe.JSONLimitError as e:
                 raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        if not isinstance(self.metadata, dict):
-            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object")
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object of strings")
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
@@ -113,12 +117,44 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
         return array
 
+    def rows(self, name: str) -> "RowReader":
+        """Tensor `name` as an object with `.shape` whose slices along the first axis are read
+        from the file when asked (positioned reads, no memory map): a tensor streamed in chunks
+        costs host memory for one chunk."""
+        return RowReader(self, name)
+
+    def _read_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        dtype, shape, begin, end = self._entry(name)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        array = np.empty((stop - start,) + shape[1:], dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin + start * row_bytes)
+            if f.readinto(array.reshape(-1).view(np.uint8)) != (stop - start) * row_bytes:
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+        return array
+
     def view(self, name: str) -> np.ndarray:
         """A read-only memory-mapped view of tensor `name`: only the pages indexed are read."""
         dtype, shape, begin, end = self._entry(name)
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._mmap[self._data_start + begin:self._data_start + end].view(dtype).reshape(shape)
+
+
+class RowReader:
+    """Rows of one tensor of a `SafetensorsFile`, read on demand: reader[start:stop]."""
+
+    def __init__(self, sf: SafetensorsFile, name: str):
+        self.sf, self.name = sf, name
+        self.shape = sf.shape(name)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not self.shape:  # a scalar tensor: the whole of it
+            return self.sf.read(self.name)
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("rows are read as one contiguous range")
+        return self.sf._read_range(self.name, start, max(start, stop))
 
 
 class LazyTensor(NamedTuple):
@@ -170,10 +206,60 @@ def current_umask() -> int:
     return mask
 
 
+def _temp_prefix(path: Path, pid: int | None = None) -> str:
+    return f".{path.name}.{os.getpid() if pid is None else pid}."
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files that `atomic_write` calls to `path` left behind when their
+    process was killed (named after it and after a process that no longer runs); returns them."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_target(path: Path, *, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work, a file target that cannot be written or would destroy an input:
+    a folder, a path inside (or equal to) one of the `inputs` folders, or a folder that is not
+    writable. Returns the path. Raises DzjaxError naming the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise DzjaxError(f"{path} is a directory; give the file to write")
+    resolved = path.resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if resolved == folder or folder in resolved.parents:
+            raise DzjaxError(f"{path} is inside the input checkpoint {folder}: writing there "
+                             f"could overwrite its files; write it elsewhere")
+    parent = path.parent
+    while not parent.exists():  # atomic_write creates the missing folders
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DzjaxError(f"cannot write {path}: {parent} is not a writable folder")
+    return path
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file in path's folder and rename it onto `path` on success."""
+    """Call write(file) on a temporary file in path's folder and rename it onto `path` on success;
+    on any error (or interrupt) the temporary file is removed, and temporary files of killed
+    earlier writes to `path` are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes the file private
         with os.fdopen(fd, "wb") as f:

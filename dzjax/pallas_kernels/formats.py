@@ -110,12 +110,13 @@ class Format:
     def from_json(cls, entry: dict) -> Format:
         """The inverse of `to_json` (the shape is read by the caller); ValueError, KeyError or
         TypeError on a malformed entry."""
-        sparsity = entry.get("sparsity")
-        if sparsity not in (None, "unstructured") and not isinstance(sparsity, str):
-            raise ValueError(f"sparsity {sparsity!r}")
-        nm = parse_sparsity(sparsity) if sparsity not in (None, "unstructured") else None
-        if nm is not None and not isinstance(nm, tuple):
-            raise ValueError(f"sparsity {sparsity!r} is not 'n:m' or 'unstructured'")
+        sparsity = entry["sparsity"]
+        nm = None
+        if sparsity not in (None, "unstructured"):  # exactly what `to_json` writes
+            nm = parse_sparsity(sparsity) if isinstance(sparsity, str) and ":" in sparsity \
+                else None
+            if nm is None or f"{nm[0]}:{nm[1]}" != sparsity:
+                raise ValueError(f"sparsity {sparsity!r} is not None, 'unstructured' or 'n:m'")
         if not isinstance(entry["symmetric"], bool):
             raise TypeError(f"symmetric {entry['symmetric']!r}")
         bits, group = entry["bits"], entry["group_size"]

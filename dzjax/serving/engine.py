@@ -55,11 +55,17 @@ class EngineConfig:
     dtype: str = "float32"  # activations
     implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
     mesh: object = None  # a jax.sharding.Mesh with axis "tp": tensor parallelism (None: one device)
+    # Limits: what one request may ask, so that no request can slow the others down.
+    max_stop_strings: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
+    max_prompt_bytes: int | None = None  # a text prompt's UTF-8 bytes; None = 32 * max_seq_len
+    delta_read_timeout_s: float = 120.0  # a delta read from disk that takes longer fails
 
 
 class Engine:
     """Owns the model state and runs the loop on its own thread; other threads call `submit`,
-    `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats` and `close`."""
+    `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats` and `close`; every change of
+    state happens on the engine thread."""
 
     def __init__(self, base: Base, config: EngineConfig):
         self.base, self.config = base, config
@@ -75,13 +81,19 @@ class Engine:
         self.limits = scheduler.Limits(
             max_deltas_per_step=config.max_deltas_per_step or config.max_resident_deltas,
             max_overtakes=config.max_batch if config.max_overtakes is None
-            else config.max_overtakes)
+            else config.max_overtakes, read_ahead=config.max_resident_deltas)
         self.params = base.params
         if config.mesh is not None:  # refuse a mesh that does not divide the model, before XLA does
             sharding.check_mesh(config.mesh, base.config)
             self.params = sharding.shard_params(base.params, config.mesh)
         self.pool = DeltaPool(base, config.max_resident_deltas, config.host_cache_bytes,
-                              mesh=config.mesh)
+                              mesh=config.mesh, read_timeout_s=config.delta_read_timeout_s)
+        self.max_prompt_bytes = config.max_prompt_bytes or 32 * self.max_seq_len
+        for name, value in [("max_stop_strings", config.max_stop_strings),
+                            ("max_stop_chars", config.max_stop_chars),
+                            ("max_prompt_bytes", self.max_prompt_bytes)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DzjaxError(f"{name} must be an integer >= 1, got {value!r}")
         self.eos = eos_ids(base.config, base.tokenizer)
         self.cache = KVCache.zeros(base.config, config.max_batch, self.max_seq_len, self.dtype)
         if config.mesh is not None:
@@ -93,6 +105,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._closing = False
+        self._abort: Exception | None = None  # set by close() when its timeout runs out
         self._lock = threading.Lock()
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
@@ -118,7 +131,14 @@ class Engine:
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                 f"exceeds the context of {self.max_seq_len} tokens")
         if sampling.stop and self.base.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer; the base has none")
+            raise RequestError("stop strings need a tokenizer; the base has none", param="stop")
+        if len(sampling.stop) > self.config.max_stop_strings:
+            raise RequestError(f"{len(sampling.stop)} stop strings; at most "
+                               f"{self.config.max_stop_strings} are allowed", param="stop")
+        longest = max(map(len, sampling.stop), default=0)
+        if longest > self.config.max_stop_chars:
+            raise RequestError(f"a stop string of {longest} characters; at most "
+                               f"{self.config.max_stop_chars} are allowed", param="stop")
         request = Request(next(self._ids), model, list(prompt_ids), sampling, listener)
         with self._lock:  # against close(): accepted before it, or refused
             if self._closing:
@@ -165,11 +185,21 @@ class Engine:
         return box.get("result")
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish every accepted request, then stop; new requests are refused meanwhile."""
+        """Finish every accepted request, then stop; new requests are refused meanwhile. With a
+        timeout, the requests still unfinished after it end with ServerClosedError, and close
+        returns within about timeout + 1 s even if a step hangs (the thread is then abandoned)."""
         with self._lock:
             self._closing = True
             self._inbox.put(("wake", None))
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abort = ServerClosedError(
+                f"the server was closed before this request finished ({timeout:g} s)")
+            self._inbox.put(("wake", None))
+            self._thread.join(1.0)
+            if self._thread.is_alive():  # stuck in a step: fail the requests from here
+                log.error("the engine did not stop within %.1f s; abandoning it", timeout + 1)
+                self._fail_everything(self._abort)
         self.pool.close()
 
     @property
@@ -183,7 +213,7 @@ class Engine:
         try:
             while True:
                 busy = any(self.rows) or self.waiting
-                if self._closing and not busy and self._inbox.empty():
+                if self._abort is not None or (self._closing and not busy and self._inbox.empty()):
                     return
                 # Block briefly when there is nothing to do, or when the last step did nothing
                 # (requests waiting for a disk read): no busy loop.
@@ -194,7 +224,7 @@ class Engine:
                     log.exception("serving step failed")
                     self._recover(e)
         finally:  # however the thread ends, nobody waits for it forever
-            self._fail_everything(ServerClosedError("the serving engine has stopped"))
+            self._fail_everything(self._abort or ServerClosedError("the serving engine has stopped"))
 
     def _recover(self, error: Exception) -> None:
         for r in [r for r in self.rows if r is not None]:
@@ -275,8 +305,10 @@ class Engine:
             self._leave_queue(by_id[i], "error", error)
         for name in plan.forget_failures:
             self.pool.forget_failure(name)
+        self.pool.keep(plan.keep + [a.load for a in plan.admit if a.load is not None])
         for name in plan.read:
             self.pool.start_read(name)
+        # (Counted as the plan says, also for a request whose admission below fails.)
         for i, n in plan.overtaken.items():
             by_id[i].overtaken = n
         admitted = []
@@ -285,15 +317,14 @@ class Engine:
             if a.load is not None:
                 try:
                     self.pool.load(a.load, a.slot)
-                except Exception as e:  # this delta cannot be loaded: only its requests fail
+                except Exception as e:  # this delta cannot be loaded now: this request fails
                     log.exception("loading delta %r failed", a.load)
-                    self.pool.mark_failed(a.load, e)
                     self._leave_queue(r, "error", DeltaUnavailableError(
                         f"delta {a.load!r} could not be loaded: {e}"))
                     continue
             if a.slot >= 0:
-                if self.pool.slot_names[a.slot] != r.model:  # an earlier load here failed
-                    continue  # it waits for the next step
+                if self.pool.slot_names[a.slot] != r.model:  # the load here failed: it waits
+                    continue
                 self.pool.acquire(a.slot)
             self.waiting.remove(r)
             r.batch_row, r.delta_slot, r.admitted = a.row, a.slot, time.perf_counter()
@@ -410,7 +441,10 @@ class Engine:
         self._notify(r, Event("done", finish_reason=reason, error=error))
 
     def stats(self) -> dict:
-        """Counts, occupancy, traces and the pool's state (call it through `call`)."""
+        """Counts, occupancy, traces and the pool's state: a snapshot, taken between steps."""
+        return self.call(self._stats)
+
+    def _stats(self) -> dict:
         c = self.counts
         elapsed = time.perf_counter() - self.started
         return {

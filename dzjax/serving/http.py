@@ -34,12 +34,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dzjax import jsonsafe
 from dzjax.serving import openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
 from dzjax.serving.requests import Event, RequestError
 from dzjax.serving.server import RequestHandle, Server
 
 log = logging.getLogger("dzjax.serving.http")
+MAX_REQUEST_BYTES = 8 << 20  # a request body at most (the default of `make_app`)
+MAX_JSON_DEPTH = 32  # nesting of a request body (OpenAI's bodies need 5)
 
 
 def _error_response(e: Exception) -> JSONResponse:
@@ -68,14 +71,31 @@ async def _starlette_error(request: Request, e: HTTPException) -> Response:
     return _error_response(e)
 
 
-async def _json_object(request: Request) -> dict:
+async def _json_object(request: Request, max_bytes: int) -> dict:
+    """The request's JSON object body: at most `max_bytes` (413 beyond, read no further) and
+    nested at most `MAX_JSON_DEPTH` levels."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(size, max_bytes)
+        chunks.append(chunk)
     try:
-        body = await request.json()
-    except ValueError as e:  # not JSON, or not UTF-8
+        body = jsonsafe.loads(b"".join(chunks), max_depth=MAX_JSON_DEPTH)
+    except jsonsafe.JSONLimitError as e:  # not JSON, not UTF-8, or nested too deeply
         raise invalid(None, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise invalid(None, "the request body must be a JSON object")
     return body
+
+
+def _too_large(size: int, limit: int) -> HTTPError:
+    return HTTPError(413, f"the request body has {'more than ' * (size > limit)}{size} bytes; at "
+                     f"most {limit} are allowed", code="request_too_large")
+
 
 class _Generation:
     """The engine requests of one call, one per choice, their events merged into one queue on
@@ -219,8 +239,8 @@ class _EventStream(StreamingResponse):
 class _Api:
     """The endpoints, over one `Server`."""
 
-    def __init__(self, server: Server):
-        self.server = server
+    def __init__(self, server: Server, max_request_bytes: int):
+        self.server, self.max_request_bytes = server, max_request_bytes
         self.created = int(time.time())
 
     async def health(self, request: Request) -> Response:
@@ -246,13 +266,13 @@ class _Api:
         return JSONResponse(self._model_card(name))
 
     async def completions(self, request: Request) -> Response:
-        body = await _json_object(request)
+        body = await _json_object(request, self.max_request_bytes)
         reply = Reply.new(chat=False, model=openai_api.model_field(body))
         return await self._generate(request, body, reply, openai_api.prompts(body),
                                     openai_api.COMPLETIONS_MAX_TOKENS)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _json_object(request)
+        body = await _json_object(request, self.max_request_bytes)
         reply = Reply.new(chat=True, model=openai_api.model_field(body))
         ids = await run_in_threadpool(self._encode_chat, openai_api.messages(body))
         return await self._generate(request, body, reply, [ids], None)
@@ -278,9 +298,12 @@ class _Api:
         return await _unless_disconnected(request, _answer(generation, reply))
 
 
-def make_app(server: Server) -> Starlette:
-    """The OpenAI-compatible ASGI app over a running `Server` (see the module docstring)."""
-    api = _Api(server)
+def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES) -> Starlette:
+    """The OpenAI-compatible ASGI app over a running `Server` (see the module docstring); a
+    request body over `max_request_bytes` is refused with 413 before it is read further."""
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    api = _Api(server, max_request_bytes)
     routes = [Route("/health", _openai_errors(api.health), methods=["GET"]),
               Route("/v1/models", _openai_errors(api.list_models), methods=["GET"]),
               Route("/v1/models/{model:path}", _openai_errors(api.get_model), methods=["GET"]),
@@ -306,22 +329,26 @@ async def _serve_and_announce(http, server: Server) -> None:
 
 
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info") -> None:
-    """Serve `server` over HTTP until interrupted (uvicorn shuts down gracefully: running
-    requests finish), then close it."""
+               log_level: str = "info", max_request_bytes: int = MAX_REQUEST_BYTES,
+               shutdown_timeout_s: float = 30.0) -> None:
+    """Serve `server` over HTTP until interrupted, then close it. On SIGINT or SIGTERM, uvicorn
+    stops taking connections and lets running requests finish for up to `shutdown_timeout_s`;
+    what still runs after that ends with an error, and the process exits."""
     import uvicorn
 
     # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: let both
     # arrive here as KeyboardInterrupt (not a kill, for SIGTERM), so that the engine is closed.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        config = uvicorn.Config(make_app(server), host=host, port=port, log_level=log_level)
+        config = uvicorn.Config(make_app(server, max_request_bytes=max_request_bytes),
+                                host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=shutdown_timeout_s)
         asyncio.run(_serve_and_announce(uvicorn.Server(config), server))
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.close()
+        server.close(timeout=shutdown_timeout_s)
 
 
 def _interrupt(signum, frame) -> None:

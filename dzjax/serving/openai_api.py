@@ -60,7 +60,7 @@ def as_http_error(e: Exception) -> HTTPError:
     if isinstance(e, ModelNotFoundError):
         return HTTPError(404, str(e), param="model", code="model_not_found")
     if isinstance(e, RequestError):
-        return HTTPError(400, str(e))
+        return HTTPError(400, str(e), param=e.param)
     if isinstance(e, ServerClosedError):  # shutting down: try again elsewhere or later
         return HTTPError(503, str(e), kind="server_error")
     if isinstance(e, DeltaUnavailableError):  # its file is gone or damaged: the operator's to fix

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import time
 from pathlib import Path
 
 import jax
@@ -46,8 +47,10 @@ class Entry:
     path: Path | None  # None: given as an object, never dropped from the host cache
     nbytes: int
     layout: tuple
+    digest: str | None  # of the file as added: a read that finds other content is refused
     host: Delta | None = None  # the host copy, None when only on disk
     loading: concurrent.futures.Future | None = None
+    loading_since: float = 0.0  # time.monotonic() when the read started
     error: Exception | None = None  # the last failed read, until forgotten
 
 
@@ -58,22 +61,31 @@ class DeltaPool:
     `names()` (a snapshot).
     """
 
-    def __init__(self, base: Base, capacity: int, host_cache_bytes: int, mesh=None):
+    def __init__(self, base: Base, capacity: int, host_cache_bytes: int, mesh=None,
+                 read_timeout_s: float = 120.0):
         if capacity < 1:
             raise DzjaxError(f"max_resident_deltas must be >= 1, got {capacity}")
+        if not read_timeout_s > 0:
+            raise DzjaxError(f"delta_read_timeout_s must be > 0, got {read_timeout_s}")
         self.base, self.mesh = base, mesh
+        self.read_timeout_s = read_timeout_s
         self.capacity = capacity
         self.host_cache_bytes = host_cache_bytes
         self.layout: tuple | None = None
         self.stacks = None  # the device pytree of [capacity]-slot stacks, made with the first delta
         self.entries: dict[str, Entry] = {}
         self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._kept: set[str] = set()  # on the host until they run, whatever the cache's size
         self.slot_names: list[str | None] = [None] * capacity
         self.users = [0] * capacity  # running requests per slot
         self._last_used = [0] * capacity
         self._clock = 0
-        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dzjax-delta-read")
+        self._reader = self._new_reader()
         self.counts = collections.Counter()  # disk_reads, failed_reads, device_loads, evictions
+
+    @staticmethod
+    def _new_reader() -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dzjax-delta-read")
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -82,7 +94,7 @@ class DeltaPool:
         if not isinstance(name, str) or not name:
             raise DzjaxError(f"a delta name must be a non-empty string, got {name!r}")
         if isinstance(source, (str, Path)):
-            delta, path = load_delta(source), Path(source)
+            delta, path = load_delta(source, base=self.base), Path(source)
         elif isinstance(source, Delta):
             delta, path = source, None
         else:
@@ -90,13 +102,13 @@ class DeltaPool:
                              f"got {type(source).__name__}")
         delta.check_base(self.base)
         check_delta(self.base.params, delta.params)
-        return Entry(name, path, delta.nbytes, delta_stacks.layout(delta.params),
+        return Entry(name, path, delta.nbytes, delta_stacks.layout(delta.params), delta.digest,
                      host=to_host(delta))
 
     def add(self, entry: Entry) -> None:
         if entry.name in self.entries:
             raise DzjaxError(f"a delta named {entry.name!r} is already served")
-        delta_stacks.check_fits(self.layout, entry.name, entry.host.params)
+        delta_stacks.check_fits(self.layout, entry.name, entry.layout)
         if self.layout is None:
             self.stacks = delta_stacks.empty_stacks(entry.host.params, self.capacity, self.mesh)
             self.layout = entry.layout
@@ -148,7 +160,7 @@ class DeltaPool:
             if held <= self.host_cache_bytes:
                 break
             entry = self.entries[victim]
-            if victim != name and entry.path is not None:
+            if victim != name and entry.path is not None and victim not in self._kept:
                 entry.host = None
                 del self._host_lru[victim]
                 held -= entry.nbytes
@@ -158,12 +170,16 @@ class DeltaPool:
         entry = self.entries[name]
         if self.state(name) == scheduler.ON_DISK:
             entry.loading = self._reader.submit(self._read_again, entry)
+            entry.loading_since = time.monotonic()
 
     def _read_again(self, entry: Entry) -> Delta:
         """Read a delta that left the host cache, checked again as when it was added: the file
-        may have changed since (another base, another layout)."""
-        delta = load_delta(entry.path)
-        delta.check_base(self.base)
+        may have been damaged or replaced since (its hashes, its digest, base and layout)."""
+        delta = load_delta(entry.path, base=self.base)
+        if delta.digest != entry.digest:
+            raise DzjaxError(f"delta {entry.name!r} ({entry.path}) changed on disk since it was "
+                             f"added (its content digest differs); add it again to serve the "
+                             f"new file")
         if delta_stacks.layout(delta.params) != self.layout:
             raise DzjaxError(f"delta {entry.name!r} ({entry.path}) changed on disk since it was "
                              f"added: " + delta_stacks.describe_difference(
@@ -171,9 +187,20 @@ class DeltaPool:
         return to_host(delta)
 
     def poll(self) -> None:
-        """Take in the reads that finished: their deltas are on the host now, or FAILED."""
+        """Take in the reads that finished: their deltas are on the host now, or FAILED; a read
+        that takes longer than `read_timeout_s` (a hung disk) is given up: FAILED too."""
         for name, entry in self.entries.items():
-            if entry.loading is None or not entry.loading.done():
+            if entry.loading is None:
+                continue
+            if not entry.loading.done():
+                waited = time.monotonic() - entry.loading_since
+                if waited > self.read_timeout_s:  # the thread may still finish: ignored then
+                    entry.loading = None
+                    entry.error = TimeoutError(f"reading took more than {self.read_timeout_s:g} s")
+                    self.counts["failed_reads"] += 1
+                    # Later reads get a thread of their own, not a place behind the hung one.
+                    self._reader.shutdown(wait=False)
+                    self._reader = self._new_reader()
                 continue
             future, entry.loading = entry.loading, None
             try:
@@ -185,10 +212,10 @@ class DeltaPool:
                 self.counts["disk_reads"] += 1
                 self._touch_host(name)
 
-    def mark_failed(self, name: str, error: Exception) -> None:
-        """A delta that cannot be used now (its load failed): FAILED until forgotten."""
-        if name in self.entries:
-            self.entries[name].error = error
+    def keep(self, names) -> None:
+        """Keep these deltas' host copies (queued requests wait for them) until the next call:
+        the host cache may hold them beyond its size for that long."""
+        self._kept = set(names)
 
     def forget_failure(self, name: str) -> None:
         """The requests that waited for a failed read were failed: the next one tries again."""

@@ -11,7 +11,12 @@ from dzjax.errors import DzjaxError
 
 
 class RequestError(DzjaxError):
-    """A request cannot be served as asked (its fields, its model, its length)."""
+    """A request cannot be served as asked (its fields, its model, its length); `param` names
+    the request field at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFoundError(RequestError):
@@ -39,19 +44,20 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        checks = [(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        checks = [("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                    f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-                  (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
+                  ("temperature", isinstance(self.temperature, (int, float))
+                   and 0 <= self.temperature <= 100,
                    f"temperature must be in [0, 100], got {self.temperature!r}"),
-                  (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+                  ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
                    f"top_p must be in (0, 1], got {self.top_p!r}"),
-                  (isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32,
+                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32,
                    f"seed must be an integer in [0, 2**32), got {self.seed!r}"),
-                  (all(isinstance(s, str) and s for s in self.stop),
-                   f"stop must be non-empty strings, got {self.stop!r}")]
-        for ok, message in checks:
+                  ("stop", all(isinstance(s, str) and s for s in self.stop),
+                   f"stop must be non-empty strings, got {str(self.stop)[:200]}")]
+        for param, ok, message in checks:
             if not ok:
-                raise RequestError(message)
+                raise RequestError(message, param=param)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,9 @@ The policy:
   slot of the pool. A resident delta is used where it is; one on the host is written into a free
   slot, else into the least recently used slot that no running (or just admitted) request uses;
   one on disk is read in the background first (the request waits; others go on).
+- Reads look ahead: the first `read_ahead` distinct deltas the queue waits for (in queue order)
+  are read now and kept on the host until they run (`Plan.keep`), so a delta is read once however
+  long its request waits, and reads never evict each other from a small host cache.
 - At most `max_deltas_per_step` distinct deltas run in one step.
 - Later requests may overtake one that waits for a pool slot or the delta cap, but only
   `max_overtakes` times: after that, no request for another delta is admitted until it runs
@@ -22,8 +25,8 @@ The policy:
 Running example (2 free rows, a pool of 2 slots: "a" resident and idle, slot 1 free; "b" on the
 host, "c" on disk; no delta cap):
   waiting [r0 -> c, r1 -> b, r2 -> base, r3 -> a]
-  plan:   read ["c"]; admit r1 into row 0 (load "b" into slot 1), r2 into row 1 (no slot);
-          r0 was overtaken twice; r3 waits for a row.
+  plan:   read ["c"] (keep ["c", "b"] on the host); admit r1 into row 0 (load "b" into slot 1),
+          r2 into row 1 (no slot); r0 was overtaken twice; r3 waits for a row.
 """
 
 from __future__ import annotations
@@ -64,17 +67,12 @@ class PoolView:
     states: dict[str, str]
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def slot_of(self, name: str) -> int | None:
-        for i, s in enumerate(self.slots):
-            if s.name == name:
-                return i
-        return None
-
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_deltas_per_step: int
     max_overtakes: int
+    read_ahead: int = 8  # distinct waited-for deltas read from disk ahead of their turn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +80,7 @@ class Admission:
     request: int  # the request's id
     row: int  # its batch row
     slot: int = -1  # its device slot, -1 = base only
-    load: str | None = None  # a delta to write into `slot` first
-    evicts: str | None = None  # the delta that `load` replaces there
+    load: str | None = None  # a delta to write into `slot` first (replacing what is there)
 
 
 @dataclasses.dataclass
@@ -92,6 +89,7 @@ class Plan:
     cancel: list[int] = dataclasses.field(default_factory=list)  # cancelled while waiting
     fail: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (id, why)
     read: list[str] = dataclasses.field(default_factory=list)  # deltas to read from disk
+    keep: list[str] = dataclasses.field(default_factory=list)  # keep on the host: runs soon
     forget_failures: list[str] = dataclasses.field(default_factory=list)  # reported; retry later
     overtaken: dict[int, int] = dataclasses.field(default_factory=dict)  # id -> new count
 
@@ -115,12 +113,16 @@ def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[
     starving: Waiting | None = None  # overtaken too often: others' deltas wait for it
     overtaken = {w.id: w.overtaken for w in waiting}
     passed: list[Waiting] = []  # waiting requests considered and left waiting, in order
-    # Every queued delta that is only on disk is read now, in the background, whatever its
-    # place in the queue: by its turn it is ready.
+    # The first deltas the queue waits for are read now, in the background: by their turn they
+    # are ready.
     for w in waiting:
-        if (not w.cancelled and w.model is not None and pool.states.get(w.model) == ON_DISK
-                and w.model not in plan.read):
-            plan.read.append(w.model)
+        if len(plan.keep) >= limits.read_ahead:
+            break
+        state = pool.states.get(w.model) if w.model is not None else None
+        if not w.cancelled and state in (ON_HOST, READING, ON_DISK) and w.model not in plan.keep:
+            plan.keep.append(w.model)
+            if state == ON_DISK:
+                plan.read.append(w.model)
     for w in waiting:
         if w.cancelled:
             plan.cancel.append(w.id)
@@ -156,8 +158,7 @@ def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[
         old = slots[slot]
         load = name if old.name != name else None
         slots[slot] = Slot(name, old.users + 1, clock)
-        plan.admit.append(Admission(w.id, rows.pop(0), slot, load,
-                                    old.name if load is not None else None))
+        plan.admit.append(Admission(w.id, rows.pop(0), slot, load))
         active.add(name)
         _overtake(passed, overtaken)
     plan.overtaken = {w.id: overtaken[w.id] for w in waiting if overtaken[w.id] != w.overtaken}

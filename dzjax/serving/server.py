@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dzjax.errors import DzjaxError
 from dzjax.models.loading import Base, load_base
-from dzjax.models.text import encode_prompt
+from dzjax.models.text import check_text, encode_prompt
 from dzjax.serving.engine import Engine, EngineConfig
 from dzjax.serving.requests import (Event, ModelNotFoundError, Request, RequestError,
                                     SamplingParams, ServerClosedError)
@@ -151,15 +151,24 @@ class Server:
     def encode(self, prompt) -> list[int]:
         """A prompt (text, or token ids) as token ids, as `dzjax.generate` encodes it."""
         try:
-            return encode_prompt(self.base, prompt)
+            return encode_prompt(self.base, prompt, max_bytes=self.engine.max_prompt_bytes,
+                                 max_tokens=self.engine.max_seq_len)
         except DzjaxError as e:
-            raise RequestError(str(e)) from None
+            raise RequestError(str(e), param="prompt") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Chat messages through the tokenizer's chat template, ready for the assistant's turn."""
+        """Chat messages through the tokenizer's chat template, ready for the assistant's turn
+        (their text within `max_prompt_bytes`, checked before the template runs)."""
         tok = self.base.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise RequestError("this model has no chat template; use completions")
+        try:
+            for i, m in enumerate(messages):
+                check_text(m.get("content") or "", f"messages[{i}].content")
+            check_text("".join(m.get("content") or "" for m in messages), "messages",
+                       self.engine.max_prompt_bytes)
+        except DzjaxError as e:
+            raise RequestError(str(e), param="messages") from None
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -230,11 +239,13 @@ class Server:
 
     def stats(self) -> dict:
         """Counts, occupancy, traces and the pool's state (a snapshot, taken between steps)."""
-        return self.engine.call(self.engine.stats)
+        return self.engine.stats()
 
-    def close(self) -> None:
-        """Finish the accepted requests and stop the engine; later requests are refused."""
-        self.engine.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the accepted requests and stop the engine; later requests are refused. With a
+        timeout (seconds), requests still running after it end with `ServerClosedError`, and
+        close returns within about timeout + 1 s."""
+        self.engine.close(timeout)
 
     def __enter__(self) -> Server:
         return self
