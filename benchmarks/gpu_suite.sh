@@ -8,9 +8,9 @@
 # returned files; copy the JSON into benchmarks/results/ and commit it with the table in the note.
 # Steps (each logs to OUTDIR; a failing step does not stop the next, the exit status is the worst):
 #   1. nvidia-smi and jax's view of the device
-#   2. pytest tests/test_kernels.py with DZJAX_KERNEL=pallas, slow cases included: the shared
-#      suite against the compiled kernels (TestDeltaMatmulPallas, TestMultiDeltaPallas) and the
-#      interpret / XLA classes for comparison
+#   2. pytest tests/test_kernels.py and tests/test_kv_cache.py with DZJAX_KERNEL=pallas, slow
+#      cases included: the shared suite against the compiled kernels (TestDeltaMatmulPallas,
+#      TestMultiDeltaPallas, jax's paged attention) and the interpret / XLA classes for comparison
 #   3. the full kernels benchmark (Pallas path) -> OUTDIR/kernels-gpu-<date>.json, stopped after
 #      BENCH_BUDGET_S seconds (default 300, to fit one 600 s call with the tests; the JSON then says
 #      "truncated": true and a second call with only this step, e.g.
@@ -33,7 +33,7 @@ status=0
   > "$OUT/device.log" 2>&1 || status=1
 
 if [ -z "${SKIP_KERNEL_STEPS:-}" ]; then
-  DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_kernels.py -q -m "slow or not slow" \
+  DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_kernels.py tests/test_kv_cache.py -q -m "slow or not slow" \
     --junitxml="$OUT/junit.xml" > "$OUT/pytest.log" 2>&1 || status=1
   tail -n 5 "$OUT/pytest.log"
 

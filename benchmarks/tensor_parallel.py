@@ -82,23 +82,24 @@ def main() -> None:
             slots = np.arange(b, dtype=np.int32) % args.deltas
             sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
                         np.ones(b, np.float32))
-            cache = e.cache
+            pages, pt = e.pages, e.page_table
+            tables = np.arange(b * pt.max_pages, dtype=np.int32).reshape(b, pt.max_pages)
 
-            def step(cache):
-                out, cache = steps.decode(
-                    e.params, e.pool.stacks, cache, np.ones(b, np.int32),
+            def step(pages):
+                out, pages = steps.decode(
+                    e.params, e.pool.stacks, pages, tables, np.ones(b, np.int32),
                     np.full(b, 10, np.int32), slots, sampling, config=base.config,
-                    dtype=e.dtype, kernels=e.kernels)
+                    dtype=e.dtype, kernels=e.kernels, num_pages=1)
                 out.block_until_ready()
-                return cache
+                return pages
 
-            cache = step(cache)  # compile (the engine's idle cache is reused: donated)
+            pages = step(pages)  # compile (the engine's idle pages are reused: donated)
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                cache = step(cache)
+                pages = step(pages)
                 times.append(time.perf_counter() - t0)
-            e.cache = cache
+            e.pages = pages
             device0 = jax.devices()[0]
 
             def on_device0(tree):
@@ -108,7 +109,7 @@ def main() -> None:
             rows.append({"devices": n, "decode_step_ms": 1e3 * statistics.median(times),
                          "bytes_per_device": {"params": on_device0(e.params),
                                               "delta_stacks": on_device0(e.pool.stacks),
-                                              "kv_cache": on_device0(e.cache)}})
+                                              "kv_cache": on_device0(e.pages)}})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         n *= 2
 

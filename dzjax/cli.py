@@ -130,7 +130,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-resident-deltas", type=int, default=None,
                         help="deltas held on the device at once (default: 8)")
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
-                        help="activation dtype (default: float32)")
+                        help="activations and KV cache (default: bfloat16 on a GPU, else float32)")
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="positions per KV page (default: 16)")
+    parser.add_argument("--kv-pages", type=int, default=None,
+                        help="KV pages in the pool (default: every row at max-seq-len)")
     parser.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16",
                         help="dtype the base weights are held in")
     parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
@@ -149,7 +153,8 @@ def serve_options(args: argparse.Namespace) -> dict:
     """The `dzjax.serve` options that the serve command's arguments set."""
     options = {"base_name": args.base_name, "max_batch": args.max_batch,
                "max_seq_len": args.max_seq_len, "max_resident_deltas": args.max_resident_deltas,
-               "dtype": args.dtype, "delta_read_timeout_s": args.delta_read_timeout}
+               "dtype": args.dtype, "delta_read_timeout_s": args.delta_read_timeout,
+               "page_size": args.page_size, "kv_pages": args.kv_pages}
     if args.tensor_parallel:
         from dzjax.models.sharding import make_mesh
         options["mesh"] = make_mesh(args.tensor_parallel)

@@ -9,6 +9,13 @@ import pytest
 # Eight CPU devices, for the tensor-parallel tests (a mesh of 1, 2, 4 or 8). Must be set before
 # JAX starts its backend; single-device code runs on the first, as without it.
 jax.config.update("jax_num_cpu_devices", 8)
+# Compiled programs go to a persistent cache: the suite compiles the same programs in several
+# modules (and clears its in-memory caches after each, below), and loading one is far cheaper
+# than compiling it again. Kept in .jax_cache/ (git-ignored), so a second run is faster still.
+_CACHE = os.environ.get("DZJAX_TEST_JAX_CACHE") or str(Path(__file__).parent.parent / ".jax_cache")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 # Fuzzing (hypothesis): CI runs a fixed, small set of examples; `make test-all` many random ones.
 try:

@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 from dzjax.serving.scheduler import (FAILED, ON_DISK, ON_HOST, READING, RESIDENT, Admission,
-                                     Limits, PoolView, Slot, Waiting, schedule)
+                                     Limits, PoolView, Running, Slot, Waiting, preempt,
+                                     schedule)
 
 NO_CAP = Limits(max_deltas_per_step=8, max_overtakes=4)
 
@@ -131,3 +132,31 @@ def test_skewed_popularity_fills_rows_in_arrival_order():
     assert [a.request for a in plan.admit] == list(range(8))
     assert {a.slot for a in plan.admit if waiting[a.request].model == "cold"} == {0}  # first
     assert {a.slot for a in plan.admit if waiting[a.request].model == "hot"} == {1}
+
+
+# -- KV pages ------------------------------------------------------------------------------------
+
+def test_requests_are_admitted_by_the_pages_their_context_fills():
+    waiting = [Waiting(0, None, pages=3), Waiting(1, "a", pages=2), Waiting(2, None, pages=1)]
+    plan = schedule(waiting, [0, 1, 2], set(), pool([None], a=ON_HOST), NO_CAP, free_pages=4)
+    assert [a.request for a in plan.admit] == [0, 2]  # 3 + 1: the second does not fit
+    assert plan.overtaken == {1: 1}
+
+
+def test_a_request_waiting_for_pages_is_passed_at_most_max_overtakes_times():
+    limits = Limits(max_deltas_per_step=8, max_overtakes=2)
+    waiting = [Waiting(0, None, overtaken=2, pages=5), Waiting(1, None, pages=1)]
+    plan = schedule(waiting, [0, 1], set(), pool([None]), limits, free_pages=2)
+    assert plan.admit == []  # it blocks the small one until pages free up
+    plan = schedule(waiting, [0, 1], set(), pool([None]), limits, free_pages=5)
+    assert [a.request for a in plan.admit] == [0]
+
+
+def test_preemption_takes_the_most_recently_admitted_until_the_rest_fit():
+    running = [Running(0, order=1, pages=2, needs=1), Running(1, order=2, pages=3, needs=1),
+               Running(2, order=3, pages=2, needs=1)]
+    assert preempt(running, free_pages=1) == [2]  # the docstring's example
+    assert preempt(running, free_pages=3) == []
+    assert preempt(running, free_pages=0) == [2]  # freeing 2 covers the other two
+    assert preempt([Running(0, 1, 1, 1), Running(1, 2, 1, 1), Running(2, 3, 1, 1)], 0) == [2, 1]
+    assert preempt([Running(0, order=1, pages=4, needs=1)], free_pages=0) == [0]

@@ -95,7 +95,7 @@ def test_no_retrace_as_requests_and_resident_deltas_change(models):
             assert got == [alone(base, merged, p, n, 5) for p, n in zip(prompts, names)]
         stats = server.stats()
     assert stats["pool"]["evictions"] > 0
-    assert stats["traces"]["decode"] == before["decode"] <= 1
+    assert stats["traces"]["decode"] == before["decode"] <= 3  # a program per bucket of pages
     # Prefill compiles once per (rows, prompt length) bucket: prompts <= 16 tokens and <= 4 rows
     # give at most 3 row buckets (1, 2, 4) x 2 length buckets (16, 32).
     assert stats["traces"]["prefill"] <= 6
@@ -144,6 +144,60 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(models):
         greedy = server.submit(prompt, "ft0", max_tokens=12, ignore_eos=True).result().token_ids
     assert alone_sample == in_crowd
     assert other_seed != alone_sample and greedy != alone_sample
+
+
+def test_pages_run_out_mid_decode_and_preemption_loses_nothing(models):
+    """Six pages of 16 positions for four requests that grow to 3 pages each: the newest are
+    preempted (pages freed, context recomputed later) and every output is what it is alone."""
+    base, paths, merged = models("llama")
+    prompts = prompts_for(6, seed=30)
+    names = ["ft0", "ft1", None, "ft2", "ft0", None]
+    with dzjax.serve(base, paths, **OPTIONS, kv_pages=6, page_size=16) as server:
+        got = server.generate(prompts, model=names, max_tokens=30, ignore_eos=True)
+        kv = server.stats()["kv"]
+    assert kv["preemptions"] > 0 and kv["pages_in_use"] == 0 and kv["pages"] == 6
+    for prompt, name, tokens in zip(prompts, names, got):
+        assert tokens == alone(base, merged, prompt, name, 30), name
+
+
+def test_admission_by_pages_fits_more_requests_than_slots_of_max_seq_len(models):
+    """A KV budget of two full-length requests (2 x 64 positions) serves eight short ones at
+    once; sampled requests keep their tokens through preemption too."""
+    base, paths, _ = models("llama")
+    options = dict(OPTIONS, max_batch=8)
+    prompts = [p[:8] for p in prompts_for(8, seed=31)]  # with 6 tokens out: one page each
+    kw = dict(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    with dzjax.serve(base, paths, **options) as roomy:
+        want = roomy.generate(prompts, **kw)
+    with dzjax.serve(base, paths, **options, kv_pages=8, page_size=16) as tight:
+        got = tight.generate(prompts, **kw)
+        kv = tight.stats()["kv"]
+    assert got == want
+    assert kv["max_running"] == 8 and kv["pages"] == 8  # slots of 64 would have fit 2
+    with dzjax.serve(base, paths, **options, kv_pages=2, page_size=16) as tiny:
+        with pytest.raises(RequestError, match="need 3 KV pages; the server has 2"):
+            tiny.submit([5] * 40, max_tokens=2)
+
+
+def test_serving_in_bfloat16_equals_generate_in_bfloat16(models):
+    base, paths, _ = models("llama")
+    base16 = dzjax.load_base(fixture_dir("llama"), dtype=jnp.bfloat16)
+    prompts, names = prompts_for(4, seed=32), ["ft0", None, "ft1", "ft0"]
+    deltas = {n: dzjax.load_delta(p) for n, p in paths.items()}
+    with dzjax.serve(base16, paths, **OPTIONS, dtype="bfloat16") as server:
+        got = server.generate(prompts, model=names, max_tokens=10, ignore_eos=True)
+        assert server.engine.pages.k[0].dtype == jnp.bfloat16
+    for prompt, name, tokens in zip(prompts, names, got):
+        assert tokens == dzjax.generate(base16, [prompt], delta=deltas.get(name), max_tokens=10,
+                                        dtype=jnp.bfloat16, stop_at_eos=False)[0]
+
+
+def test_the_default_dtype_is_bfloat16_on_a_gpu_and_float32_elsewhere(monkeypatch):
+    from dzjax.serving import engine
+
+    assert engine.default_dtype() == "float32"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert engine.default_dtype() == "bfloat16"
 
 
 def test_generate_and_serve_sample_the_same_tokens_for_the_same_seed(models):
@@ -310,19 +364,21 @@ def test_decode_step_lowers_for_cuda_with_the_pallas_kernels(text_server):
     from test_kernels import lower_for_cuda
 
     from dzjax.models import KernelOptions
-    from dzjax.models.llama import KVCache
+    from dzjax.models.kv_cache import KVPages
     from dzjax.serving import steps
 
     server, base, _ = text_server
     stacks = server.engine.pool.stacks
-    b = 8
-    cache = KVCache.zeros(base.config, b, 64, jnp.bfloat16)
+    b, page_size, max_pages = 8, 16, 8
+    pages = KVPages.zeros(base.config, b * max_pages, page_size, jnp.bfloat16)
+    tables = np.arange(b * max_pages, dtype=np.int32).reshape(b, max_pages)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), base.params)
     sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
                 np.ones(b, np.float32))
     step = functools.partial(steps.decode, config=base.config, dtype=jnp.bfloat16,
-                             kernels=KernelOptions(implementation="pallas"))
-    text = lower_for_cuda(step, params, stacks, cache, np.zeros(b, np.int32),
-                          np.zeros(b, np.int32), np.array([0, -1, 1, 0, -1, -1, 0, 1], np.int32),
-                          sampling)
+                             kernels=KernelOptions(implementation="pallas"), num_pages=4)
+    text = lower_for_cuda(step, params, stacks, pages, tables, np.zeros(b, np.int32),
+                          np.full(b, 40, np.int32),
+                          np.array([0, -1, 1, 0, -1, -1, 0, 1], np.int32), sampling)
     assert text.count("multi_delta_matmul") >= 7 * base.config.num_layers  # every projection
+    assert text.count("paged_attention") >= base.config.num_layers  # jax's paged-attention kernel

@@ -20,6 +20,7 @@ from dzjax.bench.report import device_header, plot, table
 from dzjax.bench.run import SYSTEMS, BenchConfig, benchmark, default_weights_dtype
 from dzjax.bench.workload import Lengths, WorkloadConfig
 from dzjax.errors import DzjaxError
+from dzjax.serving.engine import default_dtype
 from dzjax.models.config import from_hf_config
 from dzjax.models.loading import read_hf_config
 from dzjax.pallas_kernels.formats import parse_sparsity
@@ -80,7 +81,8 @@ def add_arguments(parser) -> None:
                    help="comma-separated, of " + ",".join(SYSTEMS))
     b.add_argument("--max-batch", type=int, default=bd.max_batch,
                    help="dzjax's batch slots; the baselines' largest static batch")
-    b.add_argument("--dtype", default=bd.dtype, help="activation dtype")
+    b.add_argument("--dtype", default="auto",
+                   help="activations and KV cache; auto: bfloat16 on a GPU, float32 elsewhere")
     b.add_argument("--weights-dtype", default="auto",
                    help="auto: float32 on a CPU, bfloat16 elsewhere")
     b.add_argument("--implementation", default=None,
@@ -124,7 +126,8 @@ def _models(args, weights_dtype: str) -> tuple[Models, dict]:
 def run(args) -> dict:
     """`dzjax bench`: run, write the JSON (and PNG), print a table; returns the report."""
     weights_dtype = default_weights_dtype() if args.weights_dtype == "auto" else args.weights_dtype
-    config = BenchConfig(systems=args.systems, max_batch=args.max_batch, dtype=args.dtype,
+    config = BenchConfig(systems=args.systems, max_batch=args.max_batch,
+                         dtype=default_dtype() if args.dtype == "auto" else args.dtype,
                          weights_dtype=weights_dtype, implementation=args.implementation,
                          slo_s=args.slo, cold_swap=not args.warm_swap,
                          merged_memory_fraction=args.merged_memory_fraction,

@@ -7,13 +7,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dzjax.bench.decode_step import decode_step_times
+from dzjax.bench.decode_step import cache_table, decode_step_times
 from dzjax.bench.metrics import summarize
 from dzjax.bench.models import Models
 from dzjax.bench.systems import merged_fits, run_dzjax, run_static, swap_loader, warm_static
 from dzjax.bench.workload import BenchRequest, WorkloadConfig, make_workload
 from dzjax.errors import DzjaxError
 from dzjax.models.loading import load_base
+from dzjax.serving.engine import default_dtype
 
 SYSTEMS = ("dzjax", "swap", "merged")
 
@@ -22,7 +23,7 @@ SYSTEMS = ("dzjax", "swap", "merged")
 class BenchConfig:
     systems: tuple[str, ...] = SYSTEMS
     max_batch: int = 8  # batch slots of dzjax; largest static batch of the baselines
-    dtype: str = "float32"  # activations
+    dtype: str = dataclasses.field(default_factory=lambda: default_dtype())  # activations, KV
     weights_dtype: str = dataclasses.field(default_factory=lambda: default_weights_dtype())
     implementation: str | None = None  # delta kernels of dzjax
     slo_s: float = 10.0  # a request meets the SLO when its latency is at most this
@@ -69,6 +70,9 @@ def benchmark(models: Models, workload_config: WorkloadConfig, config: BenchConf
             dtype=config.dtype, implementation=config.implementation,
             repeats=config.decode_repeats)
         report["ratios"]["decode_step_active_deltas_vs_base"] = decode["ratio_active_vs_base"]
+        report["decode_step_by_cache"] = cache_table(
+            base, batch=config.max_batch, dtype=config.dtype,
+            implementation=config.implementation, repeats=max(3, config.decode_repeats // 4))
         swap = systems.get("swap", {})
         if swap.get("switches"):  # what a swap costs, in decode steps of the base
             report["ratios"]["swap_load_vs_base_decode_step"] = (

@@ -118,6 +118,7 @@ def _warm_engine(server, workload: list[BenchRequest], max_batch: int, max_seq_l
                               ignore_eos=True) for i in range(n)]
             for handle in server.engine.call(submit):
                 handle.result()
+    server.engine.call(server.engine.compile_decode)  # every bucket of KV pages read
 
 
 def run_static(models, workload: list[BenchRequest], *, max_batch: int, dtype,

@@ -8,12 +8,12 @@ How compressed deltas are computed (kernel implementation, tensor-parallel mesh)
 field `kernels` of every module that reaches a weight (`KernelOptions`), set once on `CausalLM`.
 Flax names every module's ops by its path (model/layers_3/self_attn/q_proj/...); the steps inside
 a module that a profile should tell apart carry `jax.named_scope`s (kv_cache_write, attention,
-tied_lm_head, and in `linear` delta_matmul, multi_delta_matmul, delta_embed).
+paged_attention, tied_lm_head, and in `linear` delta_matmul, multi_delta_matmul, delta_embed).
+The KV cache (`dzjax.models.kv_cache`, contiguous or paged) is an argument: each attention layer
+hands it its new keys and values and gets the output and the updated cache back.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 
 from dzjax.models.config import ModelConfig, RopeConfig
 from dzjax.models.kernel_options import DEFAULT_KERNELS, KernelOptions
+from dzjax.models.kv_cache import KVCache, attention  # noqa: F401  (KVCache: re-exported)
 from dzjax.models.linear import add_delta, embed, linear, unembed
 
 _INIT = nn.initializers.normal(0.02)
@@ -30,24 +31,6 @@ _INIT = nn.initializers.normal(0.02)
 def sub(delta, name: str):
     """The delta of child `name`, or None when the delta does not touch it."""
     return None if delta is None else delta.get(name)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Keys and values of every layer, indexed by absolute position: slot j holds position j."""
-
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-
-    @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -76,30 +59,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-def attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
-    """Causal grouped-query attention.
-
-    Args:
-      q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H a multiple of Hkv.
-      q_pos: [B, T] and k_pos: [B, S] absolute positions; key j is seen by query i when
-        k_pos[j] <= q_pos[i] (and k_pos[j] > q_pos[i] - window with a sliding window).
-    Returns:
-      [B, T, H * D] in q's dtype.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    if window is not None:
-        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h * d).astype(q.dtype)
 
 
 class Linear(nn.Module):
@@ -156,7 +115,7 @@ class Attention(nn.Module):
     kernels: KernelOptions = DEFAULT_KERNELS
 
     @nn.compact
-    def __call__(self, x, positions, kv, delta=None):
+    def __call__(self, x, positions, cache, layer: int, delta=None):
         c, pd, kn = self.config, self.param_dtype, self.kernels
         b, t, _ = x.shape
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, pd, kn, name="q_proj")(
@@ -173,20 +132,13 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, pd, name="k_norm")(k, sub(delta, "k_norm"))
         inv_freq = rope_inv_freq(c.rope, c.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is None:  # a plain forward pass over the whole sequence
-            keys, values, k_pos = k, v, positions
-        else:  # write this step's keys/values at their positions, attend over the whole cache
-            with jax.named_scope("kv_cache_write"):
-                rows = jnp.arange(b)[:, None]
-                keys = kv[0].at[rows, positions].set(k.astype(kv[0].dtype), mode="drop")
-                values = kv[1].at[rows, positions].set(v.astype(kv[1].dtype), mode="drop")
-            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-            kv = (keys, values)
-        with jax.named_scope("attention"):
-            out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), positions, k_pos,
-                            self.window)
+        if cache is None:  # a plain forward pass over the whole sequence
+            with jax.named_scope("attention"):
+                out = attention(q, k, v, positions, positions, self.window)
+        else:  # the cache writes this step's keys/values and attends over what it holds
+            out, cache = cache.attend(layer, q, k, v, positions, self.window, kn)
         out = Linear(c.hidden_size, c.o_bias, pd, kn, name="o_proj")(out, sub(delta, "o_proj"))
-        return out, kv
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -212,15 +164,15 @@ class DecoderLayer(nn.Module):
     kernels: KernelOptions = DEFAULT_KERNELS
 
     @nn.compact
-    def __call__(self, x, positions, kv, delta=None):
+    def __call__(self, x, positions, cache, layer: int, delta=None):
         c, pd, kn = self.config, self.param_dtype, self.kernels
         h = RMSNorm(c.rms_norm_eps, pd, name="input_layernorm")(x, sub(delta, "input_layernorm"))
-        h, kv = Attention(c, self.window, pd, kn, name="self_attn")(h, positions, kv,
-                                                                   sub(delta, "self_attn"))
+        h, cache = Attention(c, self.window, pd, kn, name="self_attn")(
+            h, positions, cache, layer, sub(delta, "self_attn"))
         x = x + h
         h = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(
             x, sub(delta, "post_attention_layernorm"))
-        return x + MLP(c, pd, kn, name="mlp")(h, sub(delta, "mlp")), kv
+        return x + MLP(c, pd, kn, name="mlp")(h, sub(delta, "mlp")), cache
 
 
 class Transformer(nn.Module):
@@ -238,18 +190,12 @@ class Transformer(nn.Module):
                        for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, pd)
 
-    def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, positions, delta=None, cache=None):
         x = self.embed_tokens(input_ids, sub(delta, "embed_tokens")).astype(self.dtype)
-        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, kv, sub(delta, f"layers_{i}"))
+            x, cache = layer(x, positions, cache, i, sub(delta, f"layers_{i}"))
             self.sow("intermediates", "hidden_states", x)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
-        return self.norm(x, sub(delta, "norm")), new_cache
+        return self.norm(x, sub(delta, "norm")), cache
 
     def attend(self, x, delta=None):
         return self.embed_tokens.attend(x, sub(delta, "embed_tokens"))
@@ -272,8 +218,7 @@ class CausalLM(nn.Module):
     kernels: KernelOptions = DEFAULT_KERNELS  # how compressed deltas are computed
 
     @nn.compact
-    def __call__(self, input_ids, positions, delta=None, cache: KVCache | None = None,
-                 logits_at=None):
+    def __call__(self, input_ids, positions, delta=None, cache=None, logits_at=None):
         c = self.config
         model = Transformer(c, self.dtype, self.param_dtype, self.kernels, name="model")
         x, cache = model(input_ids, positions, sub(delta, "model"), cache)

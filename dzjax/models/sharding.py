@@ -5,7 +5,8 @@ Megatron-style layout, expressed as shardings and left to XLA's SPMD partitioner
   o/down kernels [in, out]           row-parallel: in split           P("tp", None)
   lm_head [hidden, vocab]            vocab split                      P(None, "tp")
   embedding, norms, o/down biases    replicated
-  KV cache [L, B, S, kv_heads, D]    split by kv heads                P(..., "tp", None)
+  KV cache, per layer [B, S, kvH, D] split by kv heads                P(None, None, "tp", None)
+  KV pages, per layer [kvH, P, ps, D] split by kv heads               P("tp", None, None, None)
 Compressed deltas are packed along their input dimension, so every one is split along its output
 columns, whatever the base weight does ([S, rows, out] -> P(None, None, "tp")): any device count
 that divides the output dimensions works from the same delta file, with no re-packing. For the
@@ -79,7 +80,13 @@ def param_spec(path, leaf) -> P:
 
 
 def cache_spec() -> P:
-    return P(None, None, None, AXIS, None)
+    """A contiguous cache layer [B, S, kv_heads, D]."""
+    return P(None, None, AXIS, None)
+
+
+def pages_spec() -> P:
+    """A layer of KV pages [kv_heads, P, page_size, D]."""
+    return P(AXIS, None, None, None)
 
 
 def _put(a, where: NamedSharding):

@@ -6,8 +6,11 @@ for a plan and carry it out (write deltas into device slots, admit requests into
 prefill the admitted requests, then decode one token for every running request in one jitted call.
 Requests join and leave between steps; the compiled programs never change (see `steps`).
 
-Memory is fixed up front (KV cache rows, pool slots): when it is short, requests wait in the queue;
-a request that could never fit (prompt + max_tokens > max_seq_len) is refused at once.
+Memory is fixed up front (a pool of KV pages, batch rows, delta slots): requests are admitted by
+the KV pages their context fills, and take one more page as their output crosses a page; when
+the pages run out, the most recently admitted requests are preempted (their pages freed, their
+context recomputed when they run again). A request that could never fit (prompt + max_tokens over
+max_seq_len, or more pages than the pool has) is refused at once.
 Other threads talk to the engine only through its methods; every change of state happens on the
 engine thread, between steps.
 """
@@ -18,8 +21,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import queue
-import threading
 import time
 from typing import Callable
 
@@ -32,11 +33,13 @@ from dzjax.models import sharding
 from dzjax.models.forward import TRACE_COUNTS
 from dzjax.models.generate import bucket
 from dzjax.models.kernel_options import KernelOptions
-from dzjax.models.llama import KVCache
+from dzjax.models.kv_cache import KVPages
 from dzjax.models.loading import Base
 from dzjax.models.text import eos_ids
 from dzjax.serving import scheduler, steps
 from dzjax.serving.detokenize import TextStream
+from dzjax.serving.kv_pages import PageTable
+from dzjax.serving.loop import EngineLoop
 from dzjax.serving.pool import DeltaPool
 from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundError, Request,
                                     RequestError, SamplingParams, ServerClosedError)
@@ -44,15 +47,23 @@ from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundE
 log = logging.getLogger("dzjax.serving")
 
 
+def default_dtype() -> str:
+    """Activations and KV cache: bfloat16 on a GPU (tensor cores, half the cache bytes), float32
+    elsewhere (bfloat16 matmuls are slow on CPUs)."""
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    max_batch: int = 8  # batch slots (rows decoded per step)
-    max_seq_len: int | None = None  # KV cache length per slot; None = min(context, 1024)
+    max_batch: int = 8  # batch rows (requests decoded per step)
+    max_seq_len: int | None = None  # prompt + output tokens per request; None = min(context, 1024)
+    page_size: int = 16  # positions per KV page
+    kv_pages: int | None = None  # KV pages in the pool; None = enough for every row at max_seq_len
     max_resident_deltas: int = 8  # device slots of the delta pool
     max_deltas_per_step: int | None = None  # None = max_resident_deltas
     host_cache_bytes: int = 4 << 30
     max_overtakes: int | None = None  # None = max_batch
-    dtype: str = "float32"  # activations
+    dtype: str | None = None  # activations and KV cache; None: bfloat16 on a GPU, else float32
     implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
     mesh: object = None  # a jax.sharding.Mesh with axis "tp": tensor parallelism (None: one device)
     # Limits: what one request may ask, so that no request can slow the others down.
@@ -62,12 +73,13 @@ class EngineConfig:
     delta_read_timeout_s: float = 120.0  # a delta read from disk that takes longer fails
 
 
-class Engine:
-    """Owns the model state and runs the loop on its own thread; other threads call `submit`,
-    `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats` and `close`; every change of
-    state happens on the engine thread."""
+class Engine(EngineLoop):
+    """Owns the model state and runs the step cycle on its own thread (`EngineLoop`); other
+    threads call `submit`, `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats`, `call`
+    and `close`; every change of state happens on the engine thread."""
 
     def __init__(self, base: Base, config: EngineConfig):
+        super().__init__()
         self.base, self.config = base, config
         if config.max_batch < 1:
             raise DzjaxError(f"max_batch must be >= 1, got {config.max_batch}")
@@ -76,7 +88,7 @@ class Engine:
         if not 1 < self.max_seq_len <= context:
             raise DzjaxError(f"max_seq_len={self.max_seq_len} must be in [2, {context}] "
                              f"(the model's context)")
-        self.dtype = jnp.dtype(config.dtype)
+        self.dtype = jnp.dtype(config.dtype or default_dtype())
         self.kernels = KernelOptions.resolve(config.implementation, config.mesh)
         self.limits = scheduler.Limits(
             max_deltas_per_step=config.max_deltas_per_step or config.max_resident_deltas,
@@ -95,23 +107,26 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DzjaxError(f"{name} must be an integer >= 1, got {value!r}")
         self.eos = eos_ids(base.config, base.tokenizer)
-        self.cache = KVCache.zeros(base.config, config.max_batch, self.max_seq_len, self.dtype)
+        if config.page_size < 1:
+            raise DzjaxError(f"page_size must be >= 1, got {config.page_size}")
+        max_pages = -(-self.max_seq_len // config.page_size)
+        num_pages = config.kv_pages or config.max_batch * max_pages
+        if num_pages < 1:
+            raise DzjaxError(f"kv_pages must be >= 1, got {num_pages}")
+        self.page_table = PageTable(num_pages, config.page_size, config.max_batch, max_pages)
+        self.pages = KVPages.zeros(base.config, num_pages, config.page_size, self.dtype)
         if config.mesh is not None:
-            self.cache = jax.device_put(self.cache, jax.sharding.NamedSharding(
-                config.mesh, sharding.cache_spec()))
+            self.pages = jax.device_put(self.pages, jax.sharding.NamedSharding(
+                config.mesh, sharding.pages_spec()))
+        self._admissions = itertools.count()  # admission order, for preemption
         self.rows: list[Request | None] = [None] * config.max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self._streams: dict[int, TextStream] = {}  # request id -> its text (with a tokenizer)
-        self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
-        self._closing = False
-        self._abort: Exception | None = None  # set by close() when its timeout runs out
-        self._lock = threading.Lock()
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
         self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
-        self._thread = threading.Thread(target=self._run, name="dzjax-engine", daemon=True)
-        self._thread.start()
+        self.start()
 
     # -- other threads -------------------------------------------------------------------------
 
@@ -130,6 +145,10 @@ class Engine:
             raise RequestError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                 f"exceeds the context of {self.max_seq_len} tokens")
+        pages = self.page_table.pages_for(len(prompt_ids) + sampling.max_tokens)
+        if pages > self.page_table.num_pages:
+            raise RequestError(f"the prompt plus max_tokens need {pages} KV pages; the server "
+                               f"has {self.page_table.num_pages} (kv_pages)")
         if sampling.stop and self.base.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; the base has none", param="stop")
         if len(sampling.stop) > self.config.max_stop_strings:
@@ -140,16 +159,13 @@ class Engine:
             raise RequestError(f"a stop string of {longest} characters; at most "
                                f"{self.config.max_stop_chars} are allowed", param="stop")
         request = Request(next(self._ids), model, list(prompt_ids), sampling, listener)
-        with self._lock:  # against close(): accepted before it, or refused
-            if self._closing:
-                raise ServerClosedError("the server is closed")
-            self._inbox.put(("submit", request))
+        self._post(request)  # against close(): accepted before it, or refused
         return request
 
     def cancel(self, request: Request) -> None:
         """Stop a request (a client went away): its batch slot is freed at the next step."""
         request.cancelled = True
-        self._inbox.put(("wake", None))
+        self._wake()
 
     def add_delta(self, name: str, source) -> None:
         """Serve another delta (a `Delta` or a file path): read and checked on the caller's
@@ -163,110 +179,29 @@ class Engine:
     def delta_names(self) -> list[str]:
         return self.pool.names()
 
-    def call(self, fn, *args):
-        """Run fn(*args) on the engine thread between steps; returns its result or raises."""
-        done = threading.Event()
-        box = {}
-
-        def run():
-            try:
-                box["result"] = fn(*args)
-            except Exception as e:
-                box["error"] = e
-            done.set()
-        if not self.alive:
-            raise ServerClosedError("the serving engine has stopped")
-        self._inbox.put(("call", run))
-        while not done.wait(0.1):
-            if not self.alive:  # it stopped before reaching our call
-                raise ServerClosedError("the serving engine has stopped")
-        if "error" in box:
-            raise box["error"]
-        return box.get("result")
-
     def close(self, timeout: float | None = None) -> None:
-        """Finish every accepted request, then stop; new requests are refused meanwhile. With a
-        timeout, the requests still unfinished after it end with ServerClosedError, and close
-        returns within about timeout + 1 s even if a step hangs (the thread is then abandoned)."""
-        with self._lock:
-            self._closing = True
-            self._inbox.put(("wake", None))
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._abort = ServerClosedError(
-                f"the server was closed before this request finished ({timeout:g} s)")
-            self._inbox.put(("wake", None))
-            self._thread.join(1.0)
-            if self._thread.is_alive():  # stuck in a step: fail the requests from here
-                log.error("the engine did not stop within %.1f s; abandoning it", timeout + 1)
-                self._fail_everything(self._abort)
+        super().close(timeout)
         self.pool.close()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     # -- the engine thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
-        idle = False
-        try:
-            while True:
-                busy = any(self.rows) or self.waiting
-                if self._abort is not None or (self._closing and not busy and self._inbox.empty()):
-                    return
-                # Block briefly when there is nothing to do, or when the last step did nothing
-                # (requests waiting for a disk read): no busy loop.
-                self._drain_inbox(block=idle or not busy)
-                try:
-                    idle = not self._step()
-                except Exception as e:  # fail the running requests, keep serving the others
-                    log.exception("serving step failed")
-                    self._recover(e)
-        finally:  # however the thread ends, nobody waits for it forever
-            self._fail_everything(self._abort or ServerClosedError("the serving engine has stopped"))
+    def _busy(self) -> bool:
+        return any(self.rows) or bool(self.waiting)
 
     def _recover(self, error: Exception) -> None:
         for r in [r for r in self.rows if r is not None]:
             self._finish(r, "error", error)
         # A failed step may have consumed its donated buffers: make them again.
-        if self.cache.k.is_deleted():
-            self.cache = sharding.zeros_like_placed(self.cache)
+        if self.pages.k[0].is_deleted():
+            self.pages = sharding.zeros_like_placed(self.pages)
         stacks = jax.tree.leaves(self.pool.stacks)
         if stacks and stacks[0].is_deleted():
             self.pool.reset_device()
 
-    def _fail_everything(self, error: Exception) -> None:
-        with self._lock:
-            self._closing = True
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "submit":
-                self.waiting.append(payload)
-            elif kind == "call":
-                payload()
-        for r in [r for r in self.rows if r is not None] + list(self.waiting):
+    def _fail_all(self, error: Exception, pending: list) -> None:
+        for r in [r for r in self.rows if r is not None] + list(self.waiting) + pending:
             self._finish(r, "error", error)
         self.waiting.clear()
-
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, payload = item
-            if kind == "submit":
-                self._accept(payload)
-            elif kind == "call":
-                payload()
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def _accept(self, request: Request) -> None:
         if request.model is not None and request.model not in self.pool.entries:
@@ -291,11 +226,14 @@ class Engine:
 
     def _admit(self) -> list[Request]:
         """Ask the scheduler for a plan and carry it out; returns the admitted requests."""
-        waiting = [scheduler.Waiting(r.id, r.model, r.overtaken, r.cancelled)
+        pt = self.page_table
+        waiting = [scheduler.Waiting(r.id, r.model, r.overtaken, r.cancelled,
+                                     pt.pages_for(len(r.prompt_ids) + len(r.output_ids)))
                    for r in self.waiting]
         free = [i for i, r in enumerate(self.rows) if r is None]
         running = {r.model for r in self.rows if r is not None and r.model is not None}
-        plan = scheduler.schedule(waiting, free, running, self.pool.view(), self.limits)
+        plan = scheduler.schedule(waiting, free, running, self.pool.view(), self.limits,
+                                  free_pages=pt.free)
         by_id = {r.id: r for r in self.waiting}
         for i in plan.cancel:
             self._leave_queue(by_id[i], "cancelled")
@@ -327,10 +265,40 @@ class Engine:
                     continue
                 self.pool.acquire(a.slot)
             self.waiting.remove(r)
-            r.batch_row, r.delta_slot, r.admitted = a.row, a.slot, time.perf_counter()
+            pt.assign(a.row, pt.pages_for(len(r.prompt_ids) + len(r.output_ids)))
+            r.batch_row, r.delta_slot, r.order = a.row, a.slot, next(self._admissions)
+            r.admitted = r.admitted or time.perf_counter()
             self.rows[a.row] = r
             admitted.append(r)
         return admitted
+
+    def _grow_or_preempt(self) -> None:
+        """Before a decode step: each running request whose next token starts a page gets one;
+        when too few are free, the scheduler picks requests to preempt (they give their pages
+        back and wait at the front of the queue to recompute their context)."""
+        pt = self.page_table
+        live = [r for r in self.rows if r is not None]
+        position = {r.id: len(r.prompt_ids) + len(r.output_ids) - 1 for r in live}
+        victims = set(scheduler.preempt(
+            [scheduler.Running(r.id, r.order, pt.held(r.batch_row),
+                               int(pt.needs_page(r.batch_row, position[r.id]))) for r in live],
+            pt.free))
+        for r in sorted((r for r in live if r.id in victims), key=lambda r: r.order):
+            self._vacate(r)
+            self.waiting.appendleft(r)  # newest preempted first: the oldest ends up first
+            self.counts["preemptions"] += 1
+        for r in live:
+            if r.id not in victims and pt.needs_page(r.batch_row, position[r.id]):
+                pt.grow(r.batch_row)
+
+    def _vacate(self, r: Request) -> None:
+        """Free r's batch row, its KV pages and its delta slot."""
+        if r.batch_row is not None:
+            self.rows[r.batch_row] = None
+            self.page_table.release(r.batch_row)
+            if r.delta_slot >= 0:
+                self.pool.release(r.delta_slot)
+        r.batch_row, r.delta_slot = None, -1
 
     def _leave_queue(self, r: Request, reason: str, error: Exception | None = None) -> None:
         self.waiting.remove(r)
@@ -349,20 +317,26 @@ class Engine:
         return seeds, counters, temperature, top_p
 
     def _prefill(self, admitted: list[Request]) -> None:
+        """Prefill the admitted requests' contexts: the prompt, and for a preempted request the
+        output so far too (its next token comes out of this prefill, with the same key)."""
         by_length = collections.defaultdict(list)
         for r in admitted:
-            by_length[bucket(len(r.prompt_ids), 16, self.max_seq_len)].append(r)
+            by_length[bucket(len(r.prompt_ids) + len(r.output_ids), 16,
+                             self.max_seq_len)].append(r)
+        pt = self.page_table
         for t, group in sorted(by_length.items()):
             n = bucket(len(group), 1, self.config.max_batch)
             ids = np.zeros((n, t), np.int32)
             lengths = np.ones(n, np.int32)
-            rows = np.full(n, self.config.max_batch, np.int32)  # padding rows: writes dropped
+            tables = np.full((n, pt.max_pages), pt.num_pages, np.int32)  # padding: dropped
             slots = np.full(n, -1, np.int32)
             for i, r in enumerate(group):
-                ids[i, :len(r.prompt_ids)] = r.prompt_ids
-                lengths[i], rows[i], slots[i] = len(r.prompt_ids), r.batch_row, r.delta_slot
-            tokens, self.cache = steps.prefill(
-                self.params, self.pool.stacks, self.cache, ids, lengths, rows, slots,
+                context = r.prompt_ids + r.output_ids
+                ids[i, :len(context)] = context
+                lengths[i], tables[i], slots[i] = len(context), pt.tables[r.batch_row], \
+                    r.delta_slot
+            tokens, self.pages = steps.prefill(
+                self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots,
                 self._sampling(group + [None] * (n - len(group))), config=self.base.config,
                 dtype=self.dtype, kernels=self.kernels)
             self.counts["prefill_calls"] += 1
@@ -371,27 +345,49 @@ class Engine:
                 self._emit(r, int(tokens[i]))
 
     def _decode(self) -> None:
+        self._grow_or_preempt()
         b = self.config.max_batch
         tokens = np.zeros(b, np.int32)
-        positions = np.full(b, self.max_seq_len, np.int32)  # idle rows: writes dropped
+        positions = np.zeros(b, np.int32)  # idle rows: no pages, so their writes are dropped
         slots = np.full(b, -1, np.int32)
         live = [r for r in self.rows if r is not None]
+        if not live:  # every running request was preempted
+            return
         for r in live:
             tokens[r.batch_row] = r.output_ids[-1]
             positions[r.batch_row] = len(r.prompt_ids) + len(r.output_ids) - 1
             slots[r.batch_row] = r.delta_slot
-        out, self.cache = steps.decode(
-            self.params, self.pool.stacks, self.cache, tokens, positions, slots,
+        pt = self.page_table
+        num_pages = bucket(max(pt.held(r.batch_row) for r in live), 1, pt.max_pages)
+        out, self.pages = steps.decode(
+            self.params, self.pool.stacks, self.pages, pt.tables, tokens, positions, slots,
             self._sampling(self.rows), config=self.base.config, dtype=self.dtype,
-            kernels=self.kernels)
+            kernels=self.kernels, num_pages=num_pages)
         out = np.asarray(out)
         self.counts["steps"] += 1
         self.counts["decode_rows"] += len(live)
+        self.counts["max_running"] = max(self.counts["max_running"], len(live))
         active = len({r.model for r in live if r.model is not None})
         self.counts["active_deltas"] += active
         self.counts["max_active_deltas"] = max(self.counts["max_active_deltas"], active)
         for r in live:
             self._emit(r, int(out[r.batch_row]))
+
+    def compile_decode(self) -> None:
+        """Compile the decode step for every bucket of pages read, on idle rows (nothing is
+        written), so that no compilation happens later while serving (benchmarks)."""
+        b, pt = self.config.max_batch, self.page_table
+        n = 1
+        while True:
+            idle = np.full((b, pt.max_pages), pt.num_pages, np.int32)
+            zeros = np.zeros(b, np.int32)
+            _, self.pages = steps.decode(
+                self.params, self.pool.stacks, self.pages, idle, zeros, zeros,
+                np.full(b, -1, np.int32), self._sampling([None] * b), config=self.base.config,
+                dtype=self.dtype, kernels=self.kernels, num_pages=min(n, pt.max_pages))
+            if n >= pt.max_pages:
+                return
+            n *= 2
 
     def _emit(self, r: Request, token: int) -> None:
         """Append one generated token to r, report the new text, and finish r when it is done."""
@@ -429,10 +425,7 @@ class Engine:
         if r.finish_reason is not None:
             return
         r.finished, r.finish_reason = time.perf_counter(), reason
-        if r.batch_row is not None:
-            self.rows[r.batch_row] = None
-            if r.delta_slot >= 0:
-                self.pool.release(r.delta_slot)
+        self._vacate(r)
         self.counts["finished_" + reason] += 1
         stream = self._streams.pop(r.id, None)
         tail = stream.rest() if stream is not None and reason != "error" else ""
@@ -464,4 +457,8 @@ class Engine:
             "traces": {k.removeprefix("serve_"): TRACE_COUNTS[k] - v
                        for k, v in self._traces_at_start.items()},
             "pool": self.pool.stats(),
+            "kv": {"pages": self.page_table.num_pages, "page_size": self.page_table.page_size,
+                   "pages_in_use": self.page_table.in_use,
+                   "bytes": self.pages.nbytes, "preemptions": c["preemptions"],
+                   "max_running": c["max_running"]},
         }

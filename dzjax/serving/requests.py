@@ -94,6 +94,7 @@ class Request:
     overtaken: int = 0
     batch_row: int | None = None
     delta_slot: int = -1
+    order: int = -1  # admission order (the latest admitted are preempted first)
 
     @property
     def timings(self) -> dict:

@@ -1,14 +1,16 @@
-"""The scheduler: which waiting requests run next, and which deltas load where. Pure Python.
+"""The scheduler: which waiting requests run next, which deltas load where, and which running
+requests give their KV pages back when the pages run out. Pure Python.
 
-`schedule(waiting, free_rows, running, pool, limits)` looks at the queue and the pool's state and
-returns a `Plan`; the engine carries it out (writes deltas into device slots, prefills the admitted
-requests, fails or cancels the others). Nothing here touches JAX, so the policy is unit-tested on
-its own (`tests/test_scheduler.py`).
+`schedule(waiting, free_rows, running, pool, limits, free_pages)` looks at the queue and the
+pool's state and returns a `Plan`; `preempt(running, free_pages)` picks the requests to preempt
+before a decode step. The engine carries both out (writes deltas into device slots, hands out
+pages, prefills the admitted requests, fails, cancels or requeues the others). Nothing here
+touches JAX, so the policy is unit-tested on its own (`tests/test_scheduler.py`).
 
 The policy:
 - First come, first served: waiting requests are considered in arrival order.
-- A request needs a free batch row and, unless it is for the base model, its delta in a device
-  slot of the pool. A resident delta is used where it is; one on the host is written into a free
+- A request needs a free batch row, the KV pages its context fills (`Waiting.pages`) and, unless
+  it is for the base model, its delta in a device slot of the pool. A resident delta is used where it is; one on the host is written into a free
   slot, else into the least recently used slot that no running (or just admitted) request uses;
   one on disk is read in the background first (the request waits; others go on).
 - Reads look ahead: the first `read_ahead` distinct deltas the queue waits for (in queue order)
@@ -21,6 +23,11 @@ The policy:
   and an unpopular delta cannot starve. Waiting for a disk read does not count: a read ends.
 - A request whose delta was removed, or whose delta's read failed, fails with that error at
   once, wherever it is in the queue (it never waits for a batch row first).
+- KV pages: a request that does not find enough free pages waits; later, smaller ones may pass
+  it `max_overtakes` times, then nothing more is admitted until it is (pages free as others end).
+- Preemption: when the running requests need more new pages for their next token than are free,
+  the most recently admitted give theirs back, until the rest fit (they go back to the front of the
+  queue and recompute their context later: nothing is lost, and the oldest always progress).
 
 Running example (2 free rows, a pool of 2 slots: "a" resident and idle, slot 1 free; "b" on the
 host, "c" on disk; no delta cap):
@@ -46,6 +53,7 @@ class Waiting:
     model: str | None  # a delta's name; None = the base model
     overtaken: int = 0  # times a later request was admitted before it
     cancelled: bool = False
+    pages: int = 0  # KV pages its context (prompt, and output so far) fills
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +103,7 @@ class Plan:
 
 
 def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[str],
-             pool: PoolView, limits: Limits) -> Plan:
+             pool: PoolView, limits: Limits, free_pages: int | None = None) -> Plan:
     """The next step's plan (see the module docstring).
 
     Args:
@@ -104,6 +112,7 @@ def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[
       running: the deltas of the running requests.
       pool: the pool's slots and each delta's state.
       limits: the delta cap per step and the overtaking bound.
+      free_pages: KV pages free now (None: no page accounting).
     """
     plan = Plan()
     rows = list(free_rows)
@@ -111,6 +120,7 @@ def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[
     clock = max((s.last_used for s in slots), default=0)
     active = set(running)
     starving: Waiting | None = None  # overtaken too often: others' deltas wait for it
+    blocked = False  # a request overtaken too often waits for pages: nobody else is admitted
     overtaken = {w.id: w.overtaken for w in waiting}
     passed: list[Waiting] = []  # waiting requests considered and left waiting, in order
     # The first deltas the queue waits for are read now, in the background: by their turn they
@@ -137,10 +147,16 @@ def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[
             if name not in plan.forget_failures:
                 plan.forget_failures.append(name)
             continue
-        if not rows:  # nothing more runs this step; failures and cancellations still leave
+        if not rows or blocked:  # nothing more runs this step; failures and cancellations still
+            continue  # leave
+        if free_pages is not None and w.pages > free_pages:  # waits for pages to free
+            if overtaken[w.id] >= limits.max_overtakes:
+                blocked = True  # nobody passes it any more
+            passed.append(w)
             continue
-        if name is None:  # the base model: a row is all it needs
+        if name is None:  # the base model: a row and pages are all it needs
             plan.admit.append(Admission(w.id, rows.pop(0)))
+            free_pages = None if free_pages is None else free_pages - w.pages
             _overtake(passed, overtaken)
             continue
         if starving is not None and name != starving.model:
@@ -159,10 +175,39 @@ def schedule(waiting: Sequence[Waiting], free_rows: Sequence[int], running: set[
         load = name if old.name != name else None
         slots[slot] = Slot(name, old.users + 1, clock)
         plan.admit.append(Admission(w.id, rows.pop(0), slot, load))
+        free_pages = None if free_pages is None else free_pages - w.pages
         active.add(name)
         _overtake(passed, overtaken)
     plan.overtaken = {w.id: overtaken[w.id] for w in waiting if overtaken[w.id] != w.overtaken}
     return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """What the preemption policy knows of a running request."""
+
+    id: int
+    order: int  # admission order: larger = admitted later
+    pages: int  # pages it holds
+    needs: int  # new pages its next token needs (0 or 1)
+
+
+def preempt(running: Sequence[Running], free_pages: int) -> list[int]:
+    """The requests to preempt so that the others' next tokens find pages: the most recently
+    admitted first, until what the rest need fits in the free pages plus what was given back.
+
+    Example: free 1; running a (order 1, needs 1), b (order 2, 3 pages, needs 1), c (order 3,
+    2 pages, needs 1) -> need 3 > 1: preempt c (free 3, need 2), then enough: [c].
+    """
+    needed = sum(r.needs for r in running)
+    victims = []
+    for r in sorted(running, key=lambda r: -r.order):
+        if needed <= free_pages:
+            break
+        victims.append(r.id)
+        free_pages += r.pages
+        needed -= r.needs
+    return victims
 
 
 def _overtake(passed: list[Waiting], overtaken: dict[int, int]) -> None:

@@ -1,11 +1,13 @@
-"""The two jitted functions of the serving engine: prefill new rows, and decode every slot.
+"""The two jitted functions of the serving engine: prefill new rows, and decode every row.
 
-The engine keeps B batch slots. Each slot has a row of the KV cache [layers, B, max_len, ...] and
-a delta slot (an index into the pool's stacks, -1 = base only). A step takes the base params, the
-pool's stacks (`dzjax.models.delta_stacks`) and the rows' slots as ordinary jit arguments, so
-requests joining and leaving, and deltas being loaded into or evicted from the pool, never change
-a shape: decode compiles once, prefill once per (new rows, prompt length) bucket (and once more
-when the first delta is added to a server that started with none: the stacks appear).
+The engine keeps B batch rows over one pool of KV pages (`dzjax.models.kv_cache.KVPages`): each
+running request owns pages, listed in its row of the block tables [B, max_pages] (unused entries
+hold P, out of range, so writes there are dropped). A step takes the base params, the pool's
+delta stacks (`dzjax.models.delta_stacks`), the pages (donated: updated in place), the block
+tables and the rows' delta slots as ordinary jit arguments, so requests joining and leaving and
+deltas being loaded or evicted never change a shape. Prefill compiles once per (new rows, prompt
+length) bucket; decode once per bucket of pages read (`num_pages`, a power of two: the longest
+live row's pages, rounded up), so its cost follows the tokens in the cache, not its capacity.
 `TRACE_COUNTS` (shared with `dzjax.models.forward`) counts traces.
 """
 
@@ -21,62 +23,63 @@ from dzjax.models.config import ModelConfig
 from dzjax.models.delta_stacks import row_deltas
 from dzjax.models.forward import TRACE_COUNTS
 from dzjax.models.kernel_options import KernelOptions
-from dzjax.models.llama import CausalLM, KVCache
+from dzjax.models.kv_cache import KVCache, KVPages, PagedKVCache
+from dzjax.models.llama import CausalLM
 from dzjax.models.sampling import sample
 
 _STATIC = ("config", "dtype", "kernels")
 
 
-def _placed(cache: KVCache, mesh) -> KVCache:
-    """The cache kept split by kv heads on a tensor-parallel mesh (so that the next step sees
+def _placed(pages: KVPages, mesh) -> KVPages:
+    """The pages kept split by kv heads on a tensor-parallel mesh (so that the next step sees
     the same input sharding and does not recompile)."""
     if mesh is None:
-        return cache
-    where = jax.sharding.NamedSharding(mesh, sharding.cache_spec())
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, where), cache)
+        return pages
+    where = jax.sharding.NamedSharding(mesh, sharding.pages_spec())
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, where), pages)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def prefill(params, stacks, cache: KVCache, ids, lengths, rows, slots, sampling, *,
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("pages",))
+def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, sampling, *,
             config: ModelConfig, dtype, kernels: KernelOptions):
-    """Run new prompts and write their keys/values into their cache rows.
+    """Run new prompts and write their keys/values into their pages.
 
     Args:
-      ids: int32 [n, T] right-padded prompts (T <= cache.max_len); lengths: int32 [n].
-      rows: int32 [n], each prompt's cache row; B (out of range) for padding rows, dropped.
+      ids: int32 [n, T] right-padded prompts; lengths: int32 [n].
+      tables: int32 [n, max_pages], each prompt's block table (padding rows: all out of range).
       slots: int32 [n] delta slots (-1 = base only).
       sampling: (seeds, counters, temperature, top_p), each [n] (see `dzjax.models.sample`).
       kernels: the delta kernels and the tensor-parallel mesh everything is placed on.
     Returns:
-      (first generated token [n], cache).
+      (first generated token [n], pages).
     """
     TRACE_COUNTS["serve_prefill"] += 1
     n, t = ids.shape
-    small = KVCache.zeros(config, n, t, cache.k.dtype)
+    small = KVCache.zeros(config, n, t, pages.k[0].dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     logits, small = CausalLM(config, dtype, kernels=kernels).apply(
         {"params": params}, ids, positions, row_deltas(stacks, slots), small,
         logits_at=lengths - 1)
     tokens = sample(logits[:, 0], *sampling)
-    # Positions >= length hold padding; decode overwrites each before any query can see it.
-    cache = KVCache(cache.k.at[:, rows, :t].set(small.k, mode="drop"),
-                    cache.v.at[:, rows, :t].set(small.v, mode="drop"))
-    return tokens, _placed(cache, kernels.mesh)
+    return tokens, _placed(pages.write_prompts(small, tables, lengths), kernels.mesh)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def decode(params, stacks, cache: KVCache, tokens, positions, slots, sampling, *,
-           config: ModelConfig, dtype, kernels: KernelOptions):
-    """One token for every batch slot.
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_pages",),
+                   donate_argnames=("pages",))
+def decode(params, stacks, pages: KVPages, tables, tokens, positions, slots, sampling, *,
+           config: ModelConfig, dtype, kernels: KernelOptions, num_pages: int):
+    """One token for every batch row.
 
     Args:
-      tokens: int32 [B] each slot's last token; positions: int32 [B] where it goes (an idle slot
-        passes cache.max_len: its write is dropped and its output ignored).
+      tables: int32 [B, max_pages] block tables (idle rows: all out of range).
+      tokens: int32 [B] each row's last token; positions: int32 [B] where it goes.
       slots: int32 [B] delta slots; sampling: (seeds, counters, temperature, top_p), each [B].
+      num_pages: how many pages of each row attention reads (>= the longest live row's).
     Returns:
-      (next token [B], cache).
+      (next token [B], pages).
     """
     TRACE_COUNTS["serve_decode"] += 1
     logits, cache = CausalLM(config, dtype, kernels=kernels).apply(
-        {"params": params}, tokens[:, None], positions[:, None], row_deltas(stacks, slots), cache)
-    return sample(logits[:, 0], *sampling), _placed(cache, kernels.mesh)
+        {"params": params}, tokens[:, None], positions[:, None], row_deltas(stacks, slots),
+        PagedKVCache(pages, tables, num_pages))
+    return sample(logits[:, 0], *sampling), _placed(cache.pages, kernels.mesh)
