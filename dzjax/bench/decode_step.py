@@ -87,6 +87,7 @@ def cache_table(base, *, batch: int, dtype: str, implementation: str | None, rep
     every row at `capacity_length` tokens, and against the rows' length at one capacity. With a
     paged cache the first should stay flat and the second grow with the length."""
     kernels = KernelOptions.resolve(implementation)
+    length_capacity = min(length_capacity, base.config.max_position_embeddings)
     cases = {("capacity", c): (c, capacity_length) for c in capacities
              if c <= base.config.max_position_embeddings}
     cases.update({("length", n): (length_capacity, n) for n in lengths
