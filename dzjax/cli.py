@@ -24,7 +24,7 @@ def _generate(args) -> None:
 
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     texts = generate(base, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                     top_p=args.top_p, seed=args.seed, dtype=jnp.dtype(args.dtype))
+                     top_p=args.top_p, seed=args.seed, dtype=args.dtype)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
 
@@ -96,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=_DTYPES, default="float32", help="activation dtype")
+    gen.add_argument("--dtype", choices=_DTYPES, default=None,
+                     help="activations and KV cache (default: bfloat16 on a GPU, else float32)")
     gen.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16")
     gen.set_defaults(run=_generate)
 

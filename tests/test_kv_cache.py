@@ -36,7 +36,8 @@ def test_the_paged_attention_kernel_matches_its_reference(dtype, tol):
     tables = jnp.asarray(rng.permutation(kp.shape[1])[:b * n].reshape(b, n), jnp.int32)
     positions = jnp.asarray([5, 37, 63], jnp.int32)  # the last one fills all 4 pages
     ref = _paged_attention_xla(q, kp, vp, tables, positions[:, None], None)
-    out = _paged_attention_pallas(q[:, 0], kp, vp, tables, positions + 1, interpret=True)
+    out = _paged_attention_pallas(q[:, 0], kp, vp, tables, positions + 1,
+                                 KernelOptions(implementation="interpret"))
     assert rel_err(out.reshape(ref.shape), ref) < tol
 
 
@@ -50,7 +51,8 @@ def test_the_compiled_paged_attention_kernel_matches_its_reference(dtype, tol):
     tables = jnp.asarray(rng.permutation(256)[:b * n].reshape(b, n), jnp.int32)
     positions = jnp.asarray(rng.integers(1, n * 16, b), jnp.int32)
     ref = _paged_attention_xla(q, kp, vp, tables, positions[:, None], None)
-    out = _paged_attention_pallas(q[:, 0], kp, vp, tables, positions + 1, interpret=False)
+    out = _paged_attention_pallas(q[:, 0], kp, vp, tables, positions + 1,
+                                 KernelOptions(implementation="pallas"))
     assert rel_err(out.reshape(ref.shape), ref) < tol
 
 
@@ -92,17 +94,23 @@ def test_prompts_are_written_into_their_pages():
         assert not k[:, [0, 3, 4, 6, 7]].any()
 
 
-def test_a_sliding_window_takes_the_xla_path_or_is_refused():
-    rng = np.random.default_rng(3)
-    kp, vp = random_pages(rng)
-    cache = PagedKVCache(KVPages((kp,), (vp,)), jnp.zeros((1, 2), jnp.int32), 2)
-    q = jnp.ones((1, 1, 4, kp.shape[-1]))
-    k = v = jnp.ones((1, 1, 2, kp.shape[-1]))
-    pos = jnp.asarray([[3]], jnp.int32)
-    out, _ = cache.attend(0, q, k, v, pos, 8, KernelOptions(implementation="auto"))
-    assert out.shape == (1, 1, 4 * kp.shape[-1])
-    with pytest.raises(ValueError, match="no sliding window"):
-        cache.attend(0, q, k, v, pos, 8, KernelOptions(implementation="interpret"))
+def test_which_layers_and_shapes_take_the_pallas_kernel():
+    from dzjax.models.kv_cache import use_pallas_attention
+
+    assert not use_pallas_attention("interpret", 8, 16, 64, 4)  # a window: always XLA
+    assert use_pallas_attention("interpret", None, 16, 64, 4)
+    assert not use_pallas_attention("auto", None, 16, 64, 4)  # on this CPU
+    assert not use_pallas_attention("xla", None, 16, 64, 4)
+    for bad, why in [((8, 64, 4), "page_size=8"), ((16, 80, 4), "head_dim=80"),
+                     ((16, 64, 20), "20 pages")]:
+        with pytest.raises(ValueError, match=why):
+            use_pallas_attention("pallas", None, *bad)
+
+
+def test_the_engine_refuses_a_cache_the_pallas_kernel_cannot_serve_up_front():
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    with pytest.raises(dzjax.DzjaxError, match="page_size=4 is not a power of two >= 16"):
+        dzjax.serve(base, {}, page_size=4, implementation="interpret")
 
 
 def hlo_buffers(hlo: str, shape: str, op: str) -> int:

@@ -4,6 +4,8 @@ JAX (`dzjax.serving.scheduler` imports nothing of it)."""
 import ast
 from pathlib import Path
 
+import pytest
+
 from dzjax.serving.scheduler import (FAILED, ON_DISK, ON_HOST, READING, RESIDENT, Admission,
                                      Limits, PoolView, Running, Slot, Waiting, preempt,
                                      schedule)
@@ -159,4 +161,6 @@ def test_preemption_takes_the_most_recently_admitted_until_the_rest_fit():
     assert preempt(running, free_pages=3) == []
     assert preempt(running, free_pages=0) == [2]  # freeing 2 covers the other two
     assert preempt([Running(0, 1, 1, 1), Running(1, 2, 1, 1), Running(2, 3, 1, 1)], 0) == [2, 1]
-    assert preempt([Running(0, order=1, pages=4, needs=1)], free_pages=0) == [0]
+    assert preempt([Running(0, 1, 1, 1), Running(1, 2, 9, 0)], 0) == [1]  # the oldest needs one
+    with pytest.raises(RuntimeError, match="oldest request"):  # never the last survivor
+        preempt([Running(0, order=1, pages=4, needs=1)], free_pages=0)

@@ -162,21 +162,45 @@ def test_pages_run_out_mid_decode_and_preemption_loses_nothing(models):
 
 def test_admission_by_pages_fits_more_requests_than_slots_of_max_seq_len(models):
     """A KV budget of two full-length requests (2 x 64 positions) serves eight short ones at
-    once; sampled requests keep their tokens through preemption too."""
+    once; a request that could never fit is refused."""
     base, paths, _ = models("llama")
     options = dict(OPTIONS, max_batch=8)
     prompts = [p[:8] for p in prompts_for(8, seed=31)]  # with 6 tokens out: one page each
-    kw = dict(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
-    with dzjax.serve(base, paths, **options) as roomy:
-        want = roomy.generate(prompts, **kw)
     with dzjax.serve(base, paths, **options, kv_pages=8, page_size=16) as tight:
-        got = tight.generate(prompts, **kw)
+        tight.generate(prompts, max_tokens=6, ignore_eos=True)
         kv = tight.stats()["kv"]
-    assert got == want
-    assert kv["max_running"] == 8 and kv["pages"] == 8  # slots of 64 would have fit 2
+    assert kv["max_running"] == 8 and kv["pages"] == 8 and kv["preemptions"] == 0
     with dzjax.serve(base, paths, **options, kv_pages=2, page_size=16) as tiny:
         with pytest.raises(RequestError, match="need 3 KV pages; the server has 2"):
             tiny.submit([5] * 40, max_tokens=2)
+
+
+def test_sampled_requests_keep_their_tokens_through_preemption(models):
+    """Prompts of exactly one or two pages (their first decode starts a page), sampled at
+    temperature 1, in a pool of 5 pages: preempted and recomputed, the same tokens."""
+    base, paths, _ = models("llama")
+    rng = np.random.default_rng(33)
+    prompts = [[int(t) for t in rng.integers(3, 200, n)] for n in (16, 32, 16, 9, 16, 20)]
+    kw = dict(model=["ft0", None, "ft1", "ft2", None, "ft0"], max_tokens=20, temperature=1.0,
+              seed=3, ignore_eos=True)
+    with dzjax.serve(base, paths, **OPTIONS) as roomy:
+        want = roomy.generate(prompts, **kw)
+    with dzjax.serve(base, paths, **OPTIONS, kv_pages=5, page_size=16) as tight:
+        got = tight.generate(prompts, **kw)
+        kv = tight.stats()["kv"]
+    assert kv["preemptions"] > 0 and got == want
+
+
+def test_a_sliding_window_model_is_paged_and_preempted_like_the_others():
+    base = dzjax.load_base(fixture_dir("mistral"), dtype=jnp.float32)  # window 8 < page 16
+    prompts = prompts_for(4, seed=34)
+    for implementation in ("xla", "interpret"):  # windowed layers take the XLA path either way
+        with dzjax.serve(base, {}, **OPTIONS, kv_pages=4, page_size=16,
+                         implementation=implementation) as server:
+            got = server.generate(prompts, max_tokens=24, ignore_eos=True)
+            assert server.stats()["kv"]["preemptions"] > 0
+        for prompt, tokens in zip(prompts, got):
+            assert tokens == dzjax.generate(base, [prompt], max_tokens=24, stop_at_eos=False)[0]
 
 
 def test_serving_in_bfloat16_equals_generate_in_bfloat16(models):
@@ -193,11 +217,11 @@ def test_serving_in_bfloat16_equals_generate_in_bfloat16(models):
 
 
 def test_the_default_dtype_is_bfloat16_on_a_gpu_and_float32_elsewhere(monkeypatch):
-    from dzjax.serving import engine
+    from dzjax.models.forward import default_dtype
 
-    assert engine.default_dtype() == "float32"  # this CPU
+    assert default_dtype() == "float32"  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert engine.default_dtype() == "bfloat16"
+    assert default_dtype() == "bfloat16"
 
 
 def test_generate_and_serve_sample_the_same_tokens_for_the_same_seed(models):

@@ -114,3 +114,57 @@ def test_the_serve_command_builds_its_mesh():
     args = parser().parse_args(["serve", "base-dir", "--tensor-parallel", "4"])
     assert serve_options(args)["mesh"].shape == {"tp": 4}
     assert "mesh" not in serve_options(parser().parse_args(["serve", "base-dir"]))
+
+
+def _gqa_base():
+    """A random Llama whose head_dim (16) the Pallas paged-attention kernel serves."""
+    from dzjax.models.loading import Base
+
+    config = ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=256, hidden_size=128, intermediate_size=256,
+        num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16, rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=10000.0), max_position_embeddings=128)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = CausalLM(config).init(jax.random.key(0), ids, ids)["params"]
+    return Base(config=config, params=jax.tree.map(lambda a: a * 5 if a.ndim == 2 else a, params))
+
+
+def test_pallas_paged_attention_runs_per_shard_on_a_mesh():
+    """The paged-attention kernel (interpret mode) under shard_map, each device on its own heads
+    and its slice of the pages: the tokens of one device."""
+    base = _gqa_base()
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(3, 250, int(m))] for m in rng.integers(2, 20, 4)]
+    with dzjax.serve(base, {}, **OPTIONS) as server:
+        want = server.generate(prompts, max_tokens=6, ignore_eos=True)
+    with dzjax.serve(base, {}, **OPTIONS, mesh=make_mesh(4), implementation="interpret") as server:
+        assert server.generate(prompts, max_tokens=6, ignore_eos=True) == want
+
+
+def test_the_sharded_decode_step_lowers_for_cuda_with_the_paged_attention_kernel():
+    import functools
+
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    from dzjax.models import KernelOptions
+    from dzjax.models.kv_cache import KVPages
+    from dzjax.serving import steps
+
+    base = _gqa_base()
+    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((4,), ("tp",), (AxisType.Auto,), abstract_device=device)
+    b, ps, width = 8, 16, 8
+    shape = lambda a, dtype=None: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype)  # noqa: E731
+    args = (jax.tree.map(lambda a: shape(a, jnp.bfloat16), base.params), None,
+            jax.eval_shape(lambda: KVPages.zeros(base.config, b * width, ps, jnp.bfloat16)),
+            jax.ShapeDtypeStruct((b, width), jnp.int32),
+            *(jax.ShapeDtypeStruct((b,), jnp.int32) for _ in range(3)),
+            tuple(jax.ShapeDtypeStruct((b,), d)
+                  for d in (jnp.uint32, jnp.int32, jnp.float32, jnp.float32)))
+    step = functools.partial(steps.decode, config=base.config, dtype=jnp.bfloat16,
+                             kernels=KernelOptions(implementation="pallas", mesh=mesh),
+                             num_pages=4)
+    with use_abstract_mesh(mesh):
+        text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("manual_computation") >= base.config.num_layers  # per shard, every layer
+    assert text.count("paged_attention") >= base.config.num_layers

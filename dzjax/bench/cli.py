@@ -20,7 +20,7 @@ from dzjax.bench.report import device_header, plot, table
 from dzjax.bench.run import SYSTEMS, BenchConfig, benchmark, default_weights_dtype
 from dzjax.bench.workload import Lengths, WorkloadConfig
 from dzjax.errors import DzjaxError
-from dzjax.serving.engine import default_dtype
+from dzjax.models.forward import default_dtype
 from dzjax.models.config import from_hf_config
 from dzjax.models.loading import read_hf_config
 from dzjax.pallas_kernels.formats import parse_sparsity

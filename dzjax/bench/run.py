@@ -14,7 +14,7 @@ from dzjax.bench.systems import merged_fits, run_dzjax, run_static, swap_loader,
 from dzjax.bench.workload import BenchRequest, WorkloadConfig, make_workload
 from dzjax.errors import DzjaxError
 from dzjax.models.loading import load_base
-from dzjax.serving.engine import default_dtype
+from dzjax.models.forward import default_dtype
 
 SYSTEMS = ("dzjax", "swap", "merged")
 

@@ -25,6 +25,12 @@ from dzjax.pallas_kernels.formats import QuantizedTensor
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
+def default_dtype() -> str:
+    """Activations and KV cache by default: bfloat16 on a GPU (tensor cores, half the cache
+    bytes), float32 elsewhere (bfloat16 matmuls are slow on CPUs)."""
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "kernels"))
 def forward(params, input_ids, positions, delta=None, *, config: ModelConfig, dtype=jnp.float32,
             kernels: KernelOptions = DEFAULT_KERNELS):

@@ -15,7 +15,7 @@ import numpy as np
 
 from dzjax.errors import DzjaxError
 from dzjax.models import sharding
-from dzjax.models.forward import forward_cached, resolve_delta
+from dzjax.models.forward import default_dtype, forward_cached, resolve_delta
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.llama import KVCache
 from dzjax.models.loading import Base
@@ -32,7 +32,7 @@ def bucket(n: int, smallest: int = 1, largest: int | None = None) -> int:
 
 def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             delta=None, dtype=jnp.float32, stop_at_eos: bool = True,
+             delta=None, dtype=None, stop_at_eos: bool = True,
              implementation: str | None = None, mesh=None):
     """Generate continuations of prompts (texts or token id lists), greedy by default.
 
@@ -44,7 +44,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
       temperature, top_p: sampling; temperature 0 is greedy.
       seed: prompt i samples with seed + i (as `Server.generate`: the same tokens).
       delta: None, a `dzjax.Delta` or a dense delta pytree (see `dzjax.logits`).
-      dtype: activation dtype.
+      dtype: activations and KV cache; None: bfloat16 on a GPU, float32 elsewhere.
       stop_at_eos: stop a row at its first end-of-sequence token (which is not returned).
       implementation: kernels for a compressed delta: "xla", "pallas", "interpret" or None =
         `DZJAX_KERNEL`, else auto (Pallas on GPU, XLA elsewhere).
@@ -54,6 +54,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
     Returns:
       A list of generated texts for text prompts, else a list of generated token-id lists.
     """
+    dtype = jnp.dtype(dtype or default_dtype())
     if max_tokens < 1:
         raise DzjaxError(f"max_tokens must be >= 1, got {max_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:

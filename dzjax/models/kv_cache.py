@@ -22,6 +22,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
@@ -157,9 +158,9 @@ class PagedKVCache:
                                              mode="drop")
         tables = self.block_tables[:, :self.num_pages]
         with jax.named_scope("paged_attention"):
-            if _use_pallas(kernels.implementation, window, q):
-                out = _paged_attention_pallas(q[:, 0], kp, vp, tables, pos + 1,
-                                              interpret=kernels.implementation == "interpret")
+            if use_pallas_attention(kernels.implementation, window, ps, q.shape[-1],
+                                    self.num_pages):
+                out = _paged_attention_pallas(q[:, 0], kp, vp, tables, pos + 1, kernels)
                 out = out.reshape(q.shape[0], 1, -1).astype(q.dtype)
             else:
                 out = _paged_attention_xla(q, kp, vp, tables, positions, window)
@@ -182,22 +183,42 @@ def _paged_attention_xla(q, k_pages, v_pages, tables, positions, window):
                      positions, k_pos, window)
 
 
-def _use_pallas(implementation: str, window, q) -> bool:
-    """jax's paged-attention kernel (Triton) serves full attention; a sliding window, or a
-    backend other than GPU under "auto", takes the XLA path. "pallas" for a window raises."""
-    if implementation == "xla":
+def pallas_attention_unsupported(page_size: int, head_dim: int, num_pages: int) -> str | None:
+    """Why jax's paged-attention kernel (Triton: power-of-two blocks of at least 16) cannot serve
+    these shapes, or None when it can."""
+    def pow2(v):
+        return v >= 1 and v & (v - 1) == 0
+    if not pow2(page_size) or page_size < 16:
+        return f"page_size={page_size} is not a power of two >= 16"
+    if not pow2(head_dim) or head_dim < 16:
+        return f"head_dim={head_dim} is not a power of two >= 16"
+    if not pow2(num_pages):
+        return f"{num_pages} pages per row is not a power of two"
+    return None
+
+
+def use_pallas_attention(implementation: str, window, page_size: int, head_dim: int,
+                         num_pages: int) -> bool:
+    """Whether decode attention runs jax's Pallas paged-attention kernel: under "auto" on a GPU,
+    and under "pallas"/"interpret", for layers without a sliding window (the kernel has none:
+    those always take the XLA path) and shapes the kernel serves ("auto" takes the XLA path
+    otherwise; the engine refuses them up front for "pallas"/"interpret")."""
+    if implementation == "xla" or window is not None:
         return False
-    if implementation == "auto":
-        return jax.default_backend() == "gpu" and window is None
-    if window is not None:
-        raise ValueError(f"implementation={implementation!r}: the Pallas paged-attention kernel "
-                         f"has no sliding window (window={window}); use 'xla' or 'auto'")
-    return True
+    if implementation == "auto" and jax.default_backend() != "gpu":
+        return False
+    reason = pallas_attention_unsupported(page_size, head_dim, num_pages)
+    if reason is not None and implementation != "auto":
+        raise ValueError(f"implementation={implementation!r}: the Pallas paged-attention "
+                         f"kernel cannot serve this cache: {reason}")
+    return reason is None
 
 
-def _paged_attention_pallas(q, k_pages, v_pages, tables, lengths, *, interpret: bool):
+def _paged_attention_pallas(q, k_pages, v_pages, tables, lengths, kernels):
     """jax's paged attention: q [B, H, D], pages [kvH, P, ps, D], tables [B, n], lengths [B].
-    (The kernel does not scale the scores: q is scaled by 1 / sqrt(D) first.)"""
+    (The kernel does not scale the scores: q is scaled by 1 / sqrt(D) first.) On a tensor-
+    parallel mesh it runs per shard (`shard_map`): each device on its own heads, whose kv heads
+    are its own slice of the pages."""
     with warnings.catch_warnings():  # deprecated upstream, and still what works with Triton
         warnings.simplefilter("ignore", DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import paged_attention as pa
@@ -205,7 +226,16 @@ def _paged_attention_pallas(q, k_pages, v_pages, tables, lengths, *, interpret: 
     k_splits = min(16, n)
     tables = jnp.minimum(tables, k_pages.shape[1] - 1)  # unused entries: never read past length
     q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
-    return pa.paged_attention(q, k_pages, v_pages, tables,
-                              jnp.maximum(lengths, 1).astype(jnp.int32), k_splits=k_splits,
-                              pages_per_compute_block=max(1, min(8, n // k_splits)),
-                              interpret=interpret)
+    lengths = jnp.maximum(lengths, 1).astype(jnp.int32)
+
+    def kernel(q, k_pages, v_pages, tables, lengths):
+        return pa.paged_attention(q, k_pages, v_pages, tables, lengths, k_splits=k_splits,
+                                  pages_per_compute_block=max(1, min(8, n // k_splits)),
+                                  interpret=kernels.implementation == "interpret")
+    if not kernels.sharded:
+        return kernel(q, k_pages, v_pages, tables, lengths)
+    axis = kernels.mesh.axis_names[0]
+    return jax.shard_map(kernel, mesh=kernels.mesh,
+                         in_specs=(P(None, axis, None), P(axis), P(axis), P(), P()),
+                         out_specs=P(None, axis, None), check_vma=False)(
+        q, k_pages, v_pages, tables, lengths)

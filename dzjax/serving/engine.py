@@ -30,10 +30,10 @@ import numpy as np
 
 from dzjax.errors import DzjaxError
 from dzjax.models import sharding
-from dzjax.models.forward import TRACE_COUNTS
+from dzjax.models.forward import TRACE_COUNTS, default_dtype
 from dzjax.models.generate import bucket
 from dzjax.models.kernel_options import KernelOptions
-from dzjax.models.kv_cache import KVPages
+from dzjax.models.kv_cache import KVPages, pallas_attention_unsupported
 from dzjax.models.loading import Base
 from dzjax.models.text import eos_ids
 from dzjax.serving import scheduler, steps
@@ -45,12 +45,6 @@ from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundE
                                     RequestError, SamplingParams, ServerClosedError)
 
 log = logging.getLogger("dzjax.serving")
-
-
-def default_dtype() -> str:
-    """Activations and KV cache: bfloat16 on a GPU (tensor cores, half the cache bytes), float32
-    elsewhere (bfloat16 matmuls are slow on CPUs)."""
-    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,13 +101,21 @@ class Engine(EngineLoop):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DzjaxError(f"{name} must be an integer >= 1, got {value!r}")
         self.eos = eos_ids(base.config, base.tokenizer)
-        if config.page_size < 1:
-            raise DzjaxError(f"page_size must be >= 1, got {config.page_size}")
-        max_pages = -(-self.max_seq_len // config.page_size)
-        num_pages = config.kv_pages or config.max_batch * max_pages
-        if num_pages < 1:
-            raise DzjaxError(f"kv_pages must be >= 1, got {num_pages}")
-        self.page_table = PageTable(num_pages, config.page_size, config.max_batch, max_pages)
+        ps = config.page_size
+        if isinstance(ps, bool) or not isinstance(ps, int) or ps < 1:
+            raise DzjaxError(f"page_size must be an integer >= 1, got {ps!r}")
+        max_pages = -(-self.max_seq_len // ps)
+        num_pages = config.max_batch * max_pages if config.kv_pages is None else config.kv_pages
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+            raise DzjaxError(f"kv_pages must be an integer >= 1, got {num_pages!r}")
+        if self.kernels.implementation in ("pallas", "interpret") and any(
+                w is None for w in base.config.sliding_windows):
+            why = pallas_attention_unsupported(ps, base.config.head_dim, 1)
+            if why is not None:
+                raise DzjaxError(f"implementation={self.kernels.implementation!r}: the Pallas "
+                                 f"paged-attention kernel cannot serve this cache: {why}")
+        # Block tables padded to a power of two, so that every bucket of pages read is one.
+        self.page_table = PageTable(num_pages, ps, config.max_batch, bucket(max_pages))
         self.pages = KVPages.zeros(base.config, num_pages, config.page_size, self.dtype)
         if config.mesh is not None:
             self.pages = jax.device_put(self.pages, jax.sharding.NamedSharding(
@@ -173,8 +175,15 @@ class Engine(EngineLoop):
         self.call(self.pool.add, self.pool.validate(name, source))
 
     def remove_delta(self, name: str) -> None:
-        """Stop serving a delta; refused while requests run on it, queued ones fail."""
-        self.call(self.pool.remove, name)
+        """Stop serving a delta; refused while requests run on it (preempted ones included:
+        they have output already), queued ones fail."""
+        self.call(self._remove_delta, name)
+
+    def _remove_delta(self, name: str) -> None:
+        started = sum(r.model == name and bool(r.output_ids) for r in self.waiting)
+        if started:
+            raise DzjaxError(f"delta {name!r} is in use by {started} preempted requests")
+        self.pool.remove(name)
 
     def delta_names(self) -> list[str]:
         return self.pool.names()
@@ -227,13 +236,18 @@ class Engine(EngineLoop):
     def _admit(self) -> list[Request]:
         """Ask the scheduler for a plan and carry it out; returns the admitted requests."""
         pt = self.page_table
+        # A request's pages: its context, and the position its first decode writes.
         waiting = [scheduler.Waiting(r.id, r.model, r.overtaken, r.cancelled,
-                                     pt.pages_for(len(r.prompt_ids) + len(r.output_ids)))
+                                     pt.pages_for(len(r.prompt_ids) + len(r.output_ids) + 1))
                    for r in self.waiting]
         free = [i for i, r in enumerate(self.rows) if r is None]
-        running = {r.model for r in self.rows if r is not None and r.model is not None}
+        live = [r for r in self.rows if r is not None]
+        running = {r.model for r in live if r.model is not None}
+        # Pages the running requests' next tokens take are not free for newcomers.
+        growth = sum(pt.needs_page(r.batch_row, len(r.prompt_ids) + len(r.output_ids) - 1)
+                     for r in live)
         plan = scheduler.schedule(waiting, free, running, self.pool.view(), self.limits,
-                                  free_pages=pt.free)
+                                  free_pages=max(0, pt.free - growth))
         by_id = {r.id: r for r in self.waiting}
         for i in plan.cancel:
             self._leave_queue(by_id[i], "cancelled")
@@ -265,8 +279,10 @@ class Engine(EngineLoop):
                     continue
                 self.pool.acquire(a.slot)
             self.waiting.remove(r)
-            pt.assign(a.row, pt.pages_for(len(r.prompt_ids) + len(r.output_ids)))
-            r.batch_row, r.delta_slot, r.order = a.row, a.slot, next(self._admissions)
+            pt.assign(a.row, pt.pages_for(len(r.prompt_ids) + len(r.output_ids) + 1))
+            r.batch_row, r.delta_slot = a.row, a.slot
+            if r.order < 0:  # a preempted request keeps its place: older than newcomers
+                r.order = next(self._admissions)
             r.admitted = r.admitted or time.perf_counter()
             self.rows[a.row] = r
             admitted.append(r)
@@ -283,9 +299,9 @@ class Engine(EngineLoop):
             [scheduler.Running(r.id, r.order, pt.held(r.batch_row),
                                int(pt.needs_page(r.batch_row, position[r.id]))) for r in live],
             pt.free))
-        for r in sorted((r for r in live if r.id in victims), key=lambda r: r.order):
+        for r in sorted((r for r in live if r.id in victims), key=lambda r: -r.order):
             self._vacate(r)
-            self.waiting.appendleft(r)  # newest preempted first: the oldest ends up first
+            self.waiting.appendleft(r)  # the newest first, so the oldest ends up in front
             self.counts["preemptions"] += 1
         for r in live:
             if r.id not in victims and pt.needs_page(r.batch_row, position[r.id]):

@@ -195,18 +195,24 @@ class Running:
 def preempt(running: Sequence[Running], free_pages: int) -> list[int]:
     """The requests to preempt so that the others' next tokens find pages: the most recently
     admitted first, until what the rest need fits in the free pages plus what was given back.
+    The oldest is never preempted (it cannot need more pages than the pool has: requests that
+    could are refused at submit), so every step makes progress.
 
     Example: free 1; running a (order 1, needs 1), b (order 2, 3 pages, needs 1), c (order 3,
     2 pages, needs 1) -> need 3 > 1: preempt c (free 3, need 2), then enough: [c].
     """
     needed = sum(r.needs for r in running)
     victims = []
-    for r in sorted(running, key=lambda r: -r.order):
+    newest_first = sorted(running, key=lambda r: -r.order)
+    for r in newest_first[:-1]:
         if needed <= free_pages:
             break
         victims.append(r.id)
         free_pages += r.pages
         needed -= r.needs
+    if needed > free_pages:
+        raise RuntimeError(f"the oldest request needs {needed} pages and {free_pages} are free: "
+                           f"it holds more than the pool (the submit check prevents this)")
     return victims
 
 

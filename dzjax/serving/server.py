@@ -101,7 +101,7 @@ class Server:
         unknown = set(options) - fields
         if unknown:
             raise DzjaxError(f"unknown serve options {sorted(unknown)}; known: {sorted(fields)}")
-        if "dtype" in options:
+        if options.get("dtype") is not None:
             options["dtype"] = jnp.dtype(options["dtype"]).name
         self.base, self.base_name = base, base_name
         self.engine = Engine(base, EngineConfig(**options))

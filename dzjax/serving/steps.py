@@ -7,7 +7,8 @@ delta stacks (`dzjax.models.delta_stacks`), the pages (donated: updated in place
 tables and the rows' delta slots as ordinary jit arguments, so requests joining and leaving and
 deltas being loaded or evicted never change a shape. Prefill compiles once per (new rows, prompt
 length) bucket; decode once per bucket of pages read (`num_pages`, a power of two: the longest
-live row's pages, rounded up), so its cost follows the tokens in the cache, not its capacity.
+live row's pages, rounded up; the block tables are padded to a power of two), so its cost follows
+the tokens in the cache, not its capacity.
 `TRACE_COUNTS` (shared with `dzjax.models.forward`) counts traces.
 """
 
