@@ -21,6 +21,9 @@
 #      synthetic 12-layer, hidden-1024 model -> OUTDIR/serving-gpu.json (no plot: the machine
 #      may lack matplotlib); skipped with SKIP_SERVING_BENCH=1
 #   6. the tensor-parallel decode step against mesh size, over every GPU of the machine
+#   7. the hot path (benchmarks/hot_path.py, bf16, Pallas kernels): the decode step with fused and
+#      unfused projections, and the engine loop with and without its pipeline
+#      -> OUTDIR/hot-path-gpu.json; skipped with SKIP_HOT_PATH=1
 # Steps 5-6 may need a second call: SKIP_KERNEL_STEPS=1 skips steps 2-3.
 set -u
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR}
@@ -55,4 +58,11 @@ fi
 "$PY" benchmarks/tensor_parallel.py --layers 12 --hidden 1024 --intermediate 2816 --heads 16 \
   --vocab 32000 --batch 32 --out "$OUT/tensor-parallel-gpu.json" > "$OUT/tensor-parallel.log" 2>&1 || status=1
 tail -n 5 "$OUT/tensor-parallel.log"
+
+if [ -z "${SKIP_HOT_PATH:-}" ]; then
+  "$PY" benchmarks/hot_path.py --layers 12 --hidden 1024 --vocab 32000 --batch 32 \
+    --implementation auto --cache-dir "$OUT/cache" --out "$OUT/hot-path-gpu.json" \
+    > "$OUT/hot-path.log" 2>&1 || status=1
+  tail -n 8 "$OUT/hot-path.log"
+fi
 exit $status

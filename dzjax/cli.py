@@ -136,6 +136,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="positions per KV page (default: 16)")
     parser.add_argument("--kv-pages", type=int, default=None,
                         help="KV pages in the pool (default: every row at max-seq-len)")
+    for flag, what in [("fuse-projections", "q/k/v and gate/up as separate matmuls"),
+                       ("pipeline-decode", "read each decode step's tokens before the next"),
+                       ("prefix-sharing", "no KV pages shared between requests' prefixes")]:
+        parser.add_argument(f"--no-{flag}", dest=flag.replace("-", "_"), action="store_const",
+                            const=False, default=None, help=f"{what} (default: on)")
     parser.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16",
                         help="dtype the base weights are held in")
     parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
@@ -155,7 +160,9 @@ def serve_options(args: argparse.Namespace) -> dict:
     options = {"base_name": args.base_name, "max_batch": args.max_batch,
                "max_seq_len": args.max_seq_len, "max_resident_deltas": args.max_resident_deltas,
                "dtype": args.dtype, "delta_read_timeout_s": args.delta_read_timeout,
-               "page_size": args.page_size, "kv_pages": args.kv_pages}
+               "page_size": args.page_size, "kv_pages": args.kv_pages,
+               "fuse_projections": args.fuse_projections,
+               "pipeline_decode": args.pipeline_decode, "prefix_sharing": args.prefix_sharing}
     if args.tensor_parallel:
         from dzjax.models.sharding import make_mesh
         options["mesh"] = make_mesh(args.tensor_parallel)

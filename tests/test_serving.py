@@ -116,6 +116,21 @@ def test_evicted_and_reloaded_delta_gives_the_same_output(models):
     assert pool["evictions"] >= 2 and pool["disk_reads"] >= 2  # ft2 and ft0 read again
 
 
+def test_a_delta_waiting_for_a_slot_is_uploaded_ahead_off_the_engine_thread(models):
+    """One slot: ft1's requests wait while ft0 runs, ft1 is uploaded meanwhile by the pool's
+    upload thread, and its load is a copy on the device; the tokens are the reference's."""
+    base, paths, merged = models("llama")
+    prompts = prompts_for(3, seed=6)
+    with dzjax.serve(base, paths, **dict(OPTIONS, max_resident_deltas=1)) as server:
+        first = server.submit(prompts[0], "ft0", max_tokens=20, ignore_eos=True)
+        later = [server.submit(p, "ft1", max_tokens=6, ignore_eos=True) for p in prompts[1:]]
+        got = [first.result().token_ids] + [h.result().token_ids for h in later]
+        pool = server.stats()["pool"]
+    assert pool["staged_loads"] >= 1 and pool["device_loads"] == 2
+    for prompt, name, tokens in zip(prompts, ["ft0", "ft1", "ft1"], got):
+        assert tokens == alone(base, merged, prompt, name, len(tokens))
+
+
 def test_requests_join_and_leave_between_steps(models):
     """A long request keeps running while short ones come, finish and are replaced."""
     base, paths, merged = models("llama")
@@ -269,6 +284,45 @@ def test_text_stop_strings_eos_and_streaming(text_server):
     assert out.finish_reason == ("stop" if len(out.token_ids) < 24 else "length")
 
 
+def test_the_pipelined_loop_gives_the_same_results_as_waiting_for_every_step(text_server,
+                                                                              models):
+    """Step n+1 dispatched before step n's tokens are read: the same text, tokens and ends
+    (stop strings, EOS, max_tokens, sampled and greedy, admissions meanwhile, preemption) as an
+    engine that reads every step before the next."""
+    _, base, delta = text_server
+    prompts = ["The function returns", "def main():", "Once upon a time", "x = ", "import",
+               "The", "class Foo:", "return"]
+    kw = dict(model=["ft0", None, "ft0", "ft0", None, "ft0", None, "ft0"],
+              max_tokens=[30, 7, 24, 12, 30, 5, 18, 26], stop=[["("], None, ["the"], None,
+                                                              [" "], None, ["\n"], None],
+              temperature=[0.0, 1.0, 0.0, 0.8, 0.0, 1.0, 0.0, 0.0], seed=4)
+    out, steps = {}, {}
+    for pipeline in (False, True):
+        with dzjax.serve(base, {"ft0": delta}, max_batch=4, max_seq_len=128,
+                         pipeline_decode=pipeline) as server:
+            handles = [server.submit(p, m, max_tokens=n, stop=st, temperature=t, seed=4)
+                       for p, m, n, st, t in zip(prompts, kw["model"], kw["max_tokens"],
+                                                 kw["stop"], kw["temperature"])]
+            out[pipeline] = [(r.text, r.token_ids, r.finish_reason)
+                             for r in (h.result() for h in handles)]
+            steps[pipeline] = server.stats()
+    assert out[True] == out[False]
+    assert {reason for _, _, reason in out[True]} >= {"stop", "length"}
+    assert steps[False]["overlapped_steps"] == 0
+    assert steps[True]["overlapped_steps"] > steps[True]["decode_steps"] // 3
+    # Preemption drains the pipeline first: the same tokens with pages running out.
+    llama, paths, _ = models("llama")
+    got = {}
+    for pipeline in (False, True):
+        with dzjax.serve(llama, paths, **OPTIONS, kv_pages=6, page_size=16,
+                         pipeline_decode=pipeline) as server:
+            got[pipeline] = server.generate(prompts_for(6, seed=30), model=[
+                "ft0", "ft1", None, "ft2", "ft0", None], max_tokens=30, temperature=1.0,
+                seed=9, ignore_eos=True)
+            assert server.stats()["kv"]["preemptions"] > 0
+    assert got[True] == got[False]
+
+
 def test_timings_and_stats(text_server):
     server, _, _ = text_server
     results = server.generate(["a", "b", "c"], model=["ft0", None, "ft0"], max_tokens=5,
@@ -396,13 +450,15 @@ def test_decode_step_lowers_for_cuda_with_the_pallas_kernels(text_server):
     b, page_size, max_pages = 8, 16, 8
     pages = KVPages.zeros(base.config, b * max_pages, page_size, jnp.bfloat16)
     tables = np.arange(b * max_pages, dtype=np.int32).reshape(b, max_pages)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), base.params)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), server.engine.params)  # fused
     sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
                 np.ones(b, np.float32))
     step = functools.partial(steps.decode, config=base.config, dtype=jnp.bfloat16,
-                             kernels=KernelOptions(implementation="pallas"), num_pages=4)
+                             kernels=KernelOptions(implementation="pallas",
+                                                   fused_projections=True), num_pages=4)
     text = lower_for_cuda(step, params, stacks, pages, tables, np.zeros(b, np.int32),
                           np.full(b, 40, np.int32),
                           np.array([0, -1, 1, 0, -1, -1, 0, 1], np.int32), sampling)
-    assert text.count("multi_delta_matmul") >= 7 * base.config.num_layers  # every projection
+    # every projection: qkv, o, gate_up, down
+    assert text.count("multi_delta_matmul") >= 4 * base.config.num_layers
     assert text.count("paged_attention") >= base.config.num_layers  # jax's paged-attention kernel

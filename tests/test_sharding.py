@@ -50,7 +50,8 @@ def test_mixed_batch_on_a_mesh_equals_one_device(tp_model, n):
     names = ["ft0", None, "ft1", "ft2", "ft0", None]
     with dzjax.serve(base, paths, **OPTIONS) as server:
         expected = server.generate(prompts, model=names, max_tokens=8, ignore_eos=True)
-    with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(n)) as server:
+    # (pipelined, as on a GPU: the tokens of the step before stay on the mesh)
+    with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(n), pipeline_decode=True) as server:
         got = server.generate(prompts, model=names, max_tokens=8, ignore_eos=True)
         stats = server.stats()
     assert got == expected
@@ -62,14 +63,15 @@ def test_params_cache_and_deltas_are_split_over_the_mesh(tp_model):
     with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(4)) as server:
         server.generate([[5, 6, 7]], model="ft1", max_tokens=2)
         engine = server.engine
-        layer = engine.params["model"]["layers_0"]
-        q, down = layer["self_attn"]["q_proj"]["kernel"], layer["mlp"]["down_proj"]["kernel"]
-        assert q.sharding.spec == P(None, "tp") and down.sharding.spec == P("tp", None)
-        assert {s.data.shape for s in q.addressable_shards} == {(128, 32)}  # 128 columns / 4
+        layer = engine.params["model"]["layers_0"]  # q/k/v and gate/up fused (by device)
+        qkv, down = layer["self_attn"]["qkv_proj"]["kernel"], layer["mlp"]["down_proj"]["kernel"]
+        assert qkv.sharding.spec == P(None, "tp") and down.sharding.spec == P("tp", None)
+        # 128 q, 64 k and 64 v columns over 4 devices: 32 + 16 + 16 each
+        assert {s.data.shape for s in qkv.addressable_shards} == {(128, 64)}
         assert {s.data.shape[0] for s in engine.pages.k[0].addressable_shards} == {8 // 4}
-        up = engine.pool.stacks["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
-        assert up.qweight.sharding.spec == P(None, None, "tp")
-        assert {s.data.shape[-1] for s in up.qweight.addressable_shards} == {256 // 4}
+        gate_up = engine.pool.stacks["model"]["layers_0"]["mlp"]["gate_up_proj"]["kernel"]
+        assert gate_up.qweight.sharding.spec == P(None, None, "tp")
+        assert {s.data.shape[-1] for s in gate_up.qweight.addressable_shards} == {2 * 256 // 4}
 
 
 def test_a_mesh_that_does_not_divide_the_model_is_refused_at_serve(tp_model):
@@ -107,13 +109,17 @@ def test_generate_on_a_mesh_equals_one_device(tp_model):
                           mesh=make_mesh(8)) == alone
 
 
-def test_the_serve_command_builds_its_mesh():
+def test_the_serve_command_builds_its_mesh_and_passes_its_switches():
     from dzjax.cli import parser
     from dzjax.cli import serve_options
 
     args = parser().parse_args(["serve", "base-dir", "--tensor-parallel", "4"])
     assert serve_options(args)["mesh"].shape == {"tp": 4}
-    assert "mesh" not in serve_options(parser().parse_args(["serve", "base-dir"]))
+    defaults = serve_options(parser().parse_args(["serve", "base-dir"]))
+    assert "mesh" not in defaults and "prefix_sharing" not in defaults
+    off = serve_options(parser().parse_args(["serve", "base-dir", "--no-fuse-projections",
+                                             "--no-pipeline-decode", "--no-prefix-sharing"]))
+    assert off["fuse_projections"] is off["pipeline_decode"] is off["prefix_sharing"] is False
 
 
 def _gqa_base():

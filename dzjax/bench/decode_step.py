@@ -4,6 +4,7 @@ lengths (`cache_table`: with paged KV memory, the cost follows the tokens in the
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dzjax.models import fusion
 from dzjax.models.generate import bucket
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.kv_cache import KVPages
@@ -19,11 +21,17 @@ from dzjax.serving.pool import DeltaPool
 
 
 def decode_step_times(base, deltas: dict, *, batch: int, cache_len: int, dtype: str,
-                      implementation: str | None, repeats: int) -> dict:
+                      implementation: str | None, repeats: int,
+                      fused_projections: bool = True) -> dict:
     """Median ms of the jitted decode step over `batch` rows: base only (no delta stacks),
     stacks resident but unused, 1 delta, and min(8, deltas, batch) deltas (rows round-robin).
-    The cases take turns, so that other load on the machine skews them alike."""
-    pool = DeltaPool(base, len(deltas), host_cache_bytes=1 << 62)
+    The cases take turns, so that other load on the machine skews them alike. With
+    `fused_projections` (as the server runs), q/k/v and gate/up are one matmul each."""
+    kernels = KernelOptions.resolve(implementation, fused_projections=fused_projections)
+    prepare = (functools.partial(fusion.fuse, config=base.config) if fused_projections
+               else None)
+    params = base.params if prepare is None else prepare(base.params)
+    pool = DeltaPool(base, len(deltas), host_cache_bytes=1 << 62, prepare=prepare)
     try:
         for slot, (name, source) in enumerate(deltas.items()):
             pool.add(pool.validate(name, source))
@@ -33,7 +41,7 @@ def decode_step_times(base, deltas: dict, *, batch: int, cache_len: int, dtype: 
                  "1_delta": (pool.stacks, 0), f"{active}_deltas": (pool.stacks, active)}
         runners = {label: _decode_step(base, stacks, np.arange(batch) % spread if spread > 1
                                        else np.full(batch, spread), cache_len, jnp.dtype(dtype),
-                                       KernelOptions.resolve(implementation))
+                                       kernels, params=params)
                    for label, (stacks, spread) in cases.items()}
         times = {label: [] for label in runners}
         for i in range(repeats + 2):  # two warm-up rounds: compile, then a first run
@@ -45,13 +53,13 @@ def decode_step_times(base, deltas: dict, *, batch: int, cache_len: int, dtype: 
         pool.close()
     ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
     return {"batch": batch, "cache_len": cache_len, "active_deltas": active, "repeats": repeats,
-            "ms": ms, "ratio_active_vs_base": ms[f"{active}_deltas"] / ms["base"],
+            "fused_projections": fused_projections, "ms": ms, "ratio_active_vs_base": ms[f"{active}_deltas"] / ms["base"],
             # far below the medians: other work on the machine slowed this microbenchmark
             "ms_min": {label: 1e3 * min(t) for label, t in times.items()}}
 
 
 def _decode_step(base, stacks, slots, cache_len, dtype, kernels: KernelOptions, *,
-                 length: int | None = None, page_size: int = 16):
+                 length: int | None = None, page_size: int = 16, params=None):
     """A function that runs `steps.decode` once and returns the seconds: `len(slots)` rows, each
     holding `length` positions (default cache_len // 2) of a page pool sized for every row at
     `cache_len` (what a server of that max_seq_len allocates)."""
@@ -68,11 +76,12 @@ def _decode_step(base, stacks, slots, cache_len, dtype, kernels: KernelOptions, 
     sampling = (np.zeros(b, np.uint32), np.zeros(b, np.int32), np.zeros(b, np.float32),
                 np.ones(b, np.float32))
     num_pages = bucket(held, 1, max_pages)
+    params = base.params if params is None else params
 
     def step() -> float:
         nonlocal pages
         t = time.perf_counter()
-        out, pages = steps.decode(base.params, stacks, pages, tables, tokens, positions, slots,
+        out, pages = steps.decode(params, stacks, pages, tables, tokens, positions, slots,
                                   sampling, config=base.config, dtype=dtype, kernels=kernels,
                                   num_pages=num_pages)
         jax.block_until_ready(out)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dzjax.models import fusion
 from dzjax.models.config import ModelConfig, RopeConfig
 from dzjax.models.kernel_options import DEFAULT_KERNELS, KernelOptions
 from dzjax.models.kv_cache import KVCache, attention  # noqa: F401  (KVCache: re-exported)
@@ -118,12 +119,18 @@ class Attention(nn.Module):
     def __call__(self, x, positions, cache, layer: int, delta=None):
         c, pd, kn = self.config, self.param_dtype, self.kernels
         b, t, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, pd, kn, name="q_proj")(
-            x, sub(delta, "q_proj"))
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, kn, name="k_proj")(
-            x, sub(delta, "k_proj"))
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, kn, name="v_proj")(
-            x, sub(delta, "v_proj"))
+        if kn.fused_projections:  # one matmul for q, k and v (`dzjax.models.fusion`)
+            sizes = fusion.part_sizes(c, "self_attn")
+            qkv = Linear(sum(sizes), c.qkv_bias, pd, kn, name="qkv_proj")(
+                x, sub(delta, "qkv_proj"))
+            q, k, v = fusion.split_columns(qkv, sizes, kn.shards)
+        else:
+            q = Linear(c.num_heads * c.head_dim, c.qkv_bias, pd, kn, name="q_proj")(
+                x, sub(delta, "q_proj"))
+            k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, kn, name="k_proj")(
+                x, sub(delta, "k_proj"))
+            v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, pd, kn, name="v_proj")(
+                x, sub(delta, "v_proj"))
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -149,10 +156,15 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, delta=None):
         c, pd, kn = self.config, self.param_dtype, self.kernels
-        gate = Linear(c.intermediate_size, c.mlp_bias, pd, kn, name="gate_proj")(
-            x, sub(delta, "gate_proj"))
-        up = Linear(c.intermediate_size, c.mlp_bias, pd, kn, name="up_proj")(
-            x, sub(delta, "up_proj"))
+        if kn.fused_projections:  # one matmul for gate and up
+            gate, up = fusion.split_columns(
+                Linear(2 * c.intermediate_size, c.mlp_bias, pd, kn, name="gate_up_proj")(
+                    x, sub(delta, "gate_up_proj")), fusion.part_sizes(c, "mlp"), kn.shards)
+        else:
+            gate = Linear(c.intermediate_size, c.mlp_bias, pd, kn, name="gate_proj")(
+                x, sub(delta, "gate_proj"))
+            up = Linear(c.intermediate_size, c.mlp_bias, pd, kn, name="up_proj")(
+                x, sub(delta, "up_proj"))
         return Linear(c.hidden_size, c.mlp_bias, pd, kn, name="down_proj")(
             jax.nn.silu(gate) * up, sub(delta, "down_proj"))
 

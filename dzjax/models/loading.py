@@ -48,6 +48,7 @@ class Base:
     path: Path | None = None
     hf_config: Any = None  # the transformers config it was loaded from, for export
     weights_digest: str | None = None  # computed by load_base as it reads; else from the params
+    weights_fingerprint: str | None = None  # set by `without_weights`; else from files or params
 
     @property
     def dtype(self):
@@ -73,6 +74,8 @@ class Base:
         Read from the checkpoint's files when the base was loaded from them (so that loading in
         float16, which rounds differently from bf16, changes nothing), else from the params.
         """
+        if self.weights_fingerprint is not None:
+            return self.weights_fingerprint
         if self.path is not None:
             return checkpoint_fingerprint(self.path, self.config)
         flat = flatten_params(self.params)
@@ -88,6 +91,15 @@ class Base:
 
         return fp.fingerprint({name: (shape, sample(keys, transposed)) for name, (keys, transposed,
                                shape) in hf_key_map(self.config).items()})
+
+
+    def without_weights(self) -> Base:
+        """This base without its weights: its params as shapes, its digests computed, the rest
+        as is. What a server keeps once it has placed its own copy of the params, so that the
+        weights are freed when nothing else holds them."""
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        return dataclasses.replace(self, params=shapes, weights_digest=self.digest,
+                                   weights_fingerprint=self.fingerprint)
 
 
 def checkpoint_fingerprint(path: Path, config: ModelConfig) -> str:

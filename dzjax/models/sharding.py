@@ -2,6 +2,7 @@
 
 Megatron-style layout, expressed as shardings and left to XLA's SPMD partitioner:
   q/k/v, gate/up kernels [in, out]   column-parallel: out split      P(None, "tp")
+  (fused qkv, gate_up: the same, their columns interleaved by device, `dzjax.models.fusion`)
   o/down kernels [in, out]           row-parallel: in split           P("tp", None)
   lm_head [hidden, vocab]            vocab split                      P(None, "tp")
   embedding, norms, o/down biases    replicated
@@ -27,7 +28,8 @@ from dzjax.models.config import ModelConfig
 from dzjax.pallas_kernels.formats import QuantizedTensor
 
 AXIS = "tp"
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head",
+                   "qkv_proj", "gate_up_proj")  # (fused: `dzjax.models.fusion`)
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
@@ -125,13 +127,22 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def stack_shardings(stacks, mesh: Mesh):
-    """NamedShardings for the pool's stacks (a pytree with `QuantizedTensor` stacks)."""
+def stack_shardings(stacks, mesh: Mesh, slot_axis: bool = True):
+    """NamedShardings for the pool's stacks (a pytree with `QuantizedTensor` stacks): compressed
+    matrices split by output column, exact tensors replicated; with `slot_axis` False, for one
+    delta's params (a slot of the stacks)."""
+    columns = P(None, None, AXIS) if slot_axis else P(None, AXIS)
+
     def one(leaf):
         if isinstance(leaf, QuantizedTensor):
-            return jax.tree.map(lambda a: NamedSharding(mesh, P(None, None, AXIS)), leaf)
+            return jax.tree.map(lambda a: NamedSharding(mesh, columns), leaf)
         return NamedSharding(mesh, P())
     return jax.tree.map(one, stacks, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+
+
+def slot_shardings(params, mesh: Mesh):
+    """NamedShardings for one delta's params placed as a slot of the pool's stacks."""
+    return stack_shardings(params, mesh, slot_axis=False)
 
 
 def check_delta_columns(stacks, mesh: Mesh) -> None:

@@ -5,6 +5,11 @@ delta reads, ask the scheduler (`scheduler.schedule`, a pure function of the que
 for a plan and carry it out (write deltas into device slots, admit requests into free batch rows),
 prefill the admitted requests, then decode one token for every running request in one jitted call.
 Requests join and leave between steps; the compiled programs never change (see `steps`).
+The host does not wait for the device between decode steps: step n+1 is dispatched with step
+n's tokens still on the device, and only then are step n's tokens read, reported and checked
+for their ends (`pipeline_decode`, on by default on an accelerator); a request that ended at
+step n wastes its row of step n+1.
+The pipeline is drained (step n read first) when requests could be admitted or preempted.
 
 Memory is fixed up front (a pool of KV pages, batch rows, delta slots): requests are admitted by
 the KV pages their context fills, and take one more page as their output crosses a page; when
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -26,20 +32,20 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dzjax.errors import DzjaxError
-from dzjax.models import sharding
+from dzjax.models import fusion, sharding
 from dzjax.models.forward import TRACE_COUNTS, default_dtype
 from dzjax.models.generate import bucket
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.kv_cache import KVPages, pallas_attention_unsupported
 from dzjax.models.loading import Base
 from dzjax.models.text import eos_ids
-from dzjax.serving import scheduler, steps
+from dzjax.serving import scheduler
 from dzjax.serving.detokenize import TextStream
 from dzjax.serving.kv_pages import PageTable
 from dzjax.serving.loop import EngineLoop
+from dzjax.serving.stepping import InFlight, Steps
 from dzjax.serving.pool import DeltaPool
 from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundError, Request,
                                     RequestError, SamplingParams, ServerClosedError)
@@ -60,6 +66,11 @@ class EngineConfig:
     dtype: str | None = None  # activations and KV cache; None: bfloat16 on a GPU, else float32
     implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
     mesh: object = None  # a jax.sharding.Mesh with axis "tp": tensor parallelism (None: one device)
+    fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (`dzjax.models.fusion`)
+    # Dispatch decode step n+1 before reading step n's tokens. None: on an accelerator; off on a
+    # CPU, where host and "device" share the cores (measured: no gain, up to 10% lost).
+    pipeline_decode: bool | None = None
+    prefix_sharing: bool = True  # requests of one model share the KV pages of a common prefix
     # Limits: what one request may ask, so that no request can slow the others down.
     max_stop_strings: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
@@ -67,7 +78,7 @@ class EngineConfig:
     delta_read_timeout_s: float = 120.0  # a delta read from disk that takes longer fails
 
 
-class Engine(EngineLoop):
+class Engine(Steps, EngineLoop):
     """Owns the model state and runs the step cycle on its own thread (`EngineLoop`); other
     threads call `submit`, `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats`, `call`
     and `close`; every change of state happens on the engine thread."""
@@ -83,17 +94,36 @@ class Engine(EngineLoop):
             raise DzjaxError(f"max_seq_len={self.max_seq_len} must be in [2, {context}] "
                              f"(the model's context)")
         self.dtype = jnp.dtype(config.dtype or default_dtype())
-        self.kernels = KernelOptions.resolve(config.implementation, config.mesh)
+        for name in ("fuse_projections", "pipeline_decode", "prefix_sharing"):
+            value = getattr(config, name)
+            if not isinstance(value, bool) and not (name == "pipeline_decode" and value is None):
+                raise DzjaxError(f"{name} must be True or False, got {value!r}")
+        self.pipeline = (jax.default_backend() != "cpu" if config.pipeline_decode is None
+                         else config.pipeline_decode)
+        self.kernels = KernelOptions.resolve(config.implementation, config.mesh,
+                                             fused_projections=config.fuse_projections)
         self.limits = scheduler.Limits(
             max_deltas_per_step=config.max_deltas_per_step or config.max_resident_deltas,
             max_overtakes=config.max_batch if config.max_overtakes is None
             else config.max_overtakes, read_ahead=config.max_resident_deltas)
-        self.params = base.params
         if config.mesh is not None:  # refuse a mesh that does not divide the model, before XLA does
             sharding.check_mesh(config.mesh, base.config)
-            self.params = sharding.shard_params(base.params, config.mesh)
+        # The params as the model computes them: fused projections (each delta is fused the
+        # same way when the pool reads it), placed on the mesh.
+        prepare = (functools.partial(fusion.fuse, config=base.config, shards=self.kernels.shards)
+                   if config.fuse_projections else None)
+        params = base.params
+        if config.mesh is not None:  # fused on the host, then placed: no full copy on device 0
+            params = jax.device_get(params)
+        self.params = params if prepare is None else prepare(params)
+        if config.mesh is not None:
+            self.params = sharding.shard_params(self.params, config.mesh)
+        # The engine keeps its own params only: the base's are freed once nobody else holds
+        # them (with fused projections, two copies of q/k/v and gate/up otherwise).
+        base = self.base = base.without_weights()
         self.pool = DeltaPool(base, config.max_resident_deltas, config.host_cache_bytes,
-                              mesh=config.mesh, read_timeout_s=config.delta_read_timeout_s)
+                              mesh=config.mesh, read_timeout_s=config.delta_read_timeout_s,
+                              prepare=prepare)
         self.max_prompt_bytes = config.max_prompt_bytes or 32 * self.max_seq_len
         for name, value in [("max_stop_strings", config.max_stop_strings),
                             ("max_stop_chars", config.max_stop_chars),
@@ -125,6 +155,7 @@ class Engine(EngineLoop):
         self.waiting: collections.deque[Request] = collections.deque()
         self._streams: dict[int, TextStream] = {}  # request id -> its text (with a tokenizer)
         self._ids = itertools.count()
+        self._inflight: InFlight | None = None  # the decode step dispatched and not yet read
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
         self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
@@ -184,6 +215,7 @@ class Engine(EngineLoop):
         if started:
             raise DzjaxError(f"delta {name!r} is in use by {started} preempted requests")
         self.pool.remove(name)
+        self.page_table.forget(name)  # a delta added again under this name has other weights
 
     def delta_names(self) -> list[str]:
         return self.pool.names()
@@ -195,14 +227,16 @@ class Engine(EngineLoop):
     # -- the engine thread ---------------------------------------------------------------------
 
     def _busy(self) -> bool:
-        return any(self.rows) or bool(self.waiting)
+        return any(self.rows) or bool(self.waiting) or self._inflight is not None
 
     def _recover(self, error: Exception) -> None:
+        self._inflight = None  # its rows fail below
         for r in [r for r in self.rows if r is not None]:
             self._finish(r, "error", error)
         # A failed step may have consumed its donated buffers: make them again.
         if self.pages.k[0].is_deleted():
             self.pages = sharding.zeros_like_placed(self.pages)
+            self.page_table.forget(everything=True)  # the prefixes' keys and values are gone
         stacks = jax.tree.leaves(self.pool.stacks)
         if stacks and stacks[0].is_deleted():
             self.pool.reset_device()
@@ -226,28 +260,45 @@ class Engine(EngineLoop):
         for r in cancelled:
             self._finish(r, "cancelled")
         self.pool.poll()
-        admitted = self._admit()
+        admitted = self._admit() if self.waiting else []
         if admitted:
             self._prefill(admitted)
         if any(self.rows):
             self._decode()
-        return bool(cancelled or admitted or any(self.rows))
+        elif self._inflight is not None:
+            self._read_inflight()
+        return bool(cancelled or admitted or any(self.rows) or self._inflight is not None)
 
     def _admit(self) -> list[Request]:
-        """Ask the scheduler for a plan and carry it out; returns the admitted requests."""
+        """Ask the scheduler for a plan and carry it out; returns the admitted requests. When
+        the plan admits and a decode step is in flight, that step is read first (rows may end)
+        and the scheduler asked again."""
+        plan, growth = self._plan()
+        if plan.admit and self._inflight is not None:
+            self._read_inflight()
+            plan, growth = self._plan()
+        return self._carry_out(plan, growth)
+
+    def _plan(self) -> tuple[scheduler.Plan, int]:
+        """The scheduler's plan, and the free pages the running requests' next tokens take."""
         pt = self.page_table
-        # A request's pages: its context, and the position its first decode writes.
+        # A request's pages: its context, and the position its first decode writes; less
+        # the pages of a prefix it shares (`kv_pages`).
         waiting = [scheduler.Waiting(r.id, r.model, r.overtaken, r.cancelled,
-                                     pt.pages_for(len(r.prompt_ids) + len(r.output_ids) + 1))
-                   for r in self.waiting]
+                                     pt.cost(*self._pages_of(r))) for r in self.waiting]
         free = [i for i, r in enumerate(self.rows) if r is None]
         live = [r for r in self.rows if r is not None]
         running = {r.model for r in live if r.model is not None}
-        # Pages the running requests' next tokens take are not free for newcomers.
-        growth = sum(pt.needs_page(r.batch_row, len(r.prompt_ids) + len(r.output_ids) - 1)
-                     for r in live)
-        plan = scheduler.schedule(waiting, free, running, self.pool.view(), self.limits,
-                                  free_pages=max(0, pt.free - growth))
+        # Pages the running requests' next tokens take are not free for newcomers (a token in
+        # flight counts: the next one goes after it).
+        ahead = set() if self._inflight is None else {r.id for r, _ in self._inflight.rows}
+        growth = sum(pt.needs_page(r.batch_row, len(r.prompt_ids) + len(r.output_ids) - 1
+                                   + (r.id in ahead)) for r in live)
+        return scheduler.schedule(waiting, free, running, self.pool.view(), self.limits,
+                                  free_pages=max(0, pt.free - growth)), growth
+
+    def _carry_out(self, plan: scheduler.Plan, growth: int) -> list[Request]:
+        pt = self.page_table
         by_id = {r.id: r for r in self.waiting}
         for i in plan.cancel:
             self._leave_queue(by_id[i], "cancelled")
@@ -266,6 +317,9 @@ class Engine(EngineLoop):
         admitted = []
         for a in plan.admit:
             r = by_id[a.request]
+            pages, shared = self._pages_of(r)
+            if pt.cost(pages, shared) > pt.free - growth:  # an admission before took the cached
+                continue  # prefix pages this one counted on: it waits for the next step
             if a.load is not None:
                 try:
                     self.pool.load(a.load, a.slot)
@@ -279,7 +333,7 @@ class Engine(EngineLoop):
                     continue
                 self.pool.acquire(a.slot)
             self.waiting.remove(r)
-            pt.assign(a.row, pt.pages_for(len(r.prompt_ids) + len(r.output_ids) + 1))
+            pt.assign(a.row, pages, shared)
             r.batch_row, r.delta_slot = a.row, a.slot
             if r.order < 0:  # a preempted request keeps its place: older than newcomers
                 r.order = next(self._admissions)
@@ -288,24 +342,50 @@ class Engine(EngineLoop):
             admitted.append(r)
         return admitted
 
-    def _grow_or_preempt(self) -> None:
-        """Before a decode step: each running request whose next token starts a page gets one;
-        when too few are free, the scheduler picks requests to preempt (they give their pages
-        back and wait at the front of the queue to recompute their context)."""
+    def _pages_of(self, r: Request) -> tuple[int, list[int]]:
+        """The pages r needs to be admitted (its context and the position its first decode
+        writes) and those of them it can share."""
+        pt, length = self.page_table, len(r.prompt_ids) + len(r.output_ids)
+        if not self.config.prefix_sharing:
+            return pt.pages_for(length + 1), []
+        return pt.pages_for(length + 1), pt.lookup(r.model, self._prefix_keys(r))
+
+    def _prefix_keys(self, r: Request) -> list[bytes]:
+        """r's context's prefix keys (`kv_pages`), hashed once per context length."""
+        length = len(r.prompt_ids) + len(r.output_ids)
+        if not r.prefix_keys or r.prefix_keys[0] != length:
+            r.prefix_keys = (length, self.page_table.keys(r.model, r.prompt_ids + r.output_ids))
+        return r.prefix_keys[1]
+
+    def _grow_or_preempt(self, live: list[Request], position: dict[int, int],
+                         may_preempt: bool) -> list[Request] | None:
+        """Before a decode step: each request of `live` whose next token (at `position`) starts a
+        page gets one; when too few are free, the scheduler picks requests to preempt (they give
+        their pages back and wait at the front of the queue to recompute their context).
+        Returns the requests that stay, or None (nothing changed) when some would have to be
+        preempted and `may_preempt` is False."""
         pt = self.page_table
-        live = [r for r in self.rows if r is not None]
-        position = {r.id: len(r.prompt_ids) + len(r.output_ids) - 1 for r in live}
+        if not may_preempt and sum(pt.needs_page(r.batch_row, position[r.id])
+                                   for r in live) > pt.free:
+            return None
+        # What preempting frees, newest first as the scheduler preempts (shared pages counted
+        # for the last of their holders).
+        newest_first = sorted(live, key=lambda r: -r.order)
+        freed = dict(zip((r.id for r in newest_first),
+                         pt.freed_by_releasing([r.batch_row for r in newest_first])))
         victims = set(scheduler.preempt(
-            [scheduler.Running(r.id, r.order, pt.held(r.batch_row),
+            [scheduler.Running(r.id, r.order, freed[r.id],
                                int(pt.needs_page(r.batch_row, position[r.id]))) for r in live],
             pt.free))
         for r in sorted((r for r in live if r.id in victims), key=lambda r: -r.order):
             self._vacate(r)
             self.waiting.appendleft(r)  # the newest first, so the oldest ends up in front
             self.counts["preemptions"] += 1
-        for r in live:
-            if r.id not in victims and pt.needs_page(r.batch_row, position[r.id]):
+        stay = [r for r in live if r.id not in victims]
+        for r in stay:
+            if pt.needs_page(r.batch_row, position[r.id]):
                 pt.grow(r.batch_row)
+        return stay
 
     def _vacate(self, r: Request) -> None:
         """Free r's batch row, its KV pages and its delta slot."""
@@ -319,91 +399,6 @@ class Engine(EngineLoop):
     def _leave_queue(self, r: Request, reason: str, error: Exception | None = None) -> None:
         self.waiting.remove(r)
         self._finish(r, reason, error)
-
-    @staticmethod
-    def _sampling(requests: list[Request | None]):
-        """(seeds, counters, temperature, top_p) for rows of requests (None: an idle row)."""
-        seeds, counters, temperature, top_p = (np.zeros(len(requests), d) for d in (
-            np.uint32, np.int32, np.float32, np.float32))
-        top_p[:] = 1.0
-        for i, r in enumerate(requests):
-            if r is not None:
-                seeds[i], counters[i] = r.sampling.seed, len(r.output_ids)
-                temperature[i], top_p[i] = r.sampling.temperature, r.sampling.top_p
-        return seeds, counters, temperature, top_p
-
-    def _prefill(self, admitted: list[Request]) -> None:
-        """Prefill the admitted requests' contexts: the prompt, and for a preempted request the
-        output so far too (its next token comes out of this prefill, with the same key)."""
-        by_length = collections.defaultdict(list)
-        for r in admitted:
-            by_length[bucket(len(r.prompt_ids) + len(r.output_ids), 16,
-                             self.max_seq_len)].append(r)
-        pt = self.page_table
-        for t, group in sorted(by_length.items()):
-            n = bucket(len(group), 1, self.config.max_batch)
-            ids = np.zeros((n, t), np.int32)
-            lengths = np.ones(n, np.int32)
-            tables = np.full((n, pt.max_pages), pt.num_pages, np.int32)  # padding: dropped
-            slots = np.full(n, -1, np.int32)
-            for i, r in enumerate(group):
-                context = r.prompt_ids + r.output_ids
-                ids[i, :len(context)] = context
-                lengths[i], tables[i], slots[i] = len(context), pt.tables[r.batch_row], \
-                    r.delta_slot
-            tokens, self.pages = steps.prefill(
-                self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots,
-                self._sampling(group + [None] * (n - len(group))), config=self.base.config,
-                dtype=self.dtype, kernels=self.kernels)
-            self.counts["prefill_calls"] += 1
-            tokens = np.asarray(tokens)
-            for i, r in enumerate(group):
-                self._emit(r, int(tokens[i]))
-
-    def _decode(self) -> None:
-        self._grow_or_preempt()
-        b = self.config.max_batch
-        tokens = np.zeros(b, np.int32)
-        positions = np.zeros(b, np.int32)  # idle rows: no pages, so their writes are dropped
-        slots = np.full(b, -1, np.int32)
-        live = [r for r in self.rows if r is not None]
-        if not live:  # every running request was preempted
-            return
-        for r in live:
-            tokens[r.batch_row] = r.output_ids[-1]
-            positions[r.batch_row] = len(r.prompt_ids) + len(r.output_ids) - 1
-            slots[r.batch_row] = r.delta_slot
-        pt = self.page_table
-        num_pages = bucket(max(pt.held(r.batch_row) for r in live), 1, pt.max_pages)
-        out, self.pages = steps.decode(
-            self.params, self.pool.stacks, self.pages, pt.tables, tokens, positions, slots,
-            self._sampling(self.rows), config=self.base.config, dtype=self.dtype,
-            kernels=self.kernels, num_pages=num_pages)
-        out = np.asarray(out)
-        self.counts["steps"] += 1
-        self.counts["decode_rows"] += len(live)
-        self.counts["max_running"] = max(self.counts["max_running"], len(live))
-        active = len({r.model for r in live if r.model is not None})
-        self.counts["active_deltas"] += active
-        self.counts["max_active_deltas"] = max(self.counts["max_active_deltas"], active)
-        for r in live:
-            self._emit(r, int(out[r.batch_row]))
-
-    def compile_decode(self) -> None:
-        """Compile the decode step for every bucket of pages read, on idle rows (nothing is
-        written), so that no compilation happens later while serving (benchmarks)."""
-        b, pt = self.config.max_batch, self.page_table
-        n = 1
-        while True:
-            idle = np.full((b, pt.max_pages), pt.num_pages, np.int32)
-            zeros = np.zeros(b, np.int32)
-            _, self.pages = steps.decode(
-                self.params, self.pool.stacks, self.pages, idle, zeros, zeros,
-                np.full(b, -1, np.int32), self._sampling([None] * b), config=self.base.config,
-                dtype=self.dtype, kernels=self.kernels, num_pages=min(n, pt.max_pages))
-            if n >= pt.max_pages:
-                return
-            n *= 2
 
     def _emit(self, r: Request, token: int) -> None:
         """Append one generated token to r, report the new text, and finish r when it is done."""
@@ -465,6 +460,8 @@ class Engine(EngineLoop):
             "waiting": len(self.waiting),
             "generated_tokens": c["tokens"],
             "decode_steps": c["steps"],
+            # dispatched before the step before them was read (the host did not wait)
+            "overlapped_steps": c["overlapped_steps"],
             "prefill_calls": c["prefill_calls"],
             "mean_batch_rows": c["decode_rows"] / max(c["steps"], 1),
             "mean_active_deltas": c["active_deltas"] / max(c["steps"], 1),
@@ -475,6 +472,8 @@ class Engine(EngineLoop):
             "pool": self.pool.stats(),
             "kv": {"pages": self.page_table.num_pages, "page_size": self.page_table.page_size,
                    "pages_in_use": self.page_table.in_use,
+                   # pages taken from the prefix index instead of computed; held by no request
+                   "prefix_hits": self.page_table.hits, "cached_pages": self.page_table.cached,
                    "bytes": self.pages.nbytes, "preemptions": c["preemptions"],
                    "max_running": c["max_running"]},
         }

@@ -8,6 +8,10 @@ Host: `Delta` objects with numpy leaves, kept in LRU order within `host_cache_by
 was given as an object (no file) is always kept. Disk: a delta given as a path is read again by a
 background thread when it has left the host cache, while the engine keeps decoding.
 
+A delta that queued requests wait for (`keep`) is uploaded to the device ahead of its load by a
+background thread (at most `MAX_STAGED` at once), so that writing it into a slot is a copy on the
+device, not a transfer from the engine's thread.
+
 Each delta is in one state (`scheduler.RESIDENT`, `ON_HOST`, `READING`, `ON_DISK`, `FAILED`);
 `view()` gives them to the scheduler. A failed read stays FAILED (and is reported with its error)
 until the engine has failed the requests that waited for it and calls `forget_failure`.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -32,6 +37,9 @@ from dzjax.models import delta_stacks, sharding
 from dzjax.models.forward import check_delta
 from dzjax.models.loading import Base
 from dzjax.serving import scheduler
+
+log = logging.getLogger("dzjax.serving")
+MAX_STAGED = 2  # deltas uploaded ahead of their load (device memory for this many more deltas)
 
 
 def to_host(delta: Delta) -> Delta:
@@ -62,12 +70,13 @@ class DeltaPool:
     """
 
     def __init__(self, base: Base, capacity: int, host_cache_bytes: int, mesh=None,
-                 read_timeout_s: float = 120.0):
+                 read_timeout_s: float = 120.0, prepare=None):
         if capacity < 1:
             raise DzjaxError(f"max_resident_deltas must be >= 1, got {capacity}")
         if not read_timeout_s > 0:
             raise DzjaxError(f"delta_read_timeout_s must be > 0, got {read_timeout_s}")
         self.base, self.mesh = base, mesh
+        self.prepare = prepare  # params -> params as the model uses them (fused projections)
         self.read_timeout_s = read_timeout_s
         self.capacity = capacity
         self.host_cache_bytes = host_cache_bytes
@@ -81,7 +90,11 @@ class DeltaPool:
         self._last_used = [0] * capacity
         self._clock = 0
         self._reader = self._new_reader()
-        self.counts = collections.Counter()  # disk_reads, failed_reads, device_loads, evictions
+        self._uploader = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="dzjax-delta-upload")
+        self._staged: dict[str, concurrent.futures.Future] = {}  # name -> its device params
+        # disk_reads, failed_reads, device_loads (staged_loads of them), evictions
+        self.counts = collections.Counter()
 
     @staticmethod
     def _new_reader() -> concurrent.futures.ThreadPoolExecutor:
@@ -102,8 +115,19 @@ class DeltaPool:
                              f"got {type(source).__name__}")
         delta.check_base(self.base)
         check_delta(self.base.params, delta.params)
-        return Entry(name, path, delta.nbytes, delta_stacks.layout(delta.params), delta.digest,
-                     host=to_host(delta))
+        host = self._to_host(name, delta)
+        return Entry(name, path, host.nbytes, delta_stacks.layout(host.params), delta.digest,
+                     host=host)
+
+    def _to_host(self, name: str, delta: Delta) -> Delta:
+        """The delta as the stacks hold it: numpy leaves, prepared for the model."""
+        delta = to_host(delta)
+        if self.prepare is None:
+            return delta
+        try:
+            return dataclasses.replace(delta, params=self.prepare(delta.params))
+        except DzjaxError as e:
+            raise DzjaxError(f"delta {name!r}: {e}") from None
 
     def add(self, entry: Entry) -> None:
         if entry.name in self.entries:
@@ -125,6 +149,9 @@ class DeltaPool:
             self.slot_names[slot] = None
         self.entries.pop(name)
         self._host_lru.pop(name, None)
+        staged = self._staged.pop(name, None)
+        if staged is not None:
+            staged.cancel()
 
     def names(self) -> list[str]:
         return sorted(list(self.entries))  # list() first: a snapshot, however the dict changes
@@ -180,11 +207,12 @@ class DeltaPool:
             raise DzjaxError(f"delta {entry.name!r} ({entry.path}) changed on disk since it was "
                              f"added (its content digest differs); add it again to serve the "
                              f"new file")
+        delta = self._to_host(entry.name, delta)
         if delta_stacks.layout(delta.params) != self.layout:
             raise DzjaxError(f"delta {entry.name!r} ({entry.path}) changed on disk since it was "
                              f"added: " + delta_stacks.describe_difference(
                                  self.layout, delta_stacks.layout(delta.params)))
-        return to_host(delta)
+        return delta
 
     def poll(self) -> None:
         """Take in the reads that finished: their deltas are on the host now, or FAILED; a read
@@ -216,6 +244,20 @@ class DeltaPool:
         """Keep these deltas' host copies (queued requests wait for them) until the next call:
         the host cache may hold them beyond its size for that long."""
         self._kept = set(names)
+        # The first of them that are on the host and not resident: uploaded ahead, off the
+        # engine thread.
+        wanted = [n for n in dict.fromkeys(names) if self.slot_of(n) is None
+                  and n in self.entries and self.entries[n].host is not None][:MAX_STAGED]
+        for n in [n for n in self._staged if n not in wanted]:
+            self._staged.pop(n).cancel()  # (one already uploading finishes and is dropped)
+        for n in wanted:
+            if n not in self._staged:
+                self._staged[n] = self._uploader.submit(self._upload, self.entries[n].host.params)
+
+    def _upload(self, params):
+        """A delta's params on the device, placed as one slot of the stacks (uploader thread)."""
+        where = None if self.mesh is None else sharding.slot_shardings(params, self.mesh)
+        return jax.block_until_ready(jax.device_put(params, where))
 
     def forget_failure(self, name: str) -> None:
         """The requests that waited for a failed read were failed: the next one tries again."""
@@ -243,7 +285,15 @@ class DeltaPool:
         if self.slot_names[slot] is not None:
             self.counts["evictions"] += 1
         self.slot_names[slot] = None  # until written: a failed write leaves the slot empty
-        self.stacks = delta_stacks.write_slot(self.stacks, slot, entry.host.params)
+        params = entry.host.params
+        staged = self._staged.pop(name, None)
+        if staged is not None:  # uploaded ahead (or being uploaded: no slower than here)
+            try:
+                params = staged.result()
+                self.counts["staged_loads"] += 1
+            except Exception:  # noqa: BLE001 - the host copy is still there: upload it here
+                log.exception("uploading delta %r ahead failed; loading it from the host", name)
+        self.stacks = delta_stacks.write_slot(self.stacks, slot, params)
         self.slot_names[slot] = name
         self.counts["device_loads"] += 1
         self._touch_host(name)
@@ -262,14 +312,17 @@ class DeltaPool:
         if self.stacks is not None:
             self.stacks = sharding.zeros_like_placed(self.stacks)
         self.slot_names = [None] * self.capacity
+        self._staged.clear()
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
+        self._uploader.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict:
         return {"resident": self.resident(), "capacity": self.capacity,
                 "registered": sorted(self.entries),
                 "host_cached": list(self._host_lru),
                 "host_cache_bytes": sum(self.entries[n].nbytes for n in self._host_lru),
+                "staged": list(self._staged),
                 **{k: self.counts[k] for k in ("disk_reads", "failed_reads", "device_loads",
-                                               "evictions")}}
+                                               "staged_loads", "evictions")}}

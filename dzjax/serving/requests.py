@@ -95,6 +95,7 @@ class Request:
     batch_row: int | None = None
     delta_slot: int = -1
     order: int = -1  # admission order (the latest admitted are preempted first)
+    prefix_keys: tuple = ()  # (context length, its KV prefix keys): hashed once per context
 
     @property
     def timings(self) -> dict:

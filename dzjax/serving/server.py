@@ -103,8 +103,9 @@ class Server:
             raise DzjaxError(f"unknown serve options {sorted(unknown)}; known: {sorted(fields)}")
         if options.get("dtype") is not None:
             options["dtype"] = jnp.dtype(options["dtype"]).name
-        self.base, self.base_name = base, base_name
+        self.base_name = base_name
         self.engine = Engine(base, EngineConfig(**options))
+        self.base = self.engine.base  # without weights: the engine holds its own params
         try:
             for name, source in (deltas or {}).items():
                 self.add_delta(name, source)
@@ -259,8 +260,10 @@ def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
 
     Options (all keyword): max_batch (8), max_seq_len (min(context, 1024)),
     max_resident_deltas (8), max_deltas_per_step (= max_resident_deltas), host_cache_bytes (4 GiB),
-    max_overtakes (= max_batch), dtype ("float32" activations), implementation (delta kernels),
-    base_name ("base": the model name of base-only requests).
+    max_overtakes (= max_batch), dtype (None: bfloat16 on a GPU, float32 elsewhere),
+    implementation (delta kernels), page_size (16), kv_pages, fuse_projections (True),
+    pipeline_decode (None: on an accelerator, off on a CPU), the limits of `EngineConfig`, base_name ("base": the model name of
+    base-only requests).
     """
     if isinstance(base, str) or hasattr(base, "__fspath__"):
         base = load_base(base)

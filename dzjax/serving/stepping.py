@@ -1,0 +1,169 @@
+"""The engine's device side: building each step's arrays from the running requests, dispatching
+the jitted prefill and decode (`dzjax.serving.steps`), and reading their tokens back.
+
+`Steps` is a part of `Engine` (its state: rows, page table, pool, pages, counts; and `_emit`,
+`_grow_or_preempt`): kept apart so that the engine's request bookkeeping and the device work
+read on their own. Decode is pipelined (`EngineConfig.pipeline_decode`): step n+1 is dispatched
+with step n's tokens as its input, still on the device, and only then are step n's tokens read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dzjax.models.generate import bucket
+from dzjax.serving import steps
+from dzjax.serving.requests import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlight:
+    """A decode step dispatched to the device whose tokens have not been read."""
+
+    tokens: jax.Array  # int32 [B], on the device
+    rows: list[tuple[Request, int]]  # the requests it decodes and their batch rows
+
+
+class Steps:
+    @staticmethod
+    def _sampling(requests: list[Request | None], ahead=frozenset()):
+        """(seeds, counters, temperature, top_p) for rows of requests (None: an idle row); the
+        requests in `ahead` (ids) have one token more than they hold (in flight)."""
+        seeds, counters, temperature, top_p = (np.zeros(len(requests), d) for d in (
+            np.uint32, np.int32, np.float32, np.float32))
+        top_p[:] = 1.0
+        for i, r in enumerate(requests):
+            if r is not None:
+                seeds[i], counters[i] = r.sampling.seed, len(r.output_ids) + (r.id in ahead)
+                temperature[i], top_p[i] = r.sampling.temperature, r.sampling.top_p
+        return seeds, counters, temperature, top_p
+
+    def _prefill(self, admitted: list[Request]) -> None:
+        """Prefill the admitted requests' contexts: the prompt, and for a preempted request the
+        output so far too (its next token comes out of this prefill, with the same key)."""
+        by_length = collections.defaultdict(list)
+        for r in admitted:
+            by_length[bucket(len(r.prompt_ids) + len(r.output_ids), 16,
+                             self.max_seq_len)].append(r)
+        pt = self.page_table
+        for t, group in sorted(by_length.items()):
+            n = bucket(len(group), 1, self.config.max_batch)
+            ids = np.zeros((n, t), np.int32)
+            lengths = np.ones(n, np.int32)
+            tables = np.full((n, pt.max_pages), pt.num_pages, np.int32)  # padding: dropped
+            slots = np.full(n, -1, np.int32)
+            for i, r in enumerate(group):
+                context = r.prompt_ids + r.output_ids
+                ids[i, :len(context)] = context
+                # (shared prefix pages are not written again)
+                lengths[i], tables[i], slots[i] = len(context), pt.prefill_table(r.batch_row), \
+                    r.delta_slot
+            tokens, self.pages = steps.prefill(
+                self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots,
+                self._sampling(group + [None] * (n - len(group))), config=self.base.config,
+                dtype=self.dtype, kernels=self.kernels)
+            self.counts["prefill_calls"] += 1
+            tokens = np.asarray(tokens)
+            for i, r in enumerate(group):
+                if self.config.prefix_sharing:  # its full pages now hold its context
+                    pt.register(r.batch_row, r.model, self._prefix_keys(r))
+                self._emit(r, int(tokens[i]))
+
+    def _decode(self) -> None:
+        """Dispatch one decode step for the running requests; then read the step before it, if
+        one is in flight (its tokens are this step's input, still on the device)."""
+        prev = self._inflight
+        ahead = frozenset() if prev is None else frozenset(r.id for r, _ in prev.rows)
+        # Each request's context as this step sees it: with its token in flight, if any.
+        context = {r.id: len(r.prompt_ids) + len(r.output_ids) + (r.id in ahead)
+                   for r in self.rows if r is not None}
+        # A request whose in-flight token is its last (max_tokens) is not decoded again.
+        live = [r for r in self.rows if r is not None
+                and context[r.id] - len(r.prompt_ids) < r.sampling.max_tokens]
+        position = {r.id: context[r.id] - 1 for r in live}
+        stay = self._grow_or_preempt(live, position, may_preempt=prev is None) if live else []
+        if stay is None or not stay:  # pages run out with a step in flight, or nothing to do
+            if prev is not None:
+                self._read_inflight()
+                if stay is None:
+                    self._decode()
+            return
+        live, ids = stay, {r.id for r in stay}
+        b, pt = self.config.max_batch, self.page_table
+        positions = np.zeros(b, np.int32)  # idle rows: no pages, so their writes are dropped
+        slots = np.full(b, -1, np.int32)
+        for r in live:
+            positions[r.batch_row], slots[r.batch_row] = position[r.id], r.delta_slot
+        tables = pt.tables
+        if len(live) < sum(r is not None for r in self.rows):  # rows ending in flight: no writes
+            tables = tables.copy()
+            tables[[r.batch_row for r in self.rows if r is not None and r.id not in ids]] = \
+                pt.num_pages
+        if prev is None:
+            tokens = np.zeros(b, np.int32)
+            for r in live:
+                tokens[r.batch_row] = r.output_ids[-1]
+        else:  # every live request was in the step in flight (nothing is admitted meanwhile)
+            tokens = prev.tokens
+        tokens = self._placed_tokens(tokens)
+        num_pages = bucket(max(pt.held(r.batch_row) for r in live), 1, pt.max_pages)
+        rows = [r if r is not None and r.id in ids else None for r in self.rows]
+        out, self.pages = steps.decode(
+            self.params, self.pool.stacks, self.pages, tables, tokens, positions, slots,
+            self._sampling(rows, ahead), config=self.base.config, dtype=self.dtype,
+            kernels=self.kernels, num_pages=num_pages)
+        self._inflight = InFlight(out, [(r, r.batch_row) for r in live])
+        self.counts["steps"] += 1
+        self.counts["decode_rows"] += len(live)
+        self.counts["max_running"] = max(self.counts["max_running"], len(live))
+        active = len({r.model for r in live if r.model is not None})
+        self.counts["active_deltas"] += active
+        self.counts["max_active_deltas"] = max(self.counts["max_active_deltas"], active)
+        if prev is not None:
+            self.counts["overlapped_steps"] += 1
+            self._read(prev)
+        if not self.pipeline:
+            self._read_inflight()
+
+    def _placed_tokens(self, tokens):
+        """The decode step's input tokens placed alike whether they come from the host or from
+        the step before (on a mesh: replicated), so that both are one compiled program."""
+        if self.kernels.mesh is None:
+            return tokens
+        return jax.device_put(tokens, NamedSharding(self.kernels.mesh, P()))
+
+    def _read_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        self._read(inflight)
+
+    def _read(self, step: InFlight) -> None:
+        """Report a decode step's tokens (waiting for the device); a request that ended or left
+        its row since the step was dispatched gets none."""
+        tokens = np.asarray(step.tokens)
+        for r, row in step.rows:
+            if r.finish_reason is None and r.batch_row == row:
+                self._emit(r, int(tokens[row]))
+
+    def compile_decode(self) -> None:
+        """Compile the decode step for every bucket of pages read, on idle rows (nothing is
+        written), so that no compilation happens later while serving (benchmarks)."""
+        b, pt = self.config.max_batch, self.page_table
+        n = 1
+        while True:
+            idle = np.full((b, pt.max_pages), pt.num_pages, np.int32)
+            zeros = np.zeros(b, np.int32)
+            _, self.pages = steps.decode(
+                self.params, self.pool.stacks, self.pages, idle, self._placed_tokens(zeros),
+                zeros, np.full(b, -1, np.int32), self._sampling([None] * b),
+                config=self.base.config, dtype=self.dtype, kernels=self.kernels,
+                num_pages=min(n, pt.max_pages))
+            if n >= pt.max_pages:
+                return
+            n *= 2
+
