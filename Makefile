@@ -25,7 +25,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-test-all: venv  # includes the tests marked slow, and many more fuzzing examples
+test-all: venv  # includes the tests marked slow, many more fuzzing examples, the compiler checks
+	$(PY) -c 'import triton' 2>/dev/null || $(PY) -m pip install -q 'triton>=3.4' \
+	  || echo "triton could not be installed: the compiler checks will skip"
 	HYPOTHESIS_PROFILE=all $(PY) -m pytest -q -m ''
 
 clean:

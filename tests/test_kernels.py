@@ -214,6 +214,36 @@ class TestDeltaMatmulKernelEdges:
                                 config=DeltaMatmulConfig(block_m=16, block_n=16, block_k=32, split_k=3))
 
 
+@pytest.mark.parametrize("fmt", [f for f in all_formats() if f.bits != 3], ids=fmt_id)
+def test_conversion_free_dequantization_is_bit_identical(fmt):
+    """The kernels' dequantization builds floats from bit patterns (code OR-ed into the mantissa
+    of 2**23, zero point likewise) instead of converting; every weight is bit for bit what
+    converting gives: float(code) - float(zero) in float32, times the scale. Extreme codes and
+    zero points (0 and 2**bits - 1) included."""
+    from dzjax.pallas_kernels.single_delta import dequantize_xla
+
+    rng = np.random.default_rng(zlib.crc32(fmt_id(fmt).encode()))
+    g, top = fmt.group_size, 2 ** fmt.bits - 1
+    codes = rng.integers(0, top + 1, (K, N))
+    codes[:4], codes[4:8] = 0, top
+    zeros = rng.integers(0, top + 1, (K // g, N))
+    zeros[0, :8], zeros[-1, :8] = 0, top
+    scales = rng.uniform(0.5, 1.5, (K // g, N)) / 2 ** fmt.bits
+    keep = np.ones((K, N), bool)
+    if fmt.nm is not None:
+        n_keep, m = fmt.nm
+        keep = (np.argsort(rng.random((K // m, m, N)), axis=1) < n_keep).reshape(K, N)
+    q = quantize_to_format(codes, scales, zeros, keep, fmt)
+    # Converted the plain way, in float32, from the stored arrays (scales as stored, in bf16).
+    scale = np.repeat(np.asarray(q.scales, np.float32), g, axis=0)
+    zero = (np.float32(2 ** (fmt.bits - 1)) if fmt.symmetric
+            else np.repeat(np.asarray(q.zeros).astype(np.float32), g, axis=0))
+    want = np.where(keep, scale * (codes.astype(np.float32) - zero), np.float32(0))
+    got = np.asarray(dequantize_xla(q))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
 # ----------------------------------------------------------------------------------------------
 # Multi-delta.
 
@@ -527,6 +557,34 @@ class TestTritonCompile:
             compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=dict(
                 num_warps=config.num_warps, num_stages=config.num_stages))
             assert compiled.asm["cubin"]
+            check_ptx(compiled.asm["ptx"], tmp_path, triton)
+
+
+def check_ptx(ptx: str, tmp_path, triton) -> None:
+    """What the compiled kernel must look like: codes dequantized without conversion
+    instructions (no integer-to-float `cvt`: they issue at a fraction of the ALU rate and were
+    64 per thread per K step at 4 bits), tensor-core instructions for the dot, and at most 255
+    registers with no spill (ptxas's own report)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    to_float = re.findall(r"cvt(?:\.rn|\.rz)?\.f(?:16|32)\.[us](?:8|16|32)\b", ptx)
+    assert not to_float, f"integer-to-float conversions in the kernel: {sorted(set(to_float))}"
+    assert re.search(r"\b(?:mma|wgmma)\.", ptx), "no tensor-core instruction in the kernel"
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
+    if ptxas is None:  # pragma: no cover - every triton wheel for CUDA ships one
+        pytest.skip("this triton has no ptxas")
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(source), "-o",
+                             str(tmp_path / "kernel.cubin")], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report.stderr)]
+    spills = [int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", report.stderr)]
+    assert registers and max(registers) <= 255, report.stderr
+    assert spills and max(spills) == 0, report.stderr
 
 
 def test_concrete_out_of_range_slots_raise():

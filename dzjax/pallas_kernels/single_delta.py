@@ -105,14 +105,35 @@ def pick_block_n(n: int, target: int) -> int:
 # In-kernel unpacking and dequantization (traced inside kernel bodies).
 
 
-def _unpack_rows(words, bits: int, stride: int, phase: int):
-    """uint32 words [P, bn] -> int32 codes of stored rows phase, phase + stride, ... [P * 32/bits/stride, bn]."""
+def _unpack_bits(words, bits: int, stride: int, phase: int):
+    """uint32 words [P, bn] -> uint32 codes of stored rows phase, phase + stride, ...
+    [P * 32/bits/stride, bn]."""
     p, bn = words.shape
     sel = 32 // bits // stride
     wide = lax.broadcast_in_dim(words, (p, sel, bn), (0, 2))
     shift = (lax.broadcasted_iota(jnp.uint32, (p, sel, bn), 1) * stride + phase) * bits
     codes = (wide >> shift) & jnp.uint32((1 << bits) - 1)
-    return codes.reshape(p * sel, bn).astype(jnp.int32)
+    return codes.reshape(p * sel, bn)
+
+
+def _unpack_rows(words, bits: int, stride: int, phase: int):
+    """`_unpack_bits` as int32 (a reinterpretation: the codes are small)."""
+    return _unpack_bits(words, bits, stride, phase).astype(jnp.int32)
+
+
+# Conversion-free dequantization: an unsigned integer c < 2**23 OR-ed into the mantissa of the
+# float32 2**23 (bits 0x4B000000) is, reinterpreted, exactly the float 2**23 + c. Codes and zero
+# points both biased so, (2**23 + c) - (2**23 + z) = c - z exactly (floats in [2**23, 2**24) are
+# the integers): the same value as converting c and z to float and subtracting, bit for bit, with
+# an OR and a reinterpretation per element instead of a conversion instruction (which issues at a
+# fraction of the rate of integer and float arithmetic on a GPU).
+_MAGIC_BITS = 0x4B000000
+_MAGIC = 2.0 ** 23
+
+
+def _biased_float(codes_u32):
+    """uint32 values < 2**23 -> float32 2**23 + value, from the bit pattern."""
+    return lax.bitcast_convert_type(codes_u32 | jnp.uint32(_MAGIC_BITS), jnp.float32)
 
 
 def _repeat_rows(a, times: int):
@@ -130,25 +151,27 @@ def dequant_tile(words, scale_rows, zero_rows, positions, *, fmt: Format, block_
     scale_rows  # [block_k / group_size, bn] or [1, bn] (group_size >= block_k) scales
     zero_rows   # like scale_rows (uint8), or None when symmetric
     positions   # [block_k * n / m * index_bits / 32, bn] uint32 n:m indices, or None when dense
-    Values are scale * (code - zero) in float32, exactly as `reference.dequantize` computes them.
+    Values are scale * (code - zero) in float32, exactly as `reference.dequantize` computes them,
+    with no integer-to-float conversion of a code (`_biased_float`).
     """
     n, m = fmt.nm or (1, 1)
     g, bits = fmt.group_size, fmt.bits
     # One scale / zero row per group of m inputs ([block_k / m, bn]) or one for the step ([1, bn]).
     times = 1 if g % block_k == 0 else g // m
     scale = _repeat_rows(scale_rows.astype(jnp.float32), times)
+    # Zero points biased like the codes (see `_biased_float`): code - zero stays exact.
     if zero_rows is None:
-        zero = jnp.float32(2 ** (bits - 1))
+        zero = jnp.float32(_MAGIC + 2 ** (bits - 1))
     else:
-        zero = _repeat_rows(zero_rows.astype(jnp.float32), times)
+        zero = _repeat_rows(_biased_float(zero_rows.astype(jnp.uint32)), times)
     if fmt.nm is None:
-        return scale * (_unpack_rows(words, bits, 1, 0).astype(jnp.float32) - zero)
+        return scale * (_biased_float(_unpack_bits(words, bits, 1, 0)) - zero)
     ib = packing.index_bits(m)
     groups, bn = block_k // m, words.shape[1]
     slot = lax.broadcasted_iota(jnp.int32, (groups, m, bn), 1)
     dense = jnp.zeros((groups, m, bn), jnp.float32)
     for i in range(n):  # the i-th kept value of every group of m, and where it goes
-        value = scale * (_unpack_rows(words, bits, n, i).astype(jnp.float32) - zero)
+        value = scale * (_biased_float(_unpack_bits(words, bits, n, i)) - zero)
         where = _unpack_rows(positions, ib, n, i)
         hit = lax.broadcast_in_dim(where, (groups, m, bn), (0, 2)) == slot
         dense = dense + jnp.where(hit, lax.broadcast_in_dim(value, (groups, m, bn), (0, 2)), 0.0)
