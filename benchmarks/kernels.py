@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/kernels.py            # full sweep (meant for a GPU)
   PYTHONPATH=. python benchmarks/kernels.py --quick    # small CPU sweep of the XLA path
+  PYTHONPATH=. python benchmarks/kernels.py --model    # the static model, no device needed
 
 For each shape [K, N] x batch M x format x number of distinct deltas D it reports the time, the
 bytes a perfect kernel must read (compressed weights of every active delta, x, the f32 output), the
@@ -9,6 +10,16 @@ achieved fraction of the memory bandwidth measured with a large copy, and the sp
 dense weights: one `jnp.dot` for D = 1 (single-delta kernel), D separate bf16 matmuls otherwise
 (multi-delta kernel, rows spread round-robin over the D deltas). Results go to
 benchmarks/results/kernels-<backend>-<date>.json with the device and date.
+
+`--model` runs nothing: for the same sweep it predicts, from each kernel configuration the
+dispatch would pick (`DeltaMatmulConfig` / `MultiDeltaConfig.heuristic`), the bytes the kernel
+reads (every row tile reads its column strips' compressed weights again; split-K partial sums are
+written and read back) and how many of an H100/H200's 132 SMs its busy programs fill, and from
+those a time: the larger of the bytes at 3.35 TB/s over the SMs filled, and the float32-to-bf16
+conversions of the dequantized weights (one per weight per row tile, 16 per clock per SM at
+1.98 GHz; the integer-to-float ones are gone, see `dequant_tile`). Printed with the fraction of
+the ideal bytes bound (compressed weights of the active deltas, x and the output, read once);
+written to benchmarks/results/kernels-model.json. A model, not a measurement.
 """
 
 from __future__ import annotations
@@ -133,6 +144,57 @@ def run(quick: bool, implementation: str | None, repeats: int, budget_s: float |
     return report
 
 
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM / H200 class
+SMS = 132
+CVT_PER_S = 16 * SMS * 1.98e9  # float32 -> bf16 conversions, 16 per clock per SM
+
+
+def model(quick: bool = False) -> dict:
+    """The static bytes/occupancy model of every configuration of the sweep (see the docstring)."""
+    from dzjax.pallas_kernels import DeltaMatmulConfig, MultiDeltaConfig
+
+    rows = []
+    for k, n in SHAPES[:1] if quick else SHAPES:
+        for name, fmt in FORMATS.items():
+            fmt = fmt or Format(bits=8, group_size=k)
+            weights = sum(int(np.prod(shape)) * dtype.itemsize
+                          for shape, dtype in fmt.stored_arrays(k, n).values())
+            for m in BATCHES:
+                for d in DELTAS:
+                    active = min(d, m)
+                    if d == 1:
+                        c = DeltaMatmulConfig.heuristic(m, k, n, fmt)
+                        row_tiles, groups = -(-m // c.block_m), 1
+                    else:
+                        c = MultiDeltaConfig.heuristic(m, k, n, d, fmt)
+                        per_group = -(-m // active)
+                        row_tiles, groups = -(-per_group // c.block_m), active
+                    m_pad = row_tiles * c.block_m * groups
+                    strips = n // c.block_n
+                    busy = groups * row_tiles * strips * c.split_k if d == 1 else \
+                        groups * strips * c.split_k
+                    ideal = active * weights + m * k * 2 + m * n * 4
+                    read = (groups * row_tiles * weights + m * k * 2
+                            + (2 * c.split_k + 1) * m_pad * n * 4 if c.split_k > 1
+                            else groups * row_tiles * weights + m * k * 2 + m_pad * n * 4)
+                    filled = min(1.0, busy / SMS)
+                    t_mem = read / (HBM_BYTES_PER_S * filled)
+                    t_cvt = groups * row_tiles * k * n / (CVT_PER_S * filled)
+                    t = max(t_mem, t_cvt)
+                    rows.append(dict(k=k, n=n, batch=m, format=name, deltas=d,
+                                     active_deltas=active, config=str(c), busy_programs=busy,
+                                     sms_filled=filled, ideal_bytes=ideal, modeled_bytes=read,
+                                     predicted_us=t * 1e6, bound="memory" if t_mem >= t_cvt
+                                     else "conversions",
+                                     fraction_of_bytes_bound=ideal / HBM_BYTES_PER_S / t))
+                    r = rows[-1]
+                    print(f"{k:>5}x{n:<5} M={m:<3} {name:<18} D={d:<2} {t * 1e6:8.1f} us "
+                          f"{busy:>5} programs  {r['fraction_of_bytes_bound']:6.1%} of bound "
+                          f"({r['bound']})", flush=True)
+    return {"what": "static model (no measurement)", "hbm_bytes_per_s": HBM_BYTES_PER_S,
+            "sms": SMS, "cvt_per_s": CVT_PER_S, "results": rows}
+
+
 def main(argv=None) -> pathlib.Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sweep (CPU, XLA path)")
@@ -140,9 +202,16 @@ def main(argv=None) -> pathlib.Path:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop the sweep after this many seconds (the JSON says truncated)")
+    p.add_argument("--model", action="store_true",
+                   help="print the static bytes/occupancy model instead of measuring")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.model:
+        path = a.out / "kernels-model.json"
+        path.write_text(json.dumps(model(a.quick), indent=1) + "\n")
+        print(f"wrote {path}")
+        return path
     stamp = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     path = a.out / f"kernels-{jax.default_backend()}-{stamp}.json"
 
