@@ -125,6 +125,7 @@ def test_the_fused_decode_step_has_three_fewer_dots_per_layer():
     assert dots[False] - dots[True] == 3 * c.num_layers  # q/k/v: 3 -> 1, gate/up: 2 -> 1
 
 
+@pytest.mark.slow  # (CI time: the serving tests already compare fused serving with generate)
 def test_serving_gives_the_same_tokens_with_and_without_fusion(qwen2, tmp_path):
     base, four, _, other = qwen2
     deltas = {"four": four, "other": other}

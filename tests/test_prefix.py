@@ -93,6 +93,7 @@ def test_requests_with_a_common_system_prompt_share_its_pages(llama):
     assert kv[True]["pages_in_use"] == 0
 
 
+@pytest.mark.slow  # (CI time)
 def test_shared_prefixes_survive_preemption_and_delta_removal(llama):
     base, paths = llama
     prompts = _requests(41)

@@ -284,11 +284,10 @@ def test_text_stop_strings_eos_and_streaming(text_server):
     assert out.finish_reason == ("stop" if len(out.token_ids) < 24 else "length")
 
 
-def test_the_pipelined_loop_gives_the_same_results_as_waiting_for_every_step(text_server,
-                                                                              models):
+def test_the_pipelined_loop_gives_the_same_results_as_waiting_for_every_step(text_server):
     """Step n+1 dispatched before step n's tokens are read: the same text, tokens and ends
-    (stop strings, EOS, max_tokens, sampled and greedy, admissions meanwhile, preemption) as an
-    engine that reads every step before the next."""
+    (stop strings, EOS, max_tokens, sampled and greedy, admissions meanwhile) as an engine that
+    reads every step before the next."""
     _, base, delta = text_server
     prompts = ["The function returns", "def main():", "Once upon a time", "x = ", "import",
                "The", "class Foo:", "return"]
@@ -310,7 +309,11 @@ def test_the_pipelined_loop_gives_the_same_results_as_waiting_for_every_step(tex
     assert {reason for _, _, reason in out[True]} >= {"stop", "length"}
     assert steps[False]["overlapped_steps"] == 0
     assert steps[True]["overlapped_steps"] > steps[True]["decode_steps"] // 3
-    # Preemption drains the pipeline first: the same tokens with pages running out.
+
+
+@pytest.mark.slow  # (CI time)
+def test_the_pipelined_loop_drains_before_preempting(models):
+    """Preemption drains the pipeline first: the same tokens with pages running out."""
     llama, paths, _ = models("llama")
     got = {}
     for pipeline in (False, True):
