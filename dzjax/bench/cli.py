@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dzjax import paths
+import dzjax.paths as paths
 from dzjax.bench.models import Models, SyntheticConfig, build_synthetic, prepare_real
 from dzjax.bench.report import device_header, plot, table
 from dzjax.bench.run import SYSTEMS, BenchConfig, benchmark, default_weights_dtype

@@ -38,7 +38,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from dzjax import jsonsafe
+import dzjax.jsonsafe as jsonsafe
 from dzjax.errors import DzjaxError
 from dzjax.models.config import config_from_dict
 from dzjax.models.loading import Base, flatten_params, hf_key_map, unflatten

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from dzjax import jsonsafe
+import dzjax.jsonsafe as jsonsafe
 from dzjax.errors import CheckpointError, DzjaxError
 
 DTYPES = {

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dzjax import jsonsafe
+import dzjax.jsonsafe as jsonsafe
 from dzjax.serving import openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
 from dzjax.serving.requests import Event, RequestError
