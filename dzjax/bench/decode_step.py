@@ -43,19 +43,27 @@ def decode_step_times(base, deltas: dict, *, batch: int, cache_len: int, dtype: 
                                        else np.full(batch, spread), cache_len, jnp.dtype(dtype),
                                        kernels, params=params)
                    for label, (stacks, spread) in cases.items()}
-        times = {label: [] for label in runners}
-        for i in range(repeats + 2):  # two warm-up rounds: compile, then a first run
-            for label, step in runners.items():
-                t = step()
-                if i >= 2:
-                    times[label].append(t)
+        times = _take_turns(runners, repeats)
     finally:
         pool.close()
     ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
     return {"batch": batch, "cache_len": cache_len, "active_deltas": active, "repeats": repeats,
-            "fused_projections": fused_projections, "ms": ms, "ratio_active_vs_base": ms[f"{active}_deltas"] / ms["base"],
+            "fused_projections": fused_projections, "ms": ms,
+            "ratio_active_vs_base": ms[f"{active}_deltas"] / ms["base"],
             # far below the medians: other work on the machine slowed this microbenchmark
             "ms_min": {label: 1e3 * min(t) for label, t in times.items()}}
+
+
+def _take_turns(runners: dict, repeats: int) -> dict:
+    """{key: `repeats` seconds} of each runner, the runners taking turns (so that other load on
+    the machine skews them alike), after two warm-up rounds: compile, then a first run."""
+    times = {key: [] for key in runners}
+    for i in range(repeats + 2):
+        for key, step in runners.items():
+            t = step()
+            if i >= 2:
+                times[key].append(t)
+    return times
 
 
 def _decode_step(base, stacks, slots, cache_len, dtype, kernels: KernelOptions, *,
@@ -104,12 +112,7 @@ def cache_table(base, *, batch: int, dtype: str, implementation: str | None, rep
     slots = np.full(batch, -1, np.int32)
     runners = {key: _decode_step(base, None, slots, cap, jnp.dtype(dtype), kernels, length=n)
                for key, (cap, n) in cases.items()}
-    times = {key: [] for key in runners}
-    for i in range(repeats + 2):  # two warm-up rounds: compile, then a first run
-        for key, step in runners.items():
-            t = step()
-            if i >= 2:
-                times[key].append(t)
+    times = _take_turns(runners, repeats)
     ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
     return {"batch": batch, "repeats": repeats, "dtype": dtype,
             "ms_by_capacity": {str(c): ms[("capacity", c)] for (kind, c) in ms
