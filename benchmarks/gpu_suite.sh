@@ -11,10 +11,14 @@
 #   2. pytest tests/test_kernels.py and tests/test_kv_cache.py with DZJAX_KERNEL=pallas, slow
 #      cases included: the shared suite against the compiled kernels (TestDeltaMatmulPallas,
 #      TestMultiDeltaPallas, jax's paged attention) and the interpret / XLA classes for comparison
-#   3. the full kernels benchmark (Pallas path) -> OUTDIR/kernels-gpu-<date>.json, stopped after
-#      BENCH_BUDGET_S seconds (default 300, to fit one 600 s call with the tests; the JSON then says
-#      "truncated": true and a second call with only this step, e.g.
-#      `python benchmarks/kernels.py --implementation pallas --out $OUT`, completes it)
+#   3. the full kernels benchmark (Pallas path) -> OUTDIR/kernels-gpu-<date>.json: decode batches
+#      1-64 and prefill 512/2048 (the prefill route), 1 to 32 delta slots and "1 of 8 active",
+#      each case one jitted program cycling through >= 8 distinct weight copies (>= 128 MB, never
+#      in L2), the bf16 dense matmul beside it, and a profiler breakdown of three cases; the
+#      targets' cases run first. Stopped after BENCH_BUDGET_S seconds (default 300, to fit one
+#      600 s call with the tests; the JSON then says "truncated": true and a second call with
+#      only this step, e.g. `python benchmarks/kernels.py --implementation pallas --out $OUT`,
+#      completes it)
 #   4. pytest tests/test_serving.py with DZJAX_KERNEL=pallas: batched multi-delta serving on the
 #      compiled kernels equals generation on the merged weights
 #   5. the serving benchmark (dzjax vs swap vs merged, decode step with 8 deltas vs base) on a

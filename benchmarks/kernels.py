@@ -3,23 +3,35 @@
   PYTHONPATH=. python benchmarks/kernels.py            # full sweep (meant for a GPU)
   PYTHONPATH=. python benchmarks/kernels.py --quick    # small CPU sweep of the XLA path
   PYTHONPATH=. python benchmarks/kernels.py --model    # the static model, no device needed
+  PYTHONPATH=. python benchmarks/kernels.py --ptx      # compile tilings for sm_90 (needs triton)
 
-For each shape [K, N] x batch M x format x number of distinct deltas D it reports the time, the
-bytes a perfect kernel must read (compressed weights of every active delta, x, the f32 output), the
-achieved fraction of the memory bandwidth measured with a large copy, and the speedup over bf16
-dense weights: one `jnp.dot` for D = 1 (single-delta kernel), D separate bf16 matmuls otherwise
-(multi-delta kernel, rows spread round-robin over the D deltas). Results go to
-benchmarks/results/kernels-<backend>-<date>.json with the device and date.
+For each shape [K, N] x batch M (decode 1-64; prefill 512 and 2048, the prefill route) x format x
+number of delta slots D (rows round-robin over them, and with 8 slots also all rows on one: "1 of
+8 active") it reports the time, the bytes a perfect kernel must read (compressed weights of every
+active delta, x, the f32 output), the achieved fraction of the memory bandwidth measured with a
+large copy, and the speedup over bf16 dense weights: one `jnp.dot` for D = 1 (single-delta
+kernel), one bf16 matmul per active delta otherwise. Each case is timed as one jitted program
+that calls the kernel once per distinct copy of the weights (at least 8 copies and 128 MB, so no
+call finds its weights in L2; `variants`), bf16 activations, median of repeats. For three cases
+a profiler trace gives the time per device operation (`kernel_breakdown`: the kernel, the
+split-K sum, the row sort). Results go to benchmarks/results/kernels-<backend>-<date>.json with
+the device and date.
 
 `--model` runs nothing: for the same sweep it predicts, from each kernel configuration the
 dispatch would pick (`DeltaMatmulConfig` / `MultiDeltaConfig.heuristic`), the bytes the kernel
 reads (every row tile reads its column strips' compressed weights again; split-K partial sums are
-written and read back) and how many of an H100/H200's 132 SMs its busy programs fill, and from
-those a time: the larger of the bytes at 3.35 TB/s over the SMs filled, and the float32-to-bf16
-conversions of the dequantized weights (one per weight per row tile, 16 per clock per SM at
-1.98 GHz; the integer-to-float ones are gone, see `dequant_tile`). Printed with the fraction of
-the ideal bytes bound (compressed weights of the active deltas, x and the output, read once);
-written to benchmarks/results/kernels-model.json. A model, not a measurement.
+written and read back), how many of an H100/H200's 132 SMs its programs fill, and a time: the
+largest of the bytes at 3.35 TB/s over the SMs filled, the float32-to-bf16 conversions where
+weights are still built in float32 (8-bit; 16 per clock per SM at 1.98 GHz), and the instruction
+issue from the `--ptx` table (128 thread instructions per clock per SM). Printed with the
+fraction of the ideal bytes bound (compressed weights of the active deltas, x and the output,
+read once), and the prefill route at M = 2048 against the dense bf16 matmul; written to
+benchmarks/results/kernels-model.json. A model, not a measurement.
+
+`--ptx` (needs the `triton` package, CPU only) compiles every tiling the dispatch picks in the
+sweep, and the other decode tilings at 4096 x 4096, for sm_90 and counts, in the PTX of the K
+loop, the instructions each thread issues per K step: divided by the weights a step dequantizes,
+the instructions per weight. Written to benchmarks/results/kernels-ptx.json.
 """
 
 from __future__ import annotations
@@ -79,13 +91,79 @@ def random_delta(rng, k: int, n: int, fmt: Format):
     return jax.jit(quantize_to_format, static_argnums=4)(codes, scales, zeros, keep, fmt)
 
 
+ROTATE_BYTES = 128 << 20  # distinct weights cycled per timing: over twice an H100/H200's L2 (50/60 MB)
+MAX_ROTATIONS = 32
+PREFILL_BATCHES = [512, 2048]  # the prefill route (dispatch.PREFILL_ROWS rows on), full sweep only
+
+
+def variants(tree, count: int) -> list:
+    """`count` distinct copies of a delta (or stack, or bf16 matrix), made on the device: packed
+    words and metadata XOR-ed with a per-copy constant (still valid codes), floats shifted. The
+    kernels do the same work on each; only the bytes differ, so no copy sits in L2 for the next."""
+    def one(i):
+        def leaf(a):
+            if jnp.issubdtype(a.dtype, jnp.integer):
+                return a ^ jnp.asarray((i * 0x9E3779B9) & ((1 << (8 * a.dtype.itemsize)) - 1),
+                                       a.dtype)
+            return a + jnp.asarray(i * 1e-3, a.dtype)
+        return jax.jit(lambda t: jax.tree.map(leaf, t))(tree)
+    return [tree] + [one(i) for i in range(1, count)]
+
+
+def rotations(nbytes: int, quick: bool) -> int:
+    """How many distinct copies one timing cycles through (at least 8, see ROTATE_BYTES)."""
+    return 2 if quick else min(MAX_ROTATIONS, max(8, -(-ROTATE_BYTES // max(nbytes, 1))))
+
+
+def loop_time(fn, x, operand_sets, repeats: int) -> float:
+    """Seconds per call of fn(x, *operands), over one jitted program that calls it once per
+    operand set in turn (distinct weights every call, host dispatch paid once per program)."""
+    @jax.jit
+    def many(x, sets):
+        total = jnp.float32(0)
+        for ops in sets:  # every output summed, so no call can be dropped or sliced away
+            total = total + jnp.sum(fn(x, *ops))
+        return total
+    return timeit(many, x, operand_sets, repeats=repeats) / len(operand_sets)
+
+
+def kernel_breakdown(fn, *args, calls: int = 5, top: int = 8) -> dict[str, float]:
+    """Microseconds per call of the device operations of fn(*args), by name, from a profiler
+    trace (perfetto JSON): the kernel itself, the partial-sum reduction, row sorting. On a CPU
+    the trace has no device lanes and the host's XLA operations are listed instead."""
+    import glob
+    import gzip
+    import tempfile
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        path = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)[0]
+        trace = json.load(gzip.open(path))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in names.items() if name.startswith("/device:")}
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X" or (device and e.get("pid") not in device):
+            continue
+        if not device and (e["name"].startswith("$") or "::" in e["name"]
+                           or e["name"].startswith(("Pjit", "SlinkyThreadPool"))):
+            continue  # host-side Python frames and runtime bookkeeping
+        totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / calls
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
+
+
 def run(quick: bool, implementation: str | None, repeats: int, budget_s: float | None = None,
         on_row=None) -> dict:
     """The sweep; stops (marking the report `truncated`) once `budget_s` seconds have passed."""
     t_start = time.perf_counter()
     rng = np.random.default_rng(0)
     shapes = SHAPES[:1] if quick else SHAPES
-    batches = [1, 16] if quick else BATCHES
+    batches = [1, 16] if quick else BATCHES + PREFILL_BATCHES
     deltas = [1, 4] if quick else DELTAS
     formats = dict(list(FORMATS.items())[:2]) if quick else FORMATS
     bandwidth = measure_bandwidth((64 if quick else 1024) << 20, repeats)
@@ -94,66 +172,179 @@ def run(quick: bool, implementation: str | None, repeats: int, budget_s: float |
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   jax_version=jax.__version__, implementation=implementation or "auto",
                   quick=quick, measured_bandwidth_GBps=bandwidth / 1e9, truncated=False,
-                  results=[])
+                  timing="one jitted program per case, cycling through distinct copies of the "
+                         "weights (>= 8, >= 128 MB in all unless quick); median of repeats",
+                  results=[], breakdown=[])
     rows = report["results"]
+    single = lambda x, q: delta_matmul(x, q, implementation=implementation)
+    multi = lambda x, s, b: multi_delta_matmul(x, s, b, implementation=implementation)
+    dense = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+    cases = []  # (k, n, format, M, D, active): rows round-robin, or all on one slot
     for k, n in shapes:
-        w_base = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
-        for name, fmt in formats.items():
-            fmt = fmt or Format(bits=8, group_size=k)
-            q = random_delta(rng, k, n, fmt)
+        for name in formats:
             for m in batches:
-                x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-                for d in deltas:
-                    if budget_s is not None and time.perf_counter() - t_start > budget_s:
-                        report["truncated"] = True
-                        return report
-                    active = min(d, m)
-                    io_bytes = x.nbytes + m * n * 4
-                    if d == 1:
-                        f = jax.jit(lambda x, q: delta_matmul(x, q, implementation=implementation))
-                        t = timeit(f, x, q, repeats=repeats)
-                        dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-                        t_base = timeit(dot, x, w_base, repeats=repeats)
-                        base_bytes = w_base.nbytes
-                    else:
-                        stack = jax.tree.map(lambda a: jnp.broadcast_to(a, (d, *a.shape)).copy(), q)
-                        batch = make_delta_batch(jnp.arange(m) % d, d)
-                        f = jax.jit(lambda x, s, b: multi_delta_matmul(
-                            x, s, b, implementation=implementation))
-                        t = timeit(f, x, stack, batch, repeats=repeats)
-                        # Baseline: one bf16 matmul per active delta over its rows.
-                        ws = jnp.broadcast_to(w_base, (active, k, n))
-                        per = -(-m // active)
-                        xs = jnp.pad(x, ((0, per * active - m), (0, 0))).reshape(active, per, k)
-                        sep = jax.jit(lambda xs, ws: [jnp.dot(xs[i], ws[i],
-                                                              preferred_element_type=jnp.float32)
-                                                      for i in range(active)])
-                        t_base = timeit(sep, xs, ws, repeats=repeats)
-                        base_bytes = active * w_base.nbytes
-                    nbytes = active * q.nbytes + io_bytes
-                    rows.append(dict(
-                        k=k, n=n, batch=m, format=name, deltas=d, active_deltas=active,
-                        time_us=t * 1e6, bytes=nbytes, bandwidth_fraction=nbytes / t / bandwidth,
-                        bf16_time_us=t_base * 1e6, bf16_bytes=base_bytes + io_bytes,
-                        speedup_vs_bf16=t_base / t))
-                    print(f"{k:>5}x{n:<5} M={m:<3} {name:<18} D={d:<2} {t * 1e6:10.1f} us "
-                          f"{nbytes / 1e6:8.2f} MB  {nbytes / t / bandwidth:6.1%} of bw  "
-                          f"x{t_base / t:5.2f} vs bf16", flush=True)
-                    if on_row is not None:
-                        on_row(report)
+                for d in deltas if m <= max(BATCHES) else [1, 4]:
+                    cases.append((k, n, name, m, d, min(d, m)))
+                if not quick and m > 1 and 8 in deltas and m <= max(BATCHES):
+                    cases.append((k, n, name, m, 8, 1))
+    # The targets' cases first (a budget may stop the sweep): the first shape at decode batches
+    # 1 and 16 with 1 delta, 8 active and 1 of 8 active, and the largest prefill.
+    first = lambda c: not (c[:2] == shapes[0] and (
+        (c[3] in (1, 16) and c[4] in (1, 8)) or (c[3] == max(batches) and c[4] == 1)))
+    cases.sort(key=first)  # stable: the rest keep their order
+    weights, inputs = {}, {}
+    for k, n, name, m, d, active in cases:
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            report["truncated"] = True
+            return report
+        fmt = formats[name] or Format(bits=8, group_size=k)
+        if (k, n, name) not in weights:
+            weights[k, n, name] = random_delta(rng, k, n, fmt)
+        if (k, n) not in inputs:
+            inputs[k, n] = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+        q, w_base = weights[k, n, name], inputs[k, n]
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        io_bytes = x.nbytes + m * n * 4
+        if d == 1:
+            sets = [(v,) for v in variants(q, rotations(q.nbytes, quick))]
+            t = loop_time(single, x, sets, repeats)
+            base_sets = [(w,) for w in variants(w_base, rotations(w_base.nbytes, quick))]
+            t_base = loop_time(dense, x, base_sets, repeats)
+            base_bytes = w_base.nbytes
+        else:
+            stack = jax.tree.map(lambda a: jnp.broadcast_to(a, (d, *a.shape)).copy(), q)
+            slots = jnp.arange(m) % d if active > 1 else jnp.zeros(m, jnp.int32)
+            batch = make_delta_batch(slots, d)
+            sets = [(s, batch) for s in variants(stack, rotations(active * q.nbytes, quick))]
+            t = loop_time(multi, x, sets, repeats)
+            # Baseline: one bf16 matmul per active delta over its rows.
+            per = -(-m // active)
+            xs = jnp.pad(x, ((0, per * active - m), (0, 0))).reshape(active, per, k)
+            ws = jnp.broadcast_to(w_base, (active, k, n)).copy()
+            sep = lambda xs, ws: jnp.einsum("apk,akn->apn", xs, ws,
+                                            preferred_element_type=jnp.float32)
+            base_sets = [(w,) for w in variants(ws, rotations(ws.nbytes, quick))]
+            t_base = loop_time(sep, xs, base_sets, repeats)
+            base_bytes = active * w_base.nbytes
+        nbytes = active * q.nbytes + io_bytes
+        rows.append(dict(
+            k=k, n=n, batch=m, format=name, deltas=d, active_deltas=active, rotations=len(sets),
+            time_us=t * 1e6, bytes=nbytes, bandwidth_fraction=nbytes / t / bandwidth,
+            bf16_time_us=t_base * 1e6, bf16_bytes=base_bytes + io_bytes,
+            speedup_vs_bf16=t_base / t))
+        print(f"{k:>5}x{n:<5} M={m:<4} {name:<18} D={d:<2} active={active:<2} "
+              f"{t * 1e6:10.1f} us {nbytes / 1e6:8.2f} MB  {nbytes / t / bandwidth:6.1%} of bw  "
+              f"x{t_base / t:5.2f} vs bf16", flush=True)
+        if (k, n) == shapes[0] and name == next(iter(formats)) and (
+                (m, d, active) in ((1, 1, 1), (16, 8, 8), (max(batches), 1, 1))):
+            report["breakdown"].append(dict(
+                k=k, n=n, batch=m, format=name, deltas=d, active_deltas=active,
+                us_per_call=kernel_breakdown(single if d == 1 else multi, x, *sets[0])))
+        if on_row is not None:
+            on_row(report)
     return report
 
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM / H200 class
 SMS = 132
-CVT_PER_S = 16 * SMS * 1.98e9  # float32 -> bf16 conversions, 16 per clock per SM
+CLOCK_HZ = 1.98e9
+CVT_PER_S = 16 * SMS * CLOCK_HZ  # float32 -> bf16 conversions, 16 per clock per SM
+ISSUE_PER_S = 128 * SMS * CLOCK_HZ  # thread instructions: 4 warp instructions per clock per SM
+PTX_TABLE = pathlib.Path(__file__).parent / "results" / "kernels-ptx.json"
+BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak
+DENSE_EFFICIENCY = 0.7  # of that peak, for a large cuBLAS matmul
+PREFILL_BATCH = 2048
+
+
+def tile_key(kind: str, c) -> tuple:
+    """What the K loop's body depends on: the kernel and its tile (not K, N or the split)."""
+    return kind, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
+
+
+def ptx_configs(fmt, quick: bool = False):
+    """The tilings `--ptx` compiles for one format: every one the dispatch picks in the sweep
+    (single delta, and multi-delta with 8 slots), then the other decode tilings at 4096 x 4096.
+    Yields (kind, M, K, N, config), one per `tile_key`."""
+    from dzjax.pallas_kernels import DeltaMatmulConfig, MultiDeltaConfig
+    from dzjax.pallas_kernels.single_delta import block_k_ok
+
+    seen = set()
+
+    def new(kind, c):
+        fresh = tile_key(kind, c) not in seen
+        seen.add(tile_key(kind, c))
+        return fresh
+
+    for k, n in SHAPES[:1] if quick else SHAPES:
+        f = fmt or Format(bits=8, group_size=k)
+        for m in BATCHES:
+            for kind, c in (("single", DeltaMatmulConfig.heuristic(m, k, n, f)),
+                            ("multi", MultiDeltaConfig.heuristic(m, k, n, 8, f))):
+                if new(kind, c):
+                    yield kind, m, k, n, c
+    k = n = 4096
+    f = fmt or Format(bits=8, group_size=k)
+    for bn in (64, 128):
+        for bk in (64, 128, 256):
+            c = DeltaMatmulConfig(block_m=16, block_n=bn, block_k=bk, split_k=2)
+            if block_k_ok(bk, k, f) and new("single", c):
+                yield "single", 1, k, n, c
+
+
+def ptx_table(quick: bool = False) -> dict:
+    """Compile every `ptx_configs` tiling for sm_90 and count the K loop's instructions."""
+    import functools
+
+    from dzjax.pallas_kernels import delta_matmul_pallas, multi_delta_matmul_pallas
+    from dzjax.pallas_kernels import compiled
+    from dzjax.pallas_kernels.formats import QuantizedTensor
+
+    rows = []
+    for name, base_fmt in list(FORMATS.items())[:1] if quick else FORMATS.items():
+        for kind, m, k, n, c in ptx_configs(base_fmt, quick):
+            fmt = base_fmt or Format(bits=8, group_size=k)
+            sds = {f: jax.ShapeDtypeStruct(shape, dtype)
+                   for f, (shape, dtype) in fmt.stored_arrays(k, n).items()}
+            q = QuantizedTensor(qweight=sds["qweight"], scales=sds["scales"],
+                                zeros=sds.get("zeros"), meta=sds.get("meta"), shape=(k, n),
+                                format=fmt)
+            x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+            if kind == "single":
+                fn = functools.partial(delta_matmul_pallas, config=c)
+                ir = compiled.triton_ir(fn, x, q)
+            else:
+                stack = jax.tree.map(lambda a: jax.ShapeDtypeStruct((8, *a.shape), a.dtype), q)
+                batch = make_delta_batch(jnp.arange(m) % 9 - 1, 8)
+                fn = functools.partial(multi_delta_matmul_pallas, config=c)
+                ir = compiled.triton_ir(fn, x, stack, batch)
+            kernel = compiled.compile_sm90(ir[0], num_warps=c.num_warps, num_stages=c.num_stages)
+            report = compiled.ptxas_report(kernel["ptx"])
+            loop = compiled.loop_instructions(kernel["ptx"])
+            per_step = sum(loop.values())
+            per_weight = per_step * 32 * c.num_warps / (c.block_k * c.block_n)
+            key = {op: v for op, v in sorted(loop.items())
+                   if op.startswith(("cvt", "mma", "wgmma", "st.shared", "ldmatrix", "selp"))}
+            rows.append(dict(format=name, kernel=kind, batch=m, k=k, n=n, config=str(c),
+                             tile=list(tile_key(kind, c)),
+                             instructions_per_step=per_step, instructions_per_weight=per_weight,
+                             registers=report["registers"], spill_bytes=report["spill_bytes"],
+                             key_instructions=key))
+            print(f"{name:<18} {kind:<6} M={m:<3} {c.block_m}x{c.block_n}x{c.block_k} "
+                  f"w{c.num_warps} split{c.split_k}: {per_step:5} instr/step "
+                  f"{per_weight:5.2f}/weight {report['registers']:3} regs "
+                  f"{report['spill_bytes']} spill", flush=True)
+    return {"what": "PTX of the K loop for sm_90 (triton, no GPU), per thread", "results": rows}
 
 
 def model(quick: bool = False) -> dict:
-    """The static bytes/occupancy model of every configuration of the sweep (see the docstring)."""
+    """The static bytes/occupancy/issue model of every configuration of the sweep, and of the
+    prefill route (see the docstring)."""
     from dzjax.pallas_kernels import DeltaMatmulConfig, MultiDeltaConfig
+    from dzjax.pallas_kernels.single_delta import dequant_dtype
 
-    rows = []
+    table = json.loads(PTX_TABLE.read_text())["results"] if PTX_TABLE.exists() else []
+    per_weight = {(r["format"], *r["tile"]): r["instructions_per_weight"] for r in table}
+    rows, prefill = [], []
     for k, n in SHAPES[:1] if quick else SHAPES:
         for name, fmt in FORMATS.items():
             fmt = fmt or Format(bits=8, group_size=k)
@@ -163,36 +354,56 @@ def model(quick: bool = False) -> dict:
                 for d in DELTAS:
                     active = min(d, m)
                     if d == 1:
-                        c = DeltaMatmulConfig.heuristic(m, k, n, fmt)
-                        row_tiles, groups = -(-m // c.block_m), 1
+                        kind, c = "single", DeltaMatmulConfig.heuristic(m, k, n, fmt)
+                        row_tiles, groups, out_rows = -(-m // c.block_m), 1, m
                     else:
-                        c = MultiDeltaConfig.heuristic(m, k, n, d, fmt)
-                        per_group = -(-m // active)
-                        row_tiles, groups = -(-per_group // c.block_m), active
-                    m_pad = row_tiles * c.block_m * groups
-                    strips = n // c.block_n
-                    busy = groups * row_tiles * strips * c.split_k if d == 1 else \
-                        groups * strips * c.split_k
+                        kind, c = "multi", MultiDeltaConfig.heuristic(m, k, n, d, fmt)
+                        row_tiles = -(-(-(-m // active)) // c.block_m)
+                        groups, out_rows = active, m + c.block_m
+                    busy = groups * row_tiles * (n // c.block_n) * c.split_k
                     ideal = active * weights + m * k * 2 + m * n * 4
-                    read = (groups * row_tiles * weights + m * k * 2
-                            + (2 * c.split_k + 1) * m_pad * n * 4 if c.split_k > 1
-                            else groups * row_tiles * weights + m * k * 2 + m_pad * n * 4)
+                    # Every row tile reads its strips' weights again; split-K partial sums are
+                    # written (the rows of x only) and read back whole by the sum.
+                    partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
+                    read = groups * row_tiles * weights + m * k * 2 + partials + m * n * 4
                     filled = min(1.0, busy / SMS)
                     t_mem = read / (HBM_BYTES_PER_S * filled)
-                    t_cvt = groups * row_tiles * k * n / (CVT_PER_S * filled)
-                    t = max(t_mem, t_cvt)
+                    dequantized = groups * row_tiles * k * n  # weights built, counting re-reads
+                    # float32 -> bf16 roundings remain only where weights are built in float32.
+                    cvt = dequant_dtype(fmt, jnp.bfloat16) == jnp.float32
+                    t_cvt = dequantized / (CVT_PER_S * filled) if cvt else 0.0
+                    ipw = per_weight.get((name, *tile_key(kind, c)))
+                    t_issue = 0.0 if ipw is None else dequantized * ipw / (ISSUE_PER_S * filled)
+                    t = max(t_mem, t_cvt, t_issue)
+                    bound = ("memory" if t == t_mem else "conversions" if t == t_cvt
+                             else "instruction issue")
                     rows.append(dict(k=k, n=n, batch=m, format=name, deltas=d,
                                      active_deltas=active, config=str(c), busy_programs=busy,
                                      sms_filled=filled, ideal_bytes=ideal, modeled_bytes=read,
-                                     predicted_us=t * 1e6, bound="memory" if t_mem >= t_cvt
-                                     else "conversions",
+                                     predicted_us=t * 1e6, bound=bound,
+                                     instructions_per_weight=ipw,
                                      fraction_of_bytes_bound=ideal / HBM_BYTES_PER_S / t))
                     r = rows[-1]
                     print(f"{k:>5}x{n:<5} M={m:<3} {name:<18} D={d:<2} {t * 1e6:8.1f} us "
                           f"{busy:>5} programs  {r['fraction_of_bytes_bound']:6.1%} of bound "
-                          f"({r['bound']})", flush=True)
+                          f"({r['bound']}{'' if ipw else ', no PTX count'})", flush=True)
+            # The prefill route (`dispatch.PREFILL_ROWS` rows on): dequantize once (read the
+            # compressed bytes, write bf16 weights), then the dense matmul reads them; against
+            # the dense bf16 matmul alone, at DENSE_EFFICIENCY of the tensor-core peak.
+            m = PREFILL_BATCH
+            t_dense = max(2 * m * k * n / (BF16_FLOPS * DENSE_EFFICIENCY),
+                          (k * n * 2 + m * k * 2 + m * n * 4) / HBM_BYTES_PER_S)
+            t_dequant = (weights + k * n * 2) / HBM_BYTES_PER_S
+            prefill.append(dict(k=k, n=n, batch=m, format=name, dense_bf16_us=t_dense * 1e6,
+                                predicted_us=(t_dequant + t_dense) * 1e6,
+                                fraction_of_dense=t_dense / (t_dequant + t_dense)))
+            print(f"{k:>5}x{n:<5} M={m:<4} {name:<18} prefill route "
+                  f"{(t_dequant + t_dense) * 1e6:8.1f} us, "
+                  f"{prefill[-1]['fraction_of_dense']:6.1%} of the dense bf16 matmul", flush=True)
     return {"what": "static model (no measurement)", "hbm_bytes_per_s": HBM_BYTES_PER_S,
-            "sms": SMS, "cvt_per_s": CVT_PER_S, "results": rows}
+            "sms": SMS, "cvt_per_s": CVT_PER_S, "issue_per_s": ISSUE_PER_S,
+            "bf16_flops": BF16_FLOPS, "dense_efficiency": DENSE_EFFICIENCY,
+            "ptx_table": PTX_TABLE.name if table else None, "results": rows, "prefill": prefill}
 
 
 def main(argv=None) -> pathlib.Path:
@@ -204,9 +415,16 @@ def main(argv=None) -> pathlib.Path:
                    help="stop the sweep after this many seconds (the JSON says truncated)")
     p.add_argument("--model", action="store_true",
                    help="print the static bytes/occupancy model instead of measuring")
+    p.add_argument("--ptx", action="store_true",
+                   help="compile the decode tilings for sm_90 and count instructions (triton)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.ptx:
+        path = a.out / PTX_TABLE.name
+        path.write_text(json.dumps(ptx_table(a.quick), indent=1) + "\n")
+        print(f"wrote {path}")
+        return path
     if a.model:
         path = a.out / "kernels-model.json"
         path.write_text(json.dumps(model(a.quick), indent=1) + "\n")
@@ -218,7 +436,7 @@ def main(argv=None) -> pathlib.Path:
     def write(report):  # after every row, so that a killed run still leaves its results
         path.write_text(json.dumps(report, indent=1))
 
-    write(run(a.quick, a.implementation, a.repeats or (3 if a.quick else 20), a.budget_s, write))
+    write(run(a.quick, a.implementation, a.repeats or (3 if a.quick else 10), a.budget_s, write))
     print(f"wrote {path}")
     return path
 

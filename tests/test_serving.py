@@ -190,6 +190,9 @@ def test_admission_by_pages_fits_more_requests_than_slots_of_max_seq_len(models)
             tiny.submit([5] * 40, max_tokens=2)
 
 
+# Slow (CI time, 26 s): preemption stays in the default run through the greedy
+# test_pages_run_out_mid_decode_and_preemption_loses_nothing.
+@pytest.mark.slow
 def test_sampled_requests_keep_their_tokens_through_preemption(models):
     """Prompts of exactly one or two pages (their first decode starts a page), sampled at
     temperature 1, in a pool of 5 pages: preempted and recomputed, the same tokens."""

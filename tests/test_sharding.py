@@ -39,10 +39,11 @@ def test_devices_are_there():
     assert len(jax.devices()) == 8
 
 
-# Meshes of 4 (shared with the next test's programs) and 8 in the default run; 1 and 2 in the
-# slow run (CI time: each mesh compiles its own programs).
+# A mesh of 4 (shared with the next test's programs) in the default run; 1, 2 and 8 in the slow
+# run (CI time: each mesh compiles its own programs).
 @pytest.mark.parametrize("n", [pytest.param(1, marks=pytest.mark.slow),
-                               pytest.param(2, marks=pytest.mark.slow), 4, 8])
+                               pytest.param(2, marks=pytest.mark.slow), 4,
+                               pytest.param(8, marks=pytest.mark.slow)])
 def test_mixed_batch_on_a_mesh_equals_one_device(tp_model, n):
     base, _, paths = tp_model
     rng = np.random.default_rng(0)

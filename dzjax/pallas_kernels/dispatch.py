@@ -6,7 +6,13 @@
   "auto"/None  `DZJAX_KERNEL` if set, else: "pallas" on a GPU when the kernels serve the format and
                shape, "xla" otherwise (CPU, or a format such as 3-bit that only XLA serves).
 An explicit "pallas" or "interpret" for a format or shape the kernels do not serve raises a
-ValueError saying why; nothing silently falls back. The choice is made when the function is called,
+ValueError saying why; nothing silently falls back.
+
+The prefill route: with "pallas" or "interpret", a call with at least `PREFILL_ROWS` rows (256:
+a prompt chunk, not a decode batch) dequantizes each used delta once and multiplies its rows with
+a dense matmul (cuBLAS through XLA) in tiles of `PREFILL_TILE` rows, instead of the fused kernel,
+which dequantizes every column strip again for each tile of 64 rows. Same values (the weights
+are built exactly as the kernels build them), a different schedule. The choice is made when the function is called,
 or traced when called under jit: set `DZJAX_KERNEL` before the first trace.
 """
 
@@ -24,6 +30,8 @@ from dzjax.pallas_kernels.multi_delta import (DeltaBatch, multi_delta_matmul_pal
 
 ENV_VAR = "DZJAX_KERNEL"
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret")
+PREFILL_ROWS = 256  # from this many rows of x on, the Pallas implementations take the prefill route
+PREFILL_TILE = 128  # rows per dense matmul of the prefill route
 
 
 def requested_implementation(implementation: str | None = None) -> str:
@@ -60,6 +68,14 @@ def resolve(implementation: str | None, x_shape, q: QuantizedTensor) -> str:
     return impl
 
 
+def prefill_route(x_shape) -> bool:
+    """Whether a Pallas implementation multiplies these rows by the prefill route (see above)."""
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    return rows >= PREFILL_ROWS
+
+
 def delta_matmul(x: jax.Array, q: QuantizedTensor, *, implementation: str | None = None) -> jax.Array:
     """x @ dequantize(q) for one compressed delta.
 
@@ -72,7 +88,7 @@ def delta_matmul(x: jax.Array, q: QuantizedTensor, *, implementation: str | None
       multiplied with float32 accumulation (every implementation agrees to float error).
     """
     impl = resolve(implementation, x.shape, q)
-    if impl == "xla":
+    if impl == "xla" or prefill_route(x.shape):
         return delta_matmul_xla(x, q)
     lead = x.shape[:-1]
     y = delta_matmul_pallas(x.reshape(-1, x.shape[-1]), q, interpret=impl == "interpret")
@@ -96,4 +112,6 @@ def multi_delta_matmul(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch, 
     impl = resolve(implementation, x.shape, stack)
     if impl == "xla":
         return multi_delta_matmul_xla(x, stack, batch)
+    if prefill_route(x.shape):
+        return multi_delta_matmul_xla(x, stack, batch, row_tile=PREFILL_TILE)
     return multi_delta_matmul_pallas(x, stack, batch, interpret=impl == "interpret")

@@ -8,13 +8,20 @@ and `multi_delta_matmul_pallas` computes, in one `pallas_call`:
 
   y[r] = x[r] @ dequantize(stack[slot(r)])    (exactly 0 for rows with slot -1)
 
-Kernel mapping: program (g, j, s) owns slot group g in [0, S] (g = S is the base-only group) and
-block_n output columns j, K split s. A program walks the rows of its group in tiles of block_m
-rows starting at the group's first sorted row (a dynamic, unaligned start), streams the slot's
-packed weights for its column strip once per row tile (once in total when the group has at most
-block_m rows, the decode case) and stores only the rows of its group (masked store), so each
-output row is written by exactly one program per split. Empty groups run zero iterations and read
-nothing; the base-only group writes zeros without reading weights.
+Kernel mapping: the grid runs over the compact list of slots that have rows
+(`DeltaBatch.active_slots`, min(M, S) entries: no program for an idle slot or the base-only
+rows), output column strips of block_n, and K splits. Program (g, j, s) takes the g-th active
+slot, walks its rows in tiles of block_m starting at the group's first sorted row (a dynamic,
+unaligned start), streams that slot's packed weights for strip j and split s once per row tile
+(once in total when the group has at most block_m rows, the decode case) and stores only the rows
+of its group (masked store), so each output row is written by exactly one program per split.
+Padding entries of the list run zero iterations. Split-K is sized so that ONE active delta fills
+the GPU (`MultiDeltaConfig.heuristic`); with more active deltas the same split just makes more,
+shorter programs. Rows of the base-only group are never written: they are set to 0 afterwards.
+
+Many rows per group (prefill) take another route: `dispatch.multi_delta_matmul` dequantizes each
+used slot once and multiplies its rows with a dense matmul (`multi_delta_matmul_xla`), from
+`PREFILL_ROWS` rows on.
 """
 
 from __future__ import annotations
@@ -29,10 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dzjax.pallas_kernels.single_delta import (MIN_BLOCK, TARGET_PROGRAMS, DeltaMatmulConfig,
-                                               check_inputs, dequant_block, dequantize_xla,
-                                               dot_precision, pallas_operands, pick_block_k,
-                                               pick_block_n, pow2_ceil, round_to)
+from dzjax.pallas_kernels.single_delta import (DeltaMatmulConfig, check_inputs, dequant_block,
+                                               dequant_dtype, dequantize_xla, dot_precision,
+                                               dot_tile, pallas_operands, round_to, tiling)
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -87,6 +93,7 @@ class DeltaBatch:
       group_starts  [0, 1, 1, 3, 4]        exclusive running sum of group_sizes         [S + 2]
       order         [2, 0, 3, 1]           sorted row r is serving row order[r]
       inverse       [1, 3, 0, 2]           serving row i is sorted row inverse[i]
+      active_slots  [0, 2, 3]              slots with rows, then S as padding      [min(M, S)]
     Slot 1 is an empty group: it costs nothing.
     """
 
@@ -95,6 +102,7 @@ class DeltaBatch:
     group_starts: jax.Array  # int32 [S + 2]
     order: jax.Array  # int32 [M]
     inverse: jax.Array  # int32 [M]
+    active_slots: jax.Array  # int32 [min(M, S)]
 
     @property
     def num_slots(self) -> int:
@@ -124,8 +132,12 @@ def make_delta_batch(delta_slots, num_slots: int) -> DeltaBatch:
     sizes = jnp.zeros(num_slots + 1, jnp.int32).at[sorted_key].add(1)
     starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes, dtype=jnp.int32)])
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    # At most min(M, S) slots have rows: their ids in order, padded with S (no slot).
+    active = jnp.nonzero(sizes[:num_slots] > 0, size=min(slots.shape[0], num_slots),
+                         fill_value=num_slots)[0].astype(jnp.int32)
     return DeltaBatch(sorted_slots=jnp.where(sorted_key == num_slots, -1, sorted_key),
-                      group_sizes=sizes, group_starts=starts, order=order, inverse=inverse)
+                      group_sizes=sizes, group_starts=starts, order=order, inverse=inverse,
+                      active_slots=active)
 
 
 def check_slots(delta_slots, num_slots: int) -> None:
@@ -156,13 +168,14 @@ def multi_delta_matmul_ref(x: jax.Array, stack: QuantizedTensor, batch: DeltaBat
     return batch.unsort_rows(y)
 
 
-def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch) -> jax.Array:
+def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBatch, *,
+                           row_tile: int | None = None) -> jax.Array:
     """The XLA path: one slot at a time, skipping empty slots, so only resident-and-used deltas
     are dequantized (one [K, N] at a time, never the whole stack), and each multiplies only its
-    own rows: the sorted rows of its group, in tiles of `xla_row_tile(M)` from the group's start.
-    Same contract as the reference."""
+    own rows: the sorted rows of its group, in tiles of `row_tile` (default `xla_row_tile(M)`)
+    from the group's start. Same contract as the reference; also the kernels' prefill route."""
     s, m, n = num_slots(stack), x.shape[0], stack.shape[1]
-    tile = xla_row_tile(m)
+    tile = max(1, min(row_tile or xla_row_tile(m), m))
     xs = jnp.pad(batch.sort_rows(x), ((0, tile), (0, 0)))  # a tile may start at any row
 
     def one_slot(i, y):
@@ -172,7 +185,7 @@ def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBat
             # Only this slot's [K, N] is dequantized, rounded to x's dtype like everywhere.
             w = round_to(dequantize_xla(jax.tree.map(lambda a: a[i], stack)), x.dtype)
 
-            def row_tile(t, y):
+            def one_tile(t, y):
                 row0 = start + t * tile
                 yt = jnp.dot(lax.dynamic_slice_in_dim(xs, row0, tile), w,
                              preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
@@ -180,7 +193,7 @@ def multi_delta_matmul_xla(x: jax.Array, stack: QuantizedTensor, batch: DeltaBat
                 old = lax.dynamic_slice_in_dim(y, row0, tile)
                 return lax.dynamic_update_slice_in_dim(y, jnp.where(mine, yt, old), row0, 0)
 
-            return lax.fori_loop(0, (size + tile - 1) // tile, row_tile, y)
+            return lax.fori_loop(0, (size + tile - 1) // tile, one_tile, y)
         return lax.cond(size > 0, compute, lambda y: y, y)
 
     y = lax.fori_loop(0, s, one_slot, jnp.zeros((m + tile, n), jnp.float32))
@@ -203,17 +216,10 @@ class MultiDeltaConfig(DeltaMatmulConfig):
 
     @classmethod
     def heuristic(cls, m: int, k: int, n: int, slots: int, fmt) -> MultiDeltaConfig:
-        """block_m covers a typical group (M / active groups, at most 64) so each delta is read
-        once; split K until (slots + 1) * column strips * splits gives about two waves."""
-        block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
-        block_n = pick_block_n(n, 64 if m <= 16 else 128)
-        block_k = pick_block_k(k, fmt)
-        # Only the groups that have rows do work: at most min(M, S) of the S + 1 programs per strip.
-        busy = min(m, slots) * (n // block_n)
-        split_k, steps = 1, k // block_k
-        while split_k < 8 and busy * split_k < TARGET_PROGRAMS and steps % (2 * split_k) == 0:
-            split_k *= 2
-        return cls(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+        """`tiling` as if ONE group of all M rows were active, in one row tile: how many
+        groups are active is only known at run time, and one must fill the GPU alone (more
+        make more programs)."""
+        return cls(**tiling(m, k, n, fmt, row_tiles=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,20 +228,24 @@ class MultiDeltaConfig(DeltaMatmulConfig):
 
 def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slots: int,
                         has_zeros: bool, has_meta: bool):
+    # active_ref   # [G] int32: active_slots (G = min(M, S)), padded with S
     # starts_ref   # [S + 2] int32: group_starts
     # sizes_ref    # [S + 1] int32: group_sizes
     # x_ref        # [M + block_m, K]  sorted rows, padded by one row tile
-    # qweight_ref  # [K' * bits / 32, block_n] uint32  of slot min(g, S - 1)
-    # scales_ref   # [K / group_size, block_n] bf16
-    # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric only)
-    # meta_ref     # [K' * index_bits / 32, block_n] uint32   (n:m only)
+    # qweight_ref  # [S, K' * bits / 32, block_n] uint32  every slot's column strip
+    # scales_ref   # [S, K / group_size, block_n] bf16
+    # zeros_ref    # [S, K / group_size, block_n] uint8   (asymmetric only)
+    # meta_ref     # [S, K' * index_bits / 32, block_n] uint32   (n:m only)
     # o_ref        # [M + block_m, block_n] float32: this K split's partial sums
-    starts_ref, sizes_ref, x_ref, qweight_ref, scales_ref, *rest, o_ref = refs
+    active_ref, starts_ref, sizes_ref, x_ref, qweight_ref, scales_ref, *rest, o_ref = refs
     zeros_ref = rest.pop(0) if has_zeros else None
     meta_ref = rest.pop(0) if has_meta else None
-    g = pl.program_id(0)
-    start, size = starts_ref[g], sizes_ref[g]
-    tiles = (size + block_m - 1) // block_m
+    slot = active_ref[pl.program_id(0)]
+    start, size = starts_ref[slot], sizes_ref[slot]
+    # A padding entry (slot == S) runs no row tile. (Integer arithmetic, not where(slot < S, ...):
+    # a boolean lowers to an i1 loop bound in Triton.)
+    tiles = (size + block_m - 1) // block_m * jnp.minimum(slots - slot, 1)
+    mine = jnp.minimum(slot, slots - 1)  # in bounds even for padding, which reads nothing
     first = pl.program_id(2) * steps
     rows = lax.broadcasted_iota(jnp.int32, (block_m, o_ref.shape[1]), 0)
 
@@ -246,15 +256,11 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slot
         def k_step(step, acc):
             kb = first + step
             w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
-                                 block_k=block_k)
+                              block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype), slot=mine)
             x = x_ref[pl.ds(row0, block_m), pl.ds(kb * block_k, block_k)]
-            return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
-                                 precision=dot_precision(x.dtype))
+            return acc + dot_tile(x, w)
 
-        acc = jnp.zeros((block_m, o_ref.shape[1]), jnp.float32)
-        # The base-only group (g == S) runs no K steps: it stores zeros, reading no weights.
-        # (Integer arithmetic, not where(g < S, ...): that lowers to an i1 loop bound in Triton.)
-        acc = lax.fori_loop(0, jnp.minimum(steps, (slots - g) * steps), k_step, acc)
+        acc = lax.fori_loop(0, steps, k_step, jnp.zeros((block_m, o_ref.shape[1]), jnp.float32))
         plgpu.store(o_ref.at[pl.ds(row0, block_m), :], acc, mask=in_group)
         return carry
 
@@ -284,16 +290,16 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
                          f"{batch.group_sizes.shape[0] - 1} slots; x has {m} rows, stack {slots} slots")
     config = config or MultiDeltaConfig.heuristic(m, k, n, slots, fmt)
     config.validate(k, n, fmt)
+    if m == 0:
+        return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k
     steps = k // config.block_k // split
     # One spare row tile so that a tile starting at any row stays in bounds.
     xs = jnp.pad(batch.sort_rows(x), ((0, bm), (0, 0)))
 
     operands = pallas_operands(stack)
-    # Program (g, j, s) sees slot g's column strip j; the base-only group g = S reads nothing, its
-    # index is clamped to stay in bounds.
-    weight_specs = [pl.BlockSpec((None, a.shape[1], bn),
-                                 lambda g, j, s: (jnp.minimum(g, slots - 1), 0, j))
+    # Every slot's column strip j; the kernel picks its active slot's.
+    weight_specs = [pl.BlockSpec((slots, a.shape[1], bn), lambda g, j, s: (0, 0, j))
                     for a in operands]
     kernel = functools.partial(
         _multi_delta_kernel, fmt=fmt, block_m=bm, block_k=config.block_k, steps=steps,
@@ -301,14 +307,17 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     whole = lambda shape: pl.BlockSpec(shape, lambda g, j, s: (0,) * len(shape))
     partial_sums = pl.pallas_call(
         kernel,
-        grid=(slots + 1, n // bn, split),
-        in_specs=[whole(batch.group_starts.shape), whole(batch.group_sizes.shape),
-                  whole(xs.shape), *weight_specs],
+        grid=(batch.active_slots.shape[0], n // bn, split),
+        in_specs=[whole(batch.active_slots.shape), whole(batch.group_starts.shape),
+                  whole(batch.group_sizes.shape), whole(xs.shape), *weight_specs],
         out_specs=pl.BlockSpec((None, m + bm, bn), lambda g, j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((split, m + bm, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
         name="multi_delta_matmul",
-    )(batch.group_starts, batch.group_sizes, xs, *operands)
-    return batch.unsort_rows(partial_sums.sum(axis=0)[:m])
+    )(batch.active_slots, batch.group_starts, batch.group_sizes, xs, *operands)
+    y = partial_sums[0] if split == 1 else partial_sums.sum(axis=0)
+    # The base-only rows were never written (no program runs for them): exactly 0 here.
+    y = jnp.where((batch.sorted_slots >= 0)[:, None], y[:m], 0.0)
+    return batch.unsort_rows(y)

@@ -1,0 +1,122 @@
+"""The kernels as the GPU compiler sees them, on a host without a GPU: lowering for CUDA, Triton
+compilation to PTX and a cubin for sm_90, and what the PTX says (registers, spills, instructions
+per K step). Used by the compiler checks in the tests and by `benchmarks/kernels.py --ptx`.
+
+  lower_for_cuda(fn, *args)            StableHLO text of fn(*args) for an abstract H100
+  triton_ir(fn, *args)                 the Triton IR of every pallas_call in fn(*args)
+  compile_sm90(ttir, num_warps=, num_stages=)   {"ptx", "cubin", "ttgir"} (needs `triton`)
+  ptxas_report(ptx)                    registers and spill bytes, from ptxas -v
+  loop_instructions(ptx)               instruction counts of the K loop's body, per thread
+
+`triton` is not a dependency (`pip install "dzjax[compile-check]"`); only `compile_sm90` and
+`ptxas_report` need it, and they raise ImportError without it. `triton_ir` uses a private hook of
+the Pallas Triton lowering and raises RuntimeError if this jax moved it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for CUDA, with an abstract H100 as the
+    device: no GPU or CUDA plugin needed. Array leaves of args may be ShapeDtypeStructs."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    device = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_ir(fn, *args) -> list[str]:
+    """The Triton IR text of every pallas_call in fn(*args), lowered for an abstract H100."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as registration
+        original = registration.lowering.lower_jaxpr_to_triton_module
+    except (ImportError, AttributeError) as e:  # pragma: no cover - a jax that moved it
+        raise RuntimeError(f"this jax does not expose the Pallas Triton lowering: {e}") from e
+    captured = []
+
+    def capture(*a, **k):
+        result = original(*a, **k)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    jax.clear_caches()  # a cached lowering would not call the hook
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        lower_for_cuda(fn, *args)
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original
+    if not captured:
+        raise RuntimeError("no pallas_call was lowered")
+    return captured
+
+
+def compile_sm90(ttir: str, *, num_warps: int, num_stages: int) -> dict[str, str | bytes]:
+    """Triton's own passes (layouts, pipelining, PTX, ptxas) on one kernel's IR, for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ttir"
+        path.write_text(ttir)
+        compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        return {"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"],
+                "ttgir": compiled.asm["ttgir"]}
+
+
+def ptxas_report(ptx: str) -> dict[str, int]:
+    """{"registers", "spill_bytes"} of the kernel, from `ptxas -v` (the one in the triton wheel)."""
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
+    if ptxas is None:  # pragma: no cover - every triton wheel for CUDA ships one
+        raise ImportError(f"no ptxas in {bin_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(source), "-o",
+                                 str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    if report.returncode:
+        raise RuntimeError(f"ptxas failed: {report.stderr[-2000:]}")
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report.stderr)]
+    spills = [int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", report.stderr)]
+    if not registers or not spills:
+        raise RuntimeError(f"unexpected ptxas report: {report.stderr[-2000:]}")
+    return {"registers": max(registers), "spill_bytes": max(spills)}
+
+
+def loop_instructions(ptx: str) -> collections.Counter:
+    """Instruction counts (per thread) of the longest loop in the PTX: the K loop of a kernel
+    with a single loop level, one K step after Triton's pipelining. Empty when there is no loop
+    (a kernel whose K steps were fully unrolled)."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*(\$L__BB\d+_\d+):", line)
+        if m:
+            labels[m.group(1)] = i
+    body = None
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            span = (labels[m.group(1)], i)
+            if body is None or span[1] - span[0] > body[1] - body[0]:
+                body = span
+    if body is None:
+        return collections.Counter()
+    text = "\n".join(lines[body[0]:body[1] + 1])
+    return collections.Counter(re.findall(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", text, re.M))
