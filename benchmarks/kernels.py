@@ -25,7 +25,8 @@ largest of the bytes at 3.35 TB/s over the SMs filled, the float32-to-bf16 conve
 weights are still built in float32 (8-bit; 16 per clock per SM at 1.98 GHz), and the instruction
 issue from the `--ptx` table (128 thread instructions per clock per SM). Printed with the
 fraction of the ideal bytes bound (compressed weights of the active deltas, x and the output,
-read once), and the prefill route at M = 2048 against the dense bf16 matmul; written to
+read once), and the prefill route at M = 2048 against the dense bf16 matmul (the "1 of 8
+active" and M = 512 cases of the sweep are not modelled); written to
 benchmarks/results/kernels-model.json. A model, not a measurement.
 
 `--ptx` (needs the `triton` package, CPU only) compiles every tiling the dispatch picks in the
@@ -97,16 +98,21 @@ PREFILL_BATCHES = [512, 2048]  # the prefill route (dispatch.PREFILL_ROWS rows o
 
 
 def variants(tree, count: int) -> list:
-    """`count` distinct copies of a delta (or stack, or bf16 matrix), made on the device: packed
-    words and metadata XOR-ed with a per-copy constant (still valid codes), floats shifted. The
-    kernels do the same work on each; only the bytes differ, so no copy sits in L2 for the next."""
+    """`count` copies of a delta (or stack, or bf16 matrix) in distinct device buffers, so that
+    no call finds its weights in L2 after the one before. Packed words and n:m positions are
+    XOR-ed with a per-copy constant (any bits are codes; positions may repeat, which the kernels
+    handle as one write), floats shifted; zero points are kept as they are (the bf16 route needs
+    them below 2**bits). The kernels do the same work on every copy."""
     def one(i):
-        def leaf(a):
+        def leaf(path, a):
+            if jax.tree_util.keystr(path).endswith("zeros"):
+                return a + 0  # a new buffer, the same values
             if jnp.issubdtype(a.dtype, jnp.integer):
-                return a ^ jnp.asarray((i * 0x9E3779B9) & ((1 << (8 * a.dtype.itemsize)) - 1),
-                                       a.dtype)
+                bits = 8 * a.dtype.itemsize
+                salt = np.array((i * 0x9E3779B9) & ((1 << bits) - 1), np.uint64)
+                return a ^ jnp.asarray(salt.astype(f"uint{bits}").view(a.dtype))
             return a + jnp.asarray(i * 1e-3, a.dtype)
-        return jax.jit(lambda t: jax.tree.map(leaf, t))(tree)
+        return jax.jit(lambda t: jax.tree_util.tree_map_with_path(leaf, t))(tree)
     return [tree] + [one(i) for i in range(1, count)]
 
 
@@ -129,8 +135,10 @@ def loop_time(fn, x, operand_sets, repeats: int) -> float:
 
 def kernel_breakdown(fn, *args, calls: int = 5, top: int = 8) -> dict[str, float]:
     """Microseconds per call of the device operations of fn(*args), by name, from a profiler
-    trace (perfetto JSON): the kernel itself, the partial-sum reduction, row sorting. On a CPU
-    the trace has no device lanes and the host's XLA operations are listed instead."""
+    trace (perfetto JSON): the kernel itself, the partial-sum reduction, row sorting. On a GPU
+    only the streams' lanes count (not the "XLA Modules" / "XLA Ops" summary lanes, which would
+    count everything again); on a CPU the trace has no device lanes and the host's XLA
+    operations are listed instead."""
     import glob
     import gzip
     import tempfile
@@ -146,9 +154,14 @@ def kernel_breakdown(fn, *args, calls: int = 5, top: int = 8) -> dict[str, float
     names = {e["pid"]: e["args"].get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     device = {pid for pid, name in names.items() if name.startswith("/device:")}
+    threads = {(e["pid"], e["tid"]): e["args"].get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device}
+    streams = {key for key, name in threads.items() if "stream" in name.lower()}
     totals: dict[str, float] = {}
     for e in events:
         if e.get("ph") != "X" or (device and e.get("pid") not in device):
+            continue
+        if streams and (e.get("pid"), e.get("tid")) not in streams:
             continue
         if not device and (e["name"].startswith("$") or "::" in e["name"]
                            or e["name"].startswith(("Pjit", "SlinkyThreadPool"))):

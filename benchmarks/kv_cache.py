@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp

@@ -100,8 +100,9 @@ def ptxas_report(ptx: str) -> dict[str, int]:
 
 
 def loop_instructions(ptx: str) -> collections.Counter:
-    """Instruction counts (per thread) of the longest loop in the PTX: the K loop of a kernel
-    with a single loop level, one K step after Triton's pipelining. Empty when there is no loop
+    """Instruction counts (per thread) of the K loop in the PTX: the innermost loop (one that
+    holds no other) with a tensor-core instruction, one K step after Triton's pipelining; the
+    multi-delta kernel's loop over row tiles around it is left out. Empty when there is none
     (a kernel whose K steps were fully unrolled)."""
     lines = ptx.splitlines()
     labels = {}
@@ -109,14 +110,15 @@ def loop_instructions(ptx: str) -> collections.Counter:
         m = re.match(r"\s*(\$L__BB\d+_\d+):", line)
         if m:
             labels[m.group(1)] = i
-    body = None
+    loops = []  # (first line, last line) of every backward branch's body
     for i, line in enumerate(lines):
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
         if m and labels.get(m.group(1), i) < i:
-            span = (labels[m.group(1)], i)
-            if body is None or span[1] - span[0] > body[1] - body[0]:
-                body = span
-    if body is None:
-        return collections.Counter()
-    text = "\n".join(lines[body[0]:body[1] + 1])
-    return collections.Counter(re.findall(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", text, re.M))
+            loops.append((labels[m.group(1)], i))
+    op = re.compile(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", re.M)
+    for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
+        inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
+        counts = collections.Counter(op.findall("\n".join(lines[start:end + 1])))
+        if not inner and any(k.startswith(("mma", "wgmma")) for k in counts):
+            return counts
+    return collections.Counter()

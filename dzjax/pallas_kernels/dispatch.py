@@ -6,14 +6,15 @@
   "auto"/None  `DZJAX_KERNEL` if set, else: "pallas" on a GPU when the kernels serve the format and
                shape, "xla" otherwise (CPU, or a format such as 3-bit that only XLA serves).
 An explicit "pallas" or "interpret" for a format or shape the kernels do not serve raises a
-ValueError saying why; nothing silently falls back.
+ValueError saying why; nothing silently falls back. The choice is made when the function is
+called, or traced when called under jit: set `DZJAX_KERNEL` before the first trace.
 
 The prefill route: with "pallas" or "interpret", a call with at least `PREFILL_ROWS` rows (256:
 a prompt chunk, not a decode batch) dequantizes each used delta once and multiplies its rows with
 a dense matmul (cuBLAS through XLA) in tiles of `PREFILL_TILE` rows, instead of the fused kernel,
-which dequantizes every column strip again for each tile of 64 rows. Same values (the weights
-are built exactly as the kernels build them), a different schedule. The choice is made when the function is called,
-or traced when called under jit: set `DZJAX_KERNEL` before the first trace.
+which dequantizes every column strip again for each tile of 64 rows. The weights are the same
+bits (built as the kernels build them); the sums run in another order, so outputs agree to
+float32 rounding, not bit for bit.
 """
 
 from __future__ import annotations

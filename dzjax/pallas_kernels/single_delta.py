@@ -366,7 +366,7 @@ class DeltaMatmulConfig:
 
     @classmethod
     def heuristic(cls, m: int, k: int, n: int, fmt: Format) -> DeltaMatmulConfig:
-        """Decode-oriented: small block_m, enough (row, column, K-split) programs for two waves."""
+        """Decode-oriented: `tiling`, each row tile of block_m rows reading the weights."""
         block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
         return cls(**tiling(m, k, n, fmt, row_tiles=-(-m // block_m)))
 
@@ -404,7 +404,7 @@ def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros
     def body(step, acc):
         kb = first + step
         w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
-                              block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype))
+                          block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype))
         x = x_ref[:, pl.ds(kb * block_k, block_k)]
         return acc + dot_tile(x, w)
 
@@ -446,8 +446,9 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
       config: tiling; `DeltaMatmulConfig.heuristic` when None.
       interpret: run the kernel in Pallas interpret mode (any backend).
     Returns:
-      [M, N] float32. The weights are dequantized in float32 and rounded to x's dtype before the
-      dot (exactly as `reference.delta_matmul_ref`), accumulation is float32.
+      [M, N] float32. The weights are those of `reference.delta_matmul_ref`, float32 values
+      rounded once to x's dtype (built directly in bf16 where `dequant_dtype` allows: the same
+      bits); accumulation is float32.
     """
     check_inputs(x, q)
     (m, k), n = x.shape, q.shape[1]
