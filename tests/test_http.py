@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx2
 import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -65,6 +66,10 @@ def served(tmp_path_factory):
     server = dzjax.serve(base, paths, max_batch=8, max_seq_len=256, max_resident_deltas=4)
     http, thread, url = start_uvicorn(make_app(server))
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    # The answers are compared with greedy `dzjax.generate`: temperature 0 unless a test says
+    # otherwise (the HTTP default is OpenAI's 1.0; test_omitted_temperature_means_one).
+    for resource in (client.completions, client.chat.completions):
+        resource.create = greedy(resource.create)
     deltas = {name: dzjax.load_delta(p) for name, p in paths.items()}
 
     @functools.cache
@@ -76,12 +81,20 @@ def served(tmp_path_factory):
                                                                       skip_special_tokens=True)
 
     yield types.SimpleNamespace(server=server, base=base, url=url, client=client,
-                                expected=expected)
+                                expected=expected, deltas=deltas)
     client.close()
     http.should_exit = True
     thread.join(timeout=30)
     server.close()
     assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+def greedy(create):
+    @functools.wraps(create)
+    def call(*args, **kwargs):
+        kwargs.setdefault("temperature", 0)
+        return create(*args, **kwargs)
+    return call
 
 
 def post(served, path: str, body) -> tuple[int, dict]:
@@ -201,6 +214,121 @@ def test_chat_goes_through_the_template(served):
 
 # -- errors ------------------------------------------------------------------------------------
 
+# -- log-probabilities, tokenizer endpoints, defaults ---------------------------------------------
+
+def test_echo_logprobs_equal_the_python_scores(served):
+    """lm-eval's log-likelihood request: echo, logprobs 1, max_tokens 1: the prompt's tokens'
+    log-probs (the first null) and the generated one's, as `dzjax.score` gives them."""
+    ids = served.base.tokenizer(PROMPTS[2])["input_ids"]
+    r = served.client.completions.create(model="ft1", prompt=ids, echo=True, logprobs=1,
+                                         max_tokens=1)
+    lp = r.choices[0].logprobs
+    generated = r.usage.completion_tokens
+    assert generated == 1 and len(lp.token_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None
+    assert r.choices[0].text.startswith(served.base.tokenizer.decode(ids))
+    want = dzjax.score(served.base, ids, deltas=served.deltas["ft1"]).token_logprobs[0]
+    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], want[1:], atol=2e-4)
+    for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]):
+        assert max(top.values()) >= chosen - 1e-6  # lm-eval's greedy check reads these
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(served):
+    r = served.client.completions.create(model="base", prompt=PROMPTS[0], echo=True, logprobs=0,
+                                         max_tokens=0)
+    ids = served.base.tokenizer(PROMPTS[0])["input_ids"]
+    assert r.choices[0].text == PROMPTS[0] and r.usage.completion_tokens == 0
+    want = dzjax.score(served.base, ids).token_logprobs[0]
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], want[1:], atol=2e-4)
+
+
+def test_generated_tokens_logprobs_completions_and_chat(served):
+    r = served.client.completions.create(model="ft2", prompt=PROMPTS[1], logprobs=2,
+                                         max_tokens=4, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    prompt = served.base.tokenizer(PROMPTS[1])["input_ids"]
+    out = served.base.tokenizer(r.choices[0].text, add_special_tokens=False)["input_ids"]
+    assert len(lp.token_logprobs) == 4 and all(len(t) in (2, 3) for t in lp.top_logprobs)
+    if len(out) == 4:  # the text re-tokenizes to the same tokens (not guaranteed): compare
+        want = dzjax.score(served.base, prompt + out, deltas=served.deltas["ft2"]).token_logprobs
+        np.testing.assert_allclose(lp.token_logprobs, want[0, len(prompt):], atol=2e-4)
+    chat = served.client.chat.completions.create(
+        model="ft1", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
+        top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 3
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob >= item.logprob - 1e-6
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)  # greedy
+
+
+def test_vllm_tokenizer_endpoints(served):
+    tok = served.base.tokenizer
+    status, answer = post(served, "/tokenize", {"model": "ft0", "prompt": PROMPTS[0]})
+    assert status == 200 and answer["tokens"] == tok(PROMPTS[0])["input_ids"]
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 256
+    status, plain = post(served, "/tokenize", {"prompt": PROMPTS[0], "add_special_tokens": False})
+    assert plain["tokens"] == tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    status, chat = post(served, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and chat["tokens"] == served.server.encode_chat(
+        [{"role": "user", "content": "hi"}])
+    status, back = post(served, "/detokenize", {"tokens": plain["tokens"]})
+    assert status == 200 and back["prompt"] == tok.decode(plain["tokens"])
+    status, bad = post(served, "/detokenize", {"tokens": [10 ** 9]})
+    assert status == 400 and bad["error"]["param"] == "tokens"
+    info = httpx2.get(served.url + "/tokenizer_info", timeout=30).json()
+    assert info["model_max_length"] == 256 and info["eos_token"] == tok.eos_token
+    assert info["chat_template"] == CHAT_TEMPLATE
+
+
+def test_omitted_temperature_means_one(served):
+    """OpenAI's default: an omitted temperature samples at 1.0 (the same tokens as asking for
+    1.0 with that seed), not greedily."""
+    body = {"model": "ft0", "prompt": PROMPTS[0], "max_tokens": 12, "ignore_eos": True}
+    texts = []
+    for seed in (1, 2, 3):
+        _, omitted = post(served, "/v1/completions", {**body, "seed": seed})
+        _, one = post(served, "/v1/completions", {**body, "seed": seed, "temperature": 1.0})
+        assert omitted["choices"][0]["text"] == one["choices"][0]["text"]
+        texts.append(omitted["choices"][0]["text"])
+    _, greedy_answer = post(served, "/v1/completions", {**body, "temperature": 0})
+    assert any(t != greedy_answer["choices"][0]["text"] for t in texts)
+
+
+def test_sampling_fields_change_the_output_as_documented(served):
+    """top_k 1 at temperature 1 is greedy; n gives n choices, seeds seed, seed + 1, ...;
+    stop_token_ids end a choice at that token; min_tokens holds back end-of-sequence."""
+    body = {"model": "ft3", "prompt": PROMPTS[1], "max_tokens": 10, "ignore_eos": True}
+    _, greedy_answer = post(served, "/v1/completions", {**body, "temperature": 0})
+    greedy_text = greedy_answer["choices"][0]["text"]
+    _, top1 = post(served, "/v1/completions", {**body, "temperature": 1.0, "top_k": 1, "seed": 5})
+    assert top1["choices"][0]["text"] == greedy_text
+    _, many = post(served, "/v1/completions", {**body, "temperature": 1.0, "n": 3, "seed": 7})
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    for j, choice in enumerate(many["choices"]):
+        _, alone = post(served, "/v1/completions", {**body, "temperature": 1.0, "seed": 7 + j})
+        assert choice["text"] == alone["choices"][0]["text"]
+    assert len({c["text"] for c in many["choices"]}) > 1
+    assert many["usage"]["prompt_tokens"] == len(served.base.tokenizer(PROMPTS[1])["input_ids"])
+    # min_p 1 keeps only the likeliest token: greedy again.
+    _, min_p = post(served, "/v1/completions", {**body, "temperature": 1.0, "min_p": 1.0})
+    assert min_p["choices"][0]["text"] == greedy_text
+    # The third greedy token as a stop token: the answer ends before it.
+    ids = served.base.tokenizer(PROMPTS[1])["input_ids"]
+    out = dzjax.generate(served.base, [ids], delta=served.deltas["ft3"], max_tokens=10,
+                         stop_at_eos=False)[0]
+    _, stopped = post(served, "/v1/completions", {**body, "prompt": ids, "temperature": 0,
+                                                  "stop_token_ids": [out[2]]})
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    cut = out.index(out[2])
+    assert stopped["usage"]["completion_tokens"] == cut
+    # min_tokens: with the stop token held back until 5 tokens, it cannot end the answer early.
+    _, held = post(served, "/v1/completions", {**body, "prompt": ids, "temperature": 0,
+                                               "stop_token_ids": [out[2]], "min_tokens": 5})
+    assert held["usage"]["completion_tokens"] >= 5
+
+
 def test_unknown_model_is_404(served):
     with pytest.raises(openai.NotFoundError) as e:
         served.client.completions.create(model="nope", prompt="hi", max_tokens=4)
@@ -239,8 +367,22 @@ def test_malformed_body_is_400(served, body):
     ("/v1/completions", "stop", 7),
     ("/v1/completions", "stop", [""]),
     ("/v1/completions", "stream", "yes"),
-    ("/v1/completions", "n", 2),
-    ("/v1/completions", "logprobs", 2),
+    ("/v1/completions", "n", 0),
+    ("/v1/completions", "n", 17),
+    ("/v1/completions", "top_k", -2),
+    ("/v1/completions", "min_p", 1.5),
+    ("/v1/completions", "min_tokens", 5),  # more than max_tokens (4)
+    ("/v1/completions", "stop_token_ids", [1, -1]),
+    ("/v1/completions", "stop_token_ids", [10 ** 9]),
+    ("/v1/completions", "response_format", {"type": "json_object"}),
+    ("/v1/completions", "repetition_penalty", 1.2),
+    ("/v1/completions", "logit_bias", {"5": 3}),
+    ("/v1/completions", "logprobs", 21),
+    ("/v1/completions", "logprobs", True),
+    ("/v1/completions", "echo", "yes"),
+    ("/v1/completions", "prompt_logprobs", -1),
+    ("/v1/chat/completions", "top_logprobs", 3),  # without logprobs: true
+    ("/v1/chat/completions", "logprobs", 1),
     ("/v1/chat/completions", "messages", None),
     ("/v1/chat/completions", "messages", [{"content": "no role"}]),
     ("/v1/chat/completions", "messages", [{"role": "user", "content": {"not": "text"}}]),

@@ -140,6 +140,23 @@ def test_sampler_top_p_keeps_only_the_nucleus():
     assert set(np.asarray(greedy).tolist()) == {0}
 
 
+def test_sampler_top_k_min_p_and_suppressed_tokens():
+    n = 256
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * n))
+    seeds, counters = np.arange(n, dtype=np.uint32), np.zeros(n, np.int32)
+    ones = np.ones(n, np.float32)
+    draw = lambda **kw: set(np.asarray(dzjax.models.sample(logits, seeds, counters, ones, ones,
+                                                           **kw)).tolist())
+    assert draw() == {0, 1, 2, 3}
+    assert draw(top_k=np.full(n, 2)) == {0, 1}
+    assert draw(min_p=np.full(n, 0.5)) == {0, 1, 2}  # p >= 0.5 * 0.4
+    # Suppressed tokens are never drawn, and a greedy row takes the best of the others.
+    suppress = np.tile(np.array([[0, 2, -1]], np.int32), (n, 1))
+    assert draw(suppress=suppress) == {1, 3}
+    greedy = dzjax.models.sample(logits, seeds, counters, np.zeros(n), ones, suppress=suppress)
+    assert set(np.asarray(greedy).tolist()) == {1}
+
+
 def test_sampler_draws_depend_on_the_rows_seed_and_counter_only():
     logits = jax.random.normal(jax.random.key(1), (6, 50)) * 3
     seeds = np.array([7, 7, 8, 7, 9, 7], np.uint32)

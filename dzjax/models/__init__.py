@@ -9,9 +9,11 @@ from dzjax.models.linear import add_delta, embed, linear
 from dzjax.models.llama import CausalLM, KVCache
 from dzjax.models.loading import Base, abstract_params, hf_key_map, load_base
 from dzjax.models.sampling import sample
+from dzjax.models.scoring import Scores, score
 
 __all__ = [
     "Base", "CausalLM", "KVCache", "KernelOptions", "ModelConfig", "RopeConfig", "TRACE_COUNTS",
     "abstract_params", "add_delta", "dense_delta", "embed", "forward", "forward_cached",
     "from_hf_config", "generate", "hf_key_map", "linear", "load_base", "logits", "sample",
+    "Scores", "score",
 ]

@@ -27,6 +27,28 @@ from dzjax.models.kv_cache import KVCache, attention  # noqa: F401  (KVCache: re
 from dzjax.models.linear import add_delta, embed, linear, unembed
 
 _INIT = nn.initializers.normal(0.02)
+SCORE_CHUNK = 128  # positions whose [B, chunk, V] logits exist at once when scoring
+
+
+def log_probs(logits, tokens, top: int):
+    """log_softmax(logits) [..., V] at `tokens` [...], and its `top` largest entries:
+    (logprob [...], top ids int32 [..., top], top logprobs [..., top]); top = 0 gives empty."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if top:
+        values, ids = jax.lax.top_k(lp, top)
+    else:
+        values = jnp.zeros(lp.shape[:-1] + (0,), jnp.float32)
+        ids = jnp.zeros(lp.shape[:-1] + (0,), jnp.int32)
+    return chosen, ids.astype(jnp.int32), values
+
+
+def score_positions(head, x, targets, top: int):
+    """`log_probs` of head(x) at every position of x [B, T, H] for targets [B, T], SCORE_CHUNK
+    positions at a time (never the whole [B, T, V] logits): ([B, T], [B, T, top], [B, T, top])."""
+    parts = [log_probs(head(x[:, s:s + SCORE_CHUNK]), targets[:, s:s + SCORE_CHUNK], top)
+             for s in range(0, x.shape[1], SCORE_CHUNK)]
+    return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
 
 
 def sub(delta, name: str):
@@ -220,7 +242,10 @@ class CausalLM(nn.Module):
     __call__(input_ids [B, T], positions [B, T], delta=None, cache=None, logits_at=None)
     returns float32 logits [B, T, V] and the updated cache (None without one); with `logits_at`
     (int [B]), only the logits at that position of each row, [B, 1, V] (a prefill needs only the
-    last prompt position's: no [B, T, V] array). The hidden state after every layer is sown into
+    last prompt position's: no [B, T, V] array). With `score=(targets [B, T], top)` it returns,
+    instead of logits, `score_positions`'s log-probabilities of the targets (and the `top`
+    likeliest tokens) at every position, computed SCORE_CHUNK positions at a time; with both,
+    (those, the `logits_at` logits). The hidden state after every layer is sown into
     the `intermediates` collection, for per-block tests.
     """
 
@@ -230,16 +255,21 @@ class CausalLM(nn.Module):
     kernels: KernelOptions = DEFAULT_KERNELS  # how compressed deltas are computed
 
     @nn.compact
-    def __call__(self, input_ids, positions, delta=None, cache=None, logits_at=None):
+    def __call__(self, input_ids, positions, delta=None, cache=None, logits_at=None,
+                 score=None):
         c = self.config
         model = Transformer(c, self.dtype, self.param_dtype, self.kernels, name="model")
         x, cache = model(input_ids, positions, sub(delta, "model"), cache)
+        if c.tie_word_embeddings:
+            def head(x):
+                with jax.named_scope("tied_lm_head"):
+                    return model.attend(x, sub(delta, "model")).astype(jnp.float32)
+        else:
+            lm_head = Linear(c.vocab_size, False, self.param_dtype, self.kernels, name="lm_head")
+            head = lambda x: lm_head(x, sub(delta, "lm_head")).astype(jnp.float32)
+        scored = None if score is None else score_positions(head, x, *score)
+        if scored is not None and logits_at is None:
+            return scored, cache
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]
-        if c.tie_word_embeddings:
-            with jax.named_scope("tied_lm_head"):
-                logits = model.attend(x, sub(delta, "model"))
-        else:
-            logits = Linear(c.vocab_size, False, self.param_dtype, self.kernels,
-                            name="lm_head")(x, sub(delta, "lm_head"))
-        return logits.astype(jnp.float32), cache
+        return (head(x) if scored is None else (scored, head(x))), cache

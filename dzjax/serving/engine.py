@@ -48,7 +48,8 @@ from dzjax.serving.loop import EngineLoop
 from dzjax.serving.stepping import InFlight, Steps
 from dzjax.serving.pool import DeltaPool
 from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundError, Request,
-                                    RequestError, SamplingParams, ServerClosedError)
+                                    RequestError, SamplingParams, ServerClosedError,
+                                    TokenLogprob)
 
 log = logging.getLogger("dzjax.serving")
 
@@ -182,6 +183,8 @@ class Engine(Steps, EngineLoop):
         if pages > self.page_table.num_pages:
             raise RequestError(f"the prompt plus max_tokens need {pages} KV pages; the server "
                                f"has {self.page_table.num_pages} (kv_pages)")
+        if any(t >= vocab for t in sampling.stop_token_ids):
+            raise RequestError(f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
         if sampling.stop and self.base.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; the base has none", param="stop")
         if len(sampling.stop) > self.config.max_stop_strings:
@@ -400,18 +403,21 @@ class Engine(Steps, EngineLoop):
         self.waiting.remove(r)
         self._finish(r, reason, error)
 
-    def _emit(self, r: Request, token: int) -> None:
-        """Append one generated token to r, report the new text, and finish r when it is done."""
+    def _emit(self, r: Request, token: int, scored: TokenLogprob | None = None) -> None:
+        """Append one generated token to r (and its log-prob, when asked), report the new text,
+        and finish r when it is done."""
         if r.first_token is None:
             r.first_token = time.perf_counter()
-        if token in self.eos and not r.sampling.ignore_eos:
+        if (token in self.eos and not r.sampling.ignore_eos) or token in r.sampling.stop_token_ids:
             self._finish(r, "stop")
             return
         r.output_ids.append(token)
+        logprobs = () if scored is None else (scored,)
+        r.logprobs.extend(logprobs)
         self.counts["tokens"] += 1
         reason = "length" if len(r.output_ids) >= r.sampling.max_tokens else None
         if self.base.tokenizer is None:
-            self._notify(r, Event("token", token_ids=(token,)))
+            self._notify(r, Event("token", token_ids=(token,), logprobs=logprobs))
         else:
             stream = self._streams.get(r.id)
             if stream is None:
@@ -421,7 +427,7 @@ class Engine(Steps, EngineLoop):
             r.text = stream.text
             if stopped:
                 reason = "stop"
-            self._notify(r, Event("token", text=piece, token_ids=(token,)))
+            self._notify(r, Event("token", text=piece, token_ids=(token,), logprobs=logprobs))
         if reason is not None:
             self._finish(r, reason)
 

@@ -8,6 +8,10 @@ Endpoints (OpenAI's request and response shapes, see `openai_api`; a model is th
   GET  /v1/models/{model}     one of them
   POST /v1/completions        prompt: a string, token ids, or a list of either (one choice each)
   POST /v1/chat/completions   messages, through the tokenizer's chat template
+  POST /tokenize              vLLM's: {prompt, add_special_tokens} or {messages} -> {count,
+                              max_model_len, tokens}
+  POST /detokenize            vLLM's: {tokens} -> {prompt}
+  GET  /tokenizer_info        the tokenizer's class, special tokens, chat template, limits
 
 A streamed answer is server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 Each choice is one engine request. The engine reports events on its own thread; a listener hands
@@ -101,21 +105,31 @@ class _Generation:
     """The engine requests of one call, one per choice, their events merged into one queue on
     the event loop."""
 
-    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop):
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop, *, echo: bool = False,
+                 prompt_only: bool = False):
         self.server, self.loop = server, loop
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.handles: list[RequestHandle] = []
         self.finished: set[int] = set()
+        self.prompts: list = []
+        self.n = 1  # choices per prompt
+        # echo: the prompt is prepended (with its log-probs); prompt_only: max_tokens 0 with echo,
+        # the one token the engine generates is dropped.
+        self.echo, self.prompt_only = echo, prompt_only
 
     def submit(self, prompts: list, model: str, sampling: dict,
-               default_max_tokens: int | None) -> None:
-        """Queue one request per prompt (blocking: run it on a worker thread). Without a
-        max_tokens, a request gets default_max_tokens (None: no cap) or the rest of the context,
-        whichever is less. If one is refused, those already queued are cancelled."""
+               default_max_tokens: int | None, n: int = 1) -> None:
+        """Queue n requests per prompt, choice i * n + j the j-th of prompt i (blocking: run it
+        on a worker thread); with a seed, choice j samples with seed + j. Without a max_tokens,
+        a request gets default_max_tokens (None: no cap) or the rest of the context, whichever
+        is less. If one is refused, those already queued are cancelled."""
+        self.prompts, self.n = [p for p in prompts for _ in range(n)], n
         try:
-            for index, prompt in enumerate(prompts):
+            for index, prompt in enumerate(self.prompts):
                 ids = self.server.encode(prompt) if isinstance(prompt, str) else prompt
                 options = {"seed": secrets.randbits(32), **sampling}
+                if "seed" in sampling:
+                    options["seed"] = (sampling["seed"] + index % n) % 2 ** 32
                 if "max_tokens" not in options:
                     room = self.server.max_seq_len - len(ids)
                     options["max_tokens"] = max(1, room if default_max_tokens is None
@@ -145,27 +159,55 @@ class _Generation:
                 handle.cancel()
 
     def usage(self) -> dict:
-        prompt = sum(len(h.request.prompt_ids) for h in self.handles)
-        completion = sum(len(h.request.output_ids) for h in self.handles)
+        prompt = sum(len(h.request.prompt_ids) for h in self.handles[::self.n])  # once each
+        completion = 0 if self.prompt_only else \
+            sum(len(h.request.output_ids) for h in self.handles)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
+
+    def choice(self, reply: Reply, index: int, text: str, reason: str | None,
+               entries: list) -> dict:
+        """Choice `index` of the whole answer: its text (after the prompt, with echo) and its
+        log-probs, when asked; entries: [(token id, TokenLogprob)] of its generated tokens."""
+        r = self.handles[index].request
+        if self.prompt_only:
+            text, entries, reason = "", [], "length"
+        if self.echo:
+            prompt = self.prompts[index]
+            text = (prompt if isinstance(prompt, str) else self.server.detokenize(r.prompt_ids)) \
+                + text
+            if r.prompt_logprobs is not None:
+                entries = list(zip(r.prompt_ids, r.prompt_logprobs)) + entries
+        wanted = r.sampling.logprobs is not None or (self.echo and r.prompt_logprobs is not None)
+        out = reply.choice(index, text, reason,
+                           reply.logprobs(entries, self.server.token_text) if wanted else None)
+        if r.prompt_logprobs is not None and not self.echo:  # vLLM's prompt_logprobs field
+            out["prompt_logprobs"] = [None] + [
+                {str(t): {"logprob": lp.logprob, "decoded_token": self.server.token_text(t)},
+                 **{str(a): {"logprob": v, "decoded_token": self.server.token_text(a)}
+                    for a, v in lp.top}}
+                for t, lp in zip(r.prompt_ids[1:], r.prompt_logprobs[1:])]
+        return out
 
 
 async def _answer(generation: _Generation, reply: Reply) -> JSONResponse:
     """The whole answer, once every choice is done."""
     texts = [[] for _ in generation.handles]
+    entries = [[] for _ in generation.handles]  # (token id, TokenLogprob) when asked
     reasons: list[str | None] = [None] * len(generation.handles)
     try:
         async for index, event in generation.events():
             if event.kind == "token":
                 texts[index].append(event.text)
+                entries[index].extend(zip(event.token_ids, event.logprobs))
             elif event.error is not None:
                 raise event.error
             else:
                 reasons[index] = event.finish_reason
     finally:
         generation.cancel()  # after an error, or when the client left: stop the others
-    choices = [reply.choice(i, "".join(t), r) for i, (t, r) in enumerate(zip(texts, reasons))]
+    choices = [generation.choice(reply, i, "".join(t), r, e)
+               for i, (t, r, e) in enumerate(zip(texts, reasons, entries))]
     return JSONResponse(reply.body(choices, generation.usage()))
 
 
@@ -203,7 +245,12 @@ async def _chunks(generation: _Generation, reply: Reply, include_usage: bool
                                for i in range(len(generation.handles))], chunk=True))
     async for index, event in generation.events():
         if event.kind == "token":
-            if event.text:
+            if event.logprobs:  # every token's log-probs, even one whose text is held back
+                logprobs = reply.logprobs(list(zip(event.token_ids, event.logprobs)),
+                                          generation.server.token_text)
+                yield _sse(reply.body([reply.chunk_choice(index, event.text, logprobs=logprobs)],
+                                      chunk=True))
+            elif event.text:
                 yield _sse(reply.body([reply.chunk_choice(index, event.text)], chunk=True))
         elif event.error is not None:
             yield _sse(as_http_error(event.error).payload())
@@ -277,6 +324,39 @@ class _Api:
         ids = await run_in_threadpool(self._encode_chat, openai_api.messages(body))
         return await self._generate(request, body, reply, [ids], None)
 
+    async def tokenize(self, request: Request) -> Response:
+        body = await _json_object(request, self.max_request_bytes)
+        if "model" in body:
+            openai_api.model_field(body)  # checked, not needed: every model has the base's
+        if body.get("messages") is not None:
+            ids = await run_in_threadpool(self._encode_chat, openai_api.messages(body))
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise invalid("prompt", "prompt must be a string (or send messages)")
+            special = openai_api.typed(body, "add_special_tokens", (bool,), "a boolean")
+            ids = await run_in_threadpool(self._encode_text, prompt, special is not False)
+        return JSONResponse({"count": len(ids), "max_model_len": self.server.max_seq_len,
+                             "tokens": ids})
+
+    def _encode_text(self, prompt: str, special: bool) -> list[int]:
+        if special:
+            return self.server.encode(prompt)
+        tok = self.server.base.tokenizer
+        if tok is None:
+            raise invalid("prompt", "this model has no tokenizer")
+        return list(tok(prompt, add_special_tokens=False)["input_ids"])
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await _json_object(request, self.max_request_bytes)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list):
+            raise invalid("tokens", "tokens must be a list of token ids")
+        return JSONResponse({"prompt": await run_in_threadpool(self.server.detokenize, tokens)})
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self.server.tokenizer_info))
+
     def _encode_chat(self, messages: list[dict]) -> list[int]:
         try:
             return self.server.encode_chat(messages)
@@ -287,12 +367,20 @@ class _Api:
 
     async def _generate(self, request: Request, body: dict, reply: Reply, prompts: list,
                         default_max_tokens: int | None) -> Response:
-        sampling = openai_api.sampling_fields(body, reply.chat)
+        logprobs, echo = openai_api.logprob_fields(body, reply.chat)
         stream = openai_api.typed(body, "stream", (bool,), "a boolean")
+        if echo and stream:
+            raise invalid("echo", "echo is not supported with stream: true")
+        prompt_only = echo and body.get("max_tokens") == 0
+        if prompt_only:  # the prompt scored, nothing generated (the engine makes one token)
+            body = {**body, "max_tokens": 1, "ignore_eos": True}
+        sampling = {**openai_api.sampling_fields(body, reply.chat), **logprobs}
         include_usage = openai_api.include_usage(body)
-        generation = _Generation(self.server, asyncio.get_running_loop())
+        n = openai_api.choices_per_prompt(body)
+        generation = _Generation(self.server, asyncio.get_running_loop(), echo=echo,
+                                 prompt_only=prompt_only)
         await run_in_threadpool(generation.submit, prompts, reply.model, sampling,
-                                default_max_tokens)
+                                default_max_tokens, n)
         if stream:
             return _EventStream(generation, reply, include_usage)
         return await _unless_disconnected(request, _answer(generation, reply))
@@ -309,7 +397,10 @@ def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES) -> S
               Route("/v1/models/{model:path}", _openai_errors(api.get_model), methods=["GET"]),
               Route("/v1/completions", _openai_errors(api.completions), methods=["POST"]),
               Route("/v1/chat/completions", _openai_errors(api.chat_completions),
-                    methods=["POST"])]
+                    methods=["POST"]),
+              Route("/tokenize", _openai_errors(api.tokenize), methods=["POST"]),
+              Route("/detokenize", _openai_errors(api.detokenize), methods=["POST"]),
+              Route("/tokenizer_info", _openai_errors(api.tokenizer_info), methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _starlette_error})
 
 

@@ -3,10 +3,17 @@ each error naming its field), the error shape, and the response bodies (whole an
 
 Fields: prompt (a string, token ids, or a list of either), messages (chat), max_tokens (omitted:
 16 for completions, as OpenAI's; the rest of the context for chat; chat also reads
-max_completion_tokens), temperature, top_p, seed (omitted: a random one), stop (a string or a
-list), stream, stream_options.include_usage, and the extension ignore_eos. n must be 1; fields that
-would change the output but are not implemented (logprobs, echo, penalties, tools, ...) are refused
-unless neutral; other unknown fields are ignored.
+max_completion_tokens; 0 only with echo: the prompt scored, nothing generated), temperature
+(omitted: 1.0, as OpenAI's and vLLM's), top_p,
+seed (omitted: a random one), stop (a string or a list), stream, stream_options.include_usage,
+log-probabilities (completions: logprobs 0..20 and echo, which prepends the prompt and its
+tokens' log-probs, the first null; chat: logprobs and top_logprobs; vLLM's prompt_logprobs), n
+(1..16 choices per prompt, seeds seed, seed + 1, ...), vLLM's top_k, min_p, min_tokens (holds
+back end-of-sequence and stop_token_ids, not stop strings) and stop_token_ids, and the extension
+ignore_eos. Log-probabilities are the model's (log_softmax of its logits, before temperature,
+top_p, top_k and min_p), as vLLM returns them. Fields that would change the output but are not
+implemented (penalties, logit_bias, response_format, beam search, guided decoding, tools, ...)
+are refused unless neutral; other unknown fields are ignored.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a malformed
 request (naming the field) or one that does not fit the context, 404 for an unknown model, 503
 when shutting down or when the model's delta cannot be loaded.
@@ -21,17 +28,21 @@ import logging
 import time
 import uuid
 
-from dzjax.serving.requests import (DeltaUnavailableError, ModelNotFoundError, RequestError,
-                                    SamplingParams, ServerClosedError)
+from dzjax.serving.requests import (MAX_TOP_LOGPROBS, DeltaUnavailableError, ModelNotFoundError,
+                                    RequestError, SamplingParams, ServerClosedError)
 
 log = logging.getLogger("dzjax.serving.http")
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to the context
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's, when a request gives none
 # Fields of OpenAI's API that would change the output and are not implemented: refused unless
 # absent, null or one of these neutral values.
-UNSUPPORTED = {"echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,),
-               "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,),
-               "logit_bias": ({},), "tools": ([],), "functions": ([],)}
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
+               "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},),
+               "use_beam_search": (False,), "length_penalty": (1,), "guided_json": (),
+               "guided_regex": (), "guided_choice": (), "guided_grammar": ()}
+MAX_N = 16  # choices per prompt at most
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -130,32 +141,76 @@ def messages(body: dict) -> list[dict]:
     return out
 
 
+def logprob_fields(body: dict, chat: bool) -> tuple[dict, bool]:
+    """(the `SamplingParams` log-prob fields a request sets, echo), checked. Completions:
+    logprobs k (0..20) for each generated token, echo (with logprobs: the prompt's too), vLLM's
+    prompt_logprobs k; chat: logprobs true with top_logprobs k (0..20)."""
+    top = MAX_TOP_LOGPROBS
+    if chat:
+        wanted = typed(body, "logprobs", (bool,), "a boolean")
+        k = typed(body, "top_logprobs", (int,), "an integer")
+        if k is not None and not 0 <= k <= top:
+            raise invalid("top_logprobs", f"top_logprobs must be in [0, {top}], got {k}")
+        if k and not wanted:
+            raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+        if body.get("echo") not in (None, False):
+            raise invalid("echo", "echo is a completions field; chat does not echo")
+        return ({"logprobs": k or 0} if wanted else {}), False
+    out = {}
+    for name in ("logprobs", "prompt_logprobs"):
+        k = typed(body, name, (int,), "an integer")
+        if k is not None:
+            if not 0 <= k <= top:
+                raise invalid(name, f"{name} must be in [0, {top}], got {k}")
+            out[name] = k
+    echo = bool(typed(body, "echo", (bool,), "a boolean"))
+    if echo and "logprobs" in out:
+        out.setdefault("prompt_logprobs", out["logprobs"])
+    return out, echo
+
+
 def sampling_fields(body: dict, chat: bool) -> dict:
     """The `SamplingParams` fields a request sets (its max_tokens only if given), checked."""
     for name, neutral in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in neutral:
             raise invalid(name, f"{name} is not supported by this server")
-    n = typed(body, "n", (int,), "an integer")
-    if n not in (None, 1):
-        raise invalid("n", f"n must be 1 (one choice per prompt), got {n}")
     tokens_field = "max_completion_tokens" if chat and "max_completion_tokens" in body \
         else "max_tokens"
     stop = typed(body, "stop", (str, list), "a string or a list of strings")
+    temperature = typed(body, "temperature", (int, float), "a number")
     sampling = {"max_tokens": typed(body, tokens_field, (int,), "an integer"),
-                "temperature": typed(body, "temperature", (int, float), "a number"),
+                # Omitted: 1.0, as OpenAI and vLLM (the notebook API's default stays greedy).
+                "temperature": DEFAULT_TEMPERATURE if temperature is None else temperature,
                 "top_p": typed(body, "top_p", (int, float), "a number"),
                 "seed": typed(body, "seed", (int,), "an integer"),
                 "stop": [stop] if isinstance(stop, str) else stop,
-                "ignore_eos": typed(body, "ignore_eos", (bool,), "a boolean")}
+                "ignore_eos": typed(body, "ignore_eos", (bool,), "a boolean"),
+                # vLLM's sampling extensions (top_k -1 = no limit, as vLLM's)
+                "top_k": typed(body, "top_k", (int,), "an integer"),
+                "min_p": typed(body, "min_p", (int, float), "a number"),
+                "min_tokens": typed(body, "min_tokens", (int,), "an integer"),
+                "stop_token_ids": typed(body, "stop_token_ids", (list,), "a list of token ids")}
+    if sampling["top_k"] == -1:
+        sampling["top_k"] = 0
     sampling = {k: v for k, v in sampling.items() if v is not None}
     for name, value in sampling.items():  # the engine's own checks, one field at a time
         try:
-            SamplingParams(**{name: tuple(value) if name == "stop" else value})
+            SamplingParams(**{name: tuple(value) if name in ("stop", "stop_token_ids") else value,
+                              **({"max_tokens": sampling.get("max_tokens", 32)}
+                                 if name == "min_tokens" else {})})
         except RequestError as e:
             if name == "max_tokens":  # the engine's name for it; say the one the client sent
                 name, e = tokens_field, str(e).replace("max_tokens", tokens_field)
             raise invalid(name, str(e)) from None
     return sampling
+
+
+def choices_per_prompt(body: dict) -> int:
+    """n: how many choices each prompt gets (1 to MAX_N), each sampled with its own seed."""
+    n = typed(body, "n", (int,), "an integer")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise invalid("n", f"n must be in [1, {MAX_N}], got {n}")
+    return n or 1
 
 
 def include_usage(body: dict) -> bool:
@@ -184,20 +239,44 @@ class Reply:
         prefix = "chatcmpl-" if chat else "cmpl-"
         return cls(chat, model, prefix + uuid.uuid4().hex, int(time.time()))
 
-    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
         if self.chat:
             return {"index": index, "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason, "logprobs": None}
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+                    "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": index, "text": text, "finish_reason": finish_reason,
+                "logprobs": logprobs}
 
     def chunk_choice(self, index: int, text: str, finish_reason: str | None = None,
-                     first: bool = False) -> dict:
+                     first: bool = False, logprobs: dict | None = None) -> dict:
         """One choice's piece of a stream; a chat stream opens each choice with its role."""
         if not self.chat:
-            return self.choice(index, text, finish_reason)
+            return self.choice(index, text, finish_reason, logprobs)
         delta = {"role": "assistant", "content": text} if first else \
             ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason,
+                "logprobs": logprobs}
+
+    def logprobs(self, entries, token_text, offset: int = 0) -> dict:
+        """The `logprobs` object of a choice from [(token id, TokenLogprob or None)]: for a
+        completion OpenAI's legacy lists (tokens, token_logprobs, top_logprobs as token -> logprob
+        with the chosen token always in, text_offset from `offset`), for chat its content list."""
+        if self.chat:
+            item = lambda t, v: {"token": token_text(t), "logprob": v,
+                                 "bytes": list(token_text(t).encode())}
+            return {"content": [{**item(t, lp.logprob), "top_logprobs": [item(a, v)
+                                                                         for a, v in lp.top]}
+                                for t, lp in entries]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp in entries:
+            text = token_text(t)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(None if lp is None else {
+                **{token_text(a): v for a, v in lp.top}, text: lp.logprob})
+        return out
 
     def body(self, choices: list[dict], usage: dict | None = None, chunk: bool = False) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \

@@ -8,6 +8,9 @@ import time
 from typing import Callable
 
 from dzjax.errors import DzjaxError
+from dzjax.models.scoring import MAX_TOP_LOGPROBS
+
+MAX_STOP_TOKEN_IDS = 8  # stop_token_ids of one request at most
 
 
 class RequestError(DzjaxError):
@@ -42,6 +45,15 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     ignore_eos: bool = False
+    # Log-probabilities (of the model's distribution, before temperature and top_p), None = off;
+    # k = also the k likeliest alternatives (0..MAX_TOP_LOGPROBS): of each generated token, and
+    # of each prompt token (the first has none: nothing precedes it).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    top_k: int = 0  # sample among the k likeliest tokens at most (0: no limit)
+    min_p: float = 0.0  # only tokens at least min_p times as likely as the likeliest
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids are held back until this many
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (not in the output)
 
     def __post_init__(self):
         checks = [("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -55,9 +67,34 @@ class SamplingParams:
                    f"seed must be an integer in [0, 2**32), got {self.seed!r}"),
                   ("stop", all(isinstance(s, str) and s for s in self.stop),
                    f"stop must be non-empty strings, got {str(self.stop)[:200]}")]
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        checks += [
+            ("top_k", integer(self.top_k) and self.top_k >= 0,
+             f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}"),
+            ("min_p", isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1,
+             f"min_p must be in [0, 1], got {self.min_p!r}"),
+            ("min_tokens", integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}"),
+            ("stop_token_ids", all(integer(t) and t >= 0 for t in self.stop_token_ids)
+             and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+             f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids, got "
+             f"{str(self.stop_token_ids)[:200]}")]
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            checks.append((name, k is None or (isinstance(k, int) and not isinstance(k, bool)
+                                               and 0 <= k <= MAX_TOP_LOGPROBS),
+                           f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}"))
         for param, ok, message in checks:
             if not ok:
                 raise RequestError(message, param=param)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the likeliest alternatives at its position."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +104,7 @@ class Event:
     kind: str  # "token" or "done"
     text: str = ""  # the new text (token events; empty without a tokenizer)
     token_ids: tuple[int, ...] = ()  # the new token ids
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked
     finish_reason: str | None = None  # done: "stop", "length", "cancelled" or "error"
     error: Exception | None = None
 
@@ -96,6 +134,8 @@ class Request:
     delta_slot: int = -1
     order: int = -1  # admission order (the latest admitted are preempted first)
     prefix_keys: tuple = ()  # (context length, its KV prefix keys): hashed once per context
+    logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob per output token
+    prompt_logprobs: list | None = None  # None, then per prompt token: None (the first) or one
 
     @property
     def timings(self) -> dict:

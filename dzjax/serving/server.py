@@ -21,7 +21,7 @@ from dzjax.models.loading import Base, load_base
 from dzjax.models.text import check_text, encode_prompt
 from dzjax.serving.engine import Engine, EngineConfig
 from dzjax.serving.requests import (Event, ModelNotFoundError, Request, RequestError,
-                                    SamplingParams, ServerClosedError)
+                                    SamplingParams, ServerClosedError, TokenLogprob)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled"
     model: str
     timings: dict  # seconds from arrival: queued, first_token, total
+    logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob per token, if asked
+    prompt_logprobs: list | None = None  # None (the first token), then TokenLogprob, if asked
 
 
 class RequestHandle:
@@ -82,7 +84,7 @@ class RequestHandle:
         r = self.request
         return Completion(r.text if self._server.base.tokenizer is not None else None,
                           list(r.output_ids), len(r.prompt_ids), r.finish_reason, self.model,
-                          r.timings)
+                          r.timings, list(r.logprobs), r.prompt_logprobs)
 
     def cancel(self) -> None:
         self._server.engine.cancel(self.request)
@@ -157,6 +159,36 @@ class Server:
         except DzjaxError as e:
             raise RequestError(str(e), param="prompt") from None
 
+    def token_text(self, token: int) -> str:
+        """One token's text (vLLM's "token_id:N" without a tokenizer)."""
+        tok = self.base.tokenizer
+        return f"token_id:{token}" if tok is None else tok.decode([token])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Token ids as text (special tokens kept); a RequestError without a tokenizer or for ids
+        outside the vocabulary."""
+        tok = self.base.tokenizer
+        if tok is None:
+            raise RequestError("this model has no tokenizer", param="tokens")
+        vocab = self.base.config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"tokens must be token ids in [0, {vocab})", param="tokens")
+        return tok.decode(list(ids))
+
+    def tokenizer_info(self) -> dict:
+        """What a client needs to tokenize as this server does (vLLM's /tokenizer_info)."""
+        tok = self.base.tokenizer
+        if tok is None:
+            raise RequestError("this model has no tokenizer")
+        special = {name: getattr(tok, name, None) for name in
+                   ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return {"tokenizer_class": type(tok).__name__, "model_max_length": self.max_seq_len,
+                "vocab_size": self.base.config.vocab_size,
+                "chat_template": getattr(tok, "chat_template", None),
+                "add_bos_token": getattr(tok, "add_bos_token", None),
+                **{k: (v if v is None or isinstance(v, str) else str(v))
+                   for k, v in special.items()}}
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Chat messages through the tokenizer's chat template, ready for the assistant's turn
         (their text within `max_prompt_bytes`, checked before the template runs)."""
@@ -182,7 +214,7 @@ class Server:
         """
         handle = RequestHandle(self, model or self.base_name)
         ids = self.encode(prompt)
-        params = SamplingParams(**{k: tuple(v) if k == "stop" else v
+        params = SamplingParams(**{k: tuple(v) if k in ("stop", "stop_token_ids") else v
                                    for k, v in sampling.items() if v is not None})
         handle.request = self.engine.submit(ids, self._delta_name(model), params,
                                             listener or handle._events.put)
@@ -191,6 +223,8 @@ class Server:
     def generate(self, prompts: str | Sequence, model: str | Sequence[str | None] | None = None,
                  *, max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 logprobs: int | None = None, top_k: int = 0, min_p: float = 0.0,
+                 min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
                  details: bool = False) -> list:
         """Generate for every prompt, all batched together; greedy by default.
 
@@ -199,7 +233,10 @@ class Server:
           model: the delta for all prompts, or one per prompt; None or the base name = base only.
           max_tokens, temperature, top_p, stop, ignore_eos: as in `SamplingParams`.
           seed: prompt i samples with seed + i.
-          details: return `Completion`s (texts, token ids, finish reasons, timings).
+          logprobs: None, or each generated token's log-probability and this many alternatives
+            (0..20), in the `Completion`s' `logprobs`.
+          top_k, min_p, min_tokens, stop_token_ids: as in `SamplingParams`.
+          details: return `Completion`s (texts, token ids, finish reasons, timings, logprobs).
         Returns:
           texts (token-id lists for token-id prompts, or without a tokenizer), or `Completion`s.
         """
@@ -213,7 +250,9 @@ class Server:
             for i, (p, m) in enumerate(zip(prompts, models)):
                 handles.append(self.submit(p, m, max_tokens=max_tokens, temperature=temperature,
                                            top_p=top_p, seed=seed + i, stop=stop,
-                                           ignore_eos=ignore_eos))
+                                           ignore_eos=ignore_eos, logprobs=logprobs,
+                                           top_k=top_k, min_p=min_p, min_tokens=min_tokens,
+                                           stop_token_ids=stop_token_ids))
         except Exception:
             for h in handles:
                 h.cancel()
@@ -228,6 +267,34 @@ class Server:
             return results
         as_text = self.base.tokenizer is not None and all(isinstance(p, str) for p in prompts)
         return [r.text if as_text else r.token_ids for r in results]
+
+    def score(self, prompts: str | Sequence, model: str | Sequence[str | None] | None = None, *,
+              top_logprobs: int = 0) -> list[list[TokenLogprob | None]]:
+        """Each prompt token's log-probability under its model (the first token's is None:
+        nothing precedes it), with `top_logprobs` alternatives: the prompts are batched by the
+        engine with whatever else runs, each row on its own delta. For a JAX pipeline without a
+        server, `dzjax.score` does the same in one call.
+
+        Args:
+          prompts: a text, token ids, or a list of either. model: as in `generate`.
+        Returns:
+          one list per prompt, of None then `TokenLogprob(logprob, top)` per token.
+        """
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
+        if len(models) != len(prompts):
+            raise RequestError(f"{len(models)} models for {len(prompts)} prompts")
+        handles = []
+        try:
+            for p, m in zip(prompts, models):
+                handles.append(self.submit(p, m, max_tokens=1, prompt_logprobs=top_logprobs,
+                                           ignore_eos=True))
+            return [h.result().prompt_logprobs for h in handles]
+        finally:
+            for h in handles:
+                if h._done is None:
+                    h.cancel()
 
     def stream(self, prompt, model: str | None = None, **sampling) -> Iterator[str | int]:
         """Yield the output of one request as it is generated (text pieces, or token ids)."""

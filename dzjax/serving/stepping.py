@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from dzjax.models.generate import bucket
 from dzjax.serving import steps
-from dzjax.serving.requests import Request
+from dzjax.models.scoring import MAX_TOP_LOGPROBS
+from dzjax.serving.requests import MAX_STOP_TOKEN_IDS, Request, TokenLogprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,21 +29,44 @@ class InFlight:
 
     tokens: jax.Array  # int32 [B], on the device
     rows: list[tuple[Request, int]]  # the requests it decodes and their batch rows
+    scored: tuple | None = None  # (logprob [B], top ids [B, K], top logprobs [B, K]), if asked
+
+
+def prompt_top(k: int) -> int:
+    """Alternatives computed per prompt position for a request asking k: 0, 1, 5 or the most
+    (few compiled variants of the prefill)."""
+    return next(b for b in (0, 1, 5, MAX_TOP_LOGPROBS) if k <= b)
+
+
+def token_logprob(scored, i: int, k: int) -> TokenLogprob:
+    """Row i's `TokenLogprob` with k alternatives, from host arrays (logprob, top ids, top lps)."""
+    lp, ids, lps = scored
+    return TokenLogprob(float(lp[i]), tuple((int(t), float(v)) for t, v in
+                                            zip(ids[i][:k], lps[i][:k])))
 
 
 class Steps:
-    @staticmethod
-    def _sampling(requests: list[Request | None], ahead=frozenset()):
-        """(seeds, counters, temperature, top_p) for rows of requests (None: an idle row); the
-        requests in `ahead` (ids) have one token more than they hold (in flight)."""
-        seeds, counters, temperature, top_p = (np.zeros(len(requests), d) for d in (
-            np.uint32, np.int32, np.float32, np.float32))
+    def _sampling(self, requests: list[Request | None], ahead=frozenset()):
+        """(seeds, counters, temperature, top_p, top_k, min_p, suppress) for rows of requests
+        (None: an idle row); the requests in `ahead` (ids) have one token more than they hold
+        (in flight). suppress [rows, EOS ids + MAX_STOP_TOKEN_IDS]: a row short of its
+        min_tokens may not produce end-of-sequence or its stop_token_ids (-1: padding)."""
+        seeds, counters, temperature, top_p, min_p = (np.zeros(len(requests), d) for d in (
+            np.uint32, np.int32, np.float32, np.float32, np.float32))
+        top_k = np.zeros(len(requests), np.int32)
+        eos = sorted(self.eos)
+        suppress = np.full((len(requests), len(eos) + MAX_STOP_TOKEN_IDS), -1, np.int32)
         top_p[:] = 1.0
         for i, r in enumerate(requests):
             if r is not None:
-                seeds[i], counters[i] = r.sampling.seed, len(r.output_ids) + (r.id in ahead)
-                temperature[i], top_p[i] = r.sampling.temperature, r.sampling.top_p
-        return seeds, counters, temperature, top_p
+                s = r.sampling
+                seeds[i], counters[i] = s.seed, len(r.output_ids) + (r.id in ahead)
+                temperature[i], top_p[i], top_k[i], min_p[i] = s.temperature, s.top_p, \
+                    s.top_k, s.min_p
+                if counters[i] < s.min_tokens:
+                    held = ([] if s.ignore_eos else eos) + list(s.stop_token_ids)
+                    suppress[i, :len(held)] = held
+        return seeds, counters, temperature, top_p, top_k, min_p, suppress
 
     def _prefill(self, admitted: list[Request]) -> None:
         """Prefill the admitted requests' contexts: the prompt, and for a preempted request the
@@ -64,16 +88,32 @@ class Steps:
                 # (shared prefix pages are not written again)
                 lengths[i], tables[i], slots[i] = len(context), pt.prefill_table(r.batch_row), \
                     r.delta_slot
-            tokens, self.pages = steps.prefill(
+            logprobs = any(r.sampling.logprobs is not None for r in group)
+            # Prompt log-probs once per request (not again after a preemption).
+            want = [r.sampling.prompt_logprobs for r in group
+                    if r.sampling.prompt_logprobs is not None and r.prompt_logprobs is None]
+            top = prompt_top(max(want)) if want else None
+            out = steps.prefill(
                 self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots,
                 self._sampling(group + [None] * (n - len(group))), config=self.base.config,
-                dtype=self.dtype, kernels=self.kernels)
+                dtype=self.dtype, kernels=self.kernels, logprobs=logprobs, prompt_top=top)
+            tokens, extras, self.pages = out if len(out) == 3 else (out[0], {}, out[1])
             self.counts["prefill_calls"] += 1
             tokens = np.asarray(tokens)
+            extras = jax.tree.map(np.asarray, extras)
             for i, r in enumerate(group):
                 if self.config.prefix_sharing:  # its full pages now hold its context
                     pt.register(r.batch_row, r.model, self._prefix_keys(r))
-                self._emit(r, int(tokens[i]))
+                if "prompt" in extras and r.sampling.prompt_logprobs is not None \
+                        and r.prompt_logprobs is None:
+                    k = r.sampling.prompt_logprobs
+                    r.prompt_logprobs = [None] + [  # position t scored token t + 1
+                        token_logprob(tuple(a[i] for a in extras["prompt"]), t, k)
+                        for t in range(len(r.prompt_ids) - 1)]
+                scored = None
+                if r.sampling.logprobs is not None:
+                    scored = token_logprob(extras["token"], i, r.sampling.logprobs)
+                self._emit(r, int(tokens[i]), scored)
 
     def _decode(self) -> None:
         """Dispatch one decode step for the running requests; then read the step before it, if
@@ -114,11 +154,13 @@ class Steps:
         tokens = self._placed_tokens(tokens)
         num_pages = bucket(max(pt.held(r.batch_row) for r in live), 1, pt.max_pages)
         rows = [r if r is not None and r.id in ids else None for r in self.rows]
+        logprobs = any(r.sampling.logprobs is not None for r in live)
         out, self.pages = steps.decode(
             self.params, self.pool.stacks, self.pages, tables, tokens, positions, slots,
             self._sampling(rows, ahead), config=self.base.config, dtype=self.dtype,
-            kernels=self.kernels, num_pages=num_pages)
-        self._inflight = InFlight(out, [(r, r.batch_row) for r in live])
+            kernels=self.kernels, num_pages=num_pages, logprobs=logprobs)
+        out, scored = (out[0], out[1:]) if logprobs else (out, None)
+        self._inflight = InFlight(out, [(r, r.batch_row) for r in live], scored)
         self.counts["steps"] += 1
         self.counts["decode_rows"] += len(live)
         self.counts["max_running"] = max(self.counts["max_running"], len(live))
@@ -146,9 +188,12 @@ class Steps:
         """Report a decode step's tokens (waiting for the device); a request that ended or left
         its row since the step was dispatched gets none."""
         tokens = np.asarray(step.tokens)
+        scored = None if step.scored is None else tuple(np.asarray(a) for a in step.scored)
         for r, row in step.rows:
             if r.finish_reason is None and r.batch_row == row:
-                self._emit(r, int(tokens[row]))
+                k = r.sampling.logprobs
+                self._emit(r, int(tokens[row]),
+                           None if k is None else token_logprob(scored, row, k))
 
     def compile_decode(self) -> None:
         """Compile the decode step for every bucket of pages read, on idle rows (nothing is

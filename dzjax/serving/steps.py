@@ -25,8 +25,9 @@ from dzjax.models.delta_stacks import row_deltas
 from dzjax.models.forward import TRACE_COUNTS
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.kv_cache import KVCache, KVPages, PagedKVCache
-from dzjax.models.llama import CausalLM
+from dzjax.models.llama import CausalLM, log_probs
 from dzjax.models.sampling import sample
+from dzjax.models.scoring import MAX_TOP_LOGPROBS
 
 _STATIC = ("config", "dtype", "kernels")
 
@@ -40,47 +41,72 @@ def _placed(pages: KVPages, mesh) -> KVPages:
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, where), pages)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("logprobs", "prompt_top"),
+                   donate_argnames=("pages",))
 def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, sampling, *,
-            config: ModelConfig, dtype, kernels: KernelOptions):
+            config: ModelConfig, dtype, kernels: KernelOptions, logprobs: bool = False,
+            prompt_top: int | None = None):
     """Run new prompts and write their keys/values into their pages.
 
     Args:
       ids: int32 [n, T] right-padded prompts; lengths: int32 [n].
       tables: int32 [n, max_pages], each prompt's block table (padding rows: all out of range).
       slots: int32 [n] delta slots (-1 = base only).
-      sampling: (seeds, counters, temperature, top_p), each [n] (see `dzjax.models.sample`).
+      sampling: the arguments of `dzjax.models.sample` after the logits, each with [n] rows.
       kernels: the delta kernels and the tensor-parallel mesh everything is placed on.
+      logprobs: also return each first token's `log_probs` (with MAX_TOP_LOGPROBS alternatives).
+      prompt_top: also score every prompt position, with this many alternatives (None: no).
     Returns:
-      (first generated token [n], pages).
+      (first generated token [n], pages); with logprobs or prompt_top, (tokens, extras, pages):
+      extras["token"] = (logprob [n], top ids [n, K], top logprobs [n, K]), and
+      extras["prompt"] = position t's log-prob of ids[:, t + 1], [n, T] (and [n, T, prompt_top]).
     """
     TRACE_COUNTS["serve_prefill"] += 1
     n, t = ids.shape
     small = KVCache.zeros(config, n, t, pages.k[0].dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    logits, small = CausalLM(config, dtype, kernels=kernels).apply(
+    score = None
+    if prompt_top is not None:
+        score = (jnp.concatenate([ids[:, 1:], jnp.zeros((n, 1), ids.dtype)], axis=1), prompt_top)
+    out, small = CausalLM(config, dtype, kernels=kernels).apply(
         {"params": params}, ids, positions, row_deltas(stacks, slots), small,
-        logits_at=lengths - 1)
+        logits_at=lengths - 1, score=score)
+    scored, logits = (None, out) if score is None else out
     tokens = sample(logits[:, 0], *sampling)
-    return tokens, _placed(pages.write_prompts(small, tables, lengths), kernels.mesh)
+    pages = _placed(pages.write_prompts(small, tables, lengths), kernels.mesh)
+    if not logprobs and scored is None:
+        return tokens, pages
+    extras = {}
+    if logprobs:
+        extras["token"] = log_probs(logits[:, 0], tokens, MAX_TOP_LOGPROBS)
+    if scored is not None:
+        extras["prompt"] = scored
+    return tokens, extras, pages
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("num_pages",),
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_pages", "logprobs"),
                    donate_argnames=("pages",))
 def decode(params, stacks, pages: KVPages, tables, tokens, positions, slots, sampling, *,
-           config: ModelConfig, dtype, kernels: KernelOptions, num_pages: int):
+           config: ModelConfig, dtype, kernels: KernelOptions, num_pages: int,
+           logprobs: bool = False):
     """One token for every batch row.
 
     Args:
       tables: int32 [B, max_pages] block tables (idle rows: all out of range).
       tokens: int32 [B] each row's last token; positions: int32 [B] where it goes.
-      slots: int32 [B] delta slots; sampling: (seeds, counters, temperature, top_p), each [B].
+      slots: int32 [B] delta slots; sampling: `dzjax.models.sample`'s arguments, [B] rows.
       num_pages: how many pages of each row attention reads (>= the longest live row's).
+      logprobs: also return the tokens' `log_probs` (with MAX_TOP_LOGPROBS alternatives).
     Returns:
-      (next token [B], pages).
+      (next token [B], pages); with logprobs ((next token, logprob [B], top ids [B, K],
+      top logprobs [B, K]), pages).
     """
     TRACE_COUNTS["serve_decode"] += 1
     logits, cache = CausalLM(config, dtype, kernels=kernels).apply(
         {"params": params}, tokens[:, None], positions[:, None], row_deltas(stacks, slots),
         PagedKVCache(pages, tables, num_pages))
-    return sample(logits[:, 0], *sampling), _placed(cache.pages, kernels.mesh)
+    tokens = sample(logits[:, 0], *sampling)
+    pages = _placed(cache.pages, kernels.mesh)
+    if logprobs:
+        return (tokens, *log_probs(logits[:, 0], tokens, MAX_TOP_LOGPROBS)), pages
+    return tokens, pages
