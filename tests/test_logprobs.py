@@ -70,6 +70,19 @@ def test_generated_token_logprobs_greedy_and_sampled(setup):
                 assert lp.top[0][0] == token
 
 
+def test_the_token_that_ends_a_request_keeps_its_logprob(setup):
+    """Ending on a stop token (or EOS): not in the output, but its log-prob is the last entry
+    (lm-eval reads echo's log-probs up to the one generated token)."""
+    base, deltas, server = setup
+    prompt = np.random.default_rng(2).integers(3, 200, 6).tolist()
+    first = dzjax.generate(base, [prompt], delta=deltas[0], max_tokens=1, stop_at_eos=False)[0][0]
+    out = server.generate([prompt], "ft0", max_tokens=3, stop_token_ids=[first], logprobs=1,
+                          details=True)[0]
+    assert out.token_ids == [] and out.finish_reason == "stop" and len(out.logprobs) == 1
+    want = log_softmax_rows(base, prompt, deltas[0])[-1, first]
+    assert out.logprobs[0].logprob == pytest.approx(want, abs=2e-4)
+
+
 def test_logprobs_fields_are_checked(setup):
     server = setup[2]
     with pytest.raises(dzjax.DzjaxError, match=r"logprobs must be an integer in \[0, 20\]"):

@@ -150,6 +150,10 @@ def test_sampler_top_k_min_p_and_suppressed_tokens():
     assert draw() == {0, 1, 2, 3}
     assert draw(top_k=np.full(n, 2)) == {0, 1}
     assert draw(min_p=np.full(n, 0.5)) == {0, 1, 2}  # p >= 0.5 * 0.4
+    # top_p after top_k, on what top_k kept (as HF and vLLM): of {0.4, 0.3} renormalised,
+    # 0.57 already reaches 0.5.
+    assert dzjax.models.sample(logits, seeds, counters, ones, np.full(n, 0.5),
+                               top_k=np.full(n, 2)).tolist() == [0] * n
     # Suppressed tokens are never drawn, and a greedy row takes the best of the others.
     suppress = np.tile(np.array([[0, 2, -1]], np.int32), (n, 1))
     assert draw(suppress=suppress) == {1, 3}

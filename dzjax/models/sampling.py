@@ -17,17 +17,17 @@ def _one(logits, seed, counter, temperature, top_p, top_k, min_p, suppress):
     hit = (jnp.arange(logits.shape[-1])[:, None] == suppress[None, :]).any(axis=1)
     logits = jnp.where(hit, -jnp.inf, logits)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling),
-    # at most top_k of them (0: no limit), and only those at least min_p times as likely as the
-    # likeliest one.
+    # As HF and vLLM: keep the top_k likeliest tokens (0: no limit) and those at least min_p
+    # times as likely as the likeliest one, then, of those renormalised, the smallest set whose
+    # mass reaches top_p (nucleus sampling). Ties with the last kept token are kept.
     ordered = jnp.sort(scaled)[::-1]
-    probs = jax.nn.softmax(ordered)
+    rank = jnp.arange(ordered.shape[0])
+    kept = ((top_k <= 0) | (rank < top_k)) & \
+        ((min_p <= 0) | (ordered >= ordered[0] + jnp.log(jnp.maximum(min_p, 1e-30))))
+    ordered_kept = jnp.where(kept, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered_kept)
     mass_before = jnp.cumsum(probs) - probs
-    threshold = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf))
-    kth = ordered[jnp.clip(top_k - 1, 0, ordered.shape[0] - 1)]
-    threshold = jnp.where(top_k > 0, jnp.maximum(threshold, kth), threshold)
-    threshold = jnp.where(min_p > 0, jnp.maximum(threshold, ordered[0] + jnp.log(min_p)),
-                          threshold)
+    threshold = jnp.min(jnp.where(kept & (mass_before < top_p), ordered, jnp.inf))
     sampled = jax.random.categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf))
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
 

@@ -63,6 +63,7 @@ class Scores:
     top_ids: np.ndarray
     top_logprobs: np.ndarray
     lengths: np.ndarray
+    best_logprobs: np.ndarray  # [B, T] the likeliest token's log-prob at each position
 
     def sum(self, start) -> tuple[np.ndarray, np.ndarray]:
         """(summed log-probability of tokens start[b]..lengths[b]-1, whether each of those
@@ -75,9 +76,7 @@ class Scores:
         t = np.arange(self.token_logprobs.shape[1])
         mine = (t >= start[:, None]) & (t < self.lengths[:, None])
         total = np.where(mine, self.token_logprobs, 0.0).sum(axis=1)
-        if self.top_ids.shape[-1] == 0:
-            return total, np.full(len(total), np.nan)
-        greedy = np.where(mine, self.top_logprobs[..., 0] <= self.token_logprobs + 1e-6,
+        greedy = np.where(mine, self.best_logprobs <= self.token_logprobs + 1e-6,
                           True).all(axis=1)
         return total, greedy
 
@@ -116,14 +115,16 @@ def score(base, input_ids, *, deltas=None, rows=None, lengths=None, top_logprobs
         raise DzjaxError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got "
                          f"{top_logprobs!r}")
     delta = _row_deltas(base, deltas, rows, b)
-    lp, top_ids, top_lp = score_tokens(
+    lp, top_ids, top_lp = score_tokens(  # at least the likeliest token, for Scores.sum's greedy
         base.params, jnp.asarray(ids), delta, config=base.config, dtype=jnp.dtype(dtype),
-        kernels=KernelOptions.resolve(implementation), top=top_logprobs)
+        kernels=KernelOptions.resolve(implementation), top=max(top_logprobs, 1))
     # Position t scored token t + 1: shift right so that column t is token t's own.
     shift = lambda a, fill: np.concatenate([np.full_like(a[:, :1], fill), a[:, :-1]], axis=1)
     lp = shift(np.asarray(lp), np.nan)
     lp[np.arange(t)[None, :] >= lengths[:, None]] = np.nan
-    return Scores(lp, shift(np.asarray(top_ids), 0), shift(np.asarray(top_lp), np.nan), lengths)
+    best = shift(np.asarray(top_lp[..., 0]), np.nan)
+    return Scores(lp, shift(np.asarray(top_ids), 0)[..., :top_logprobs],
+                  shift(np.asarray(top_lp), np.nan)[..., :top_logprobs], lengths, best)
 
 
 def _row_deltas(base, deltas, rows, batch: int):

@@ -409,6 +409,9 @@ class Engine(Steps, EngineLoop):
         if r.first_token is None:
             r.first_token = time.perf_counter()
         if (token in self.eos and not r.sampling.ignore_eos) or token in r.sampling.stop_token_ids:
+            if scored is not None:  # not in the output, but its log-prob is (as vLLM's)
+                r.logprobs.append(scored)
+                self._notify(r, Event("token", token_ids=(token,), logprobs=(scored,)))
             self._finish(r, "stop")
             return
         r.output_ids.append(token)

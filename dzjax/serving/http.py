@@ -243,11 +243,14 @@ async def _chunks(generation: _Generation, reply: Reply, include_usage: bool
     if reply.chat:
         yield _sse(reply.body([reply.chunk_choice(i, "", first=True)
                                for i in range(len(generation.handles))], chunk=True))
+    offsets = [0] * len(generation.handles)  # text_offset runs on across a choice's chunks
     async for index, event in generation.events():
         if event.kind == "token":
             if event.logprobs:  # every token's log-probs, even one whose text is held back
                 logprobs = reply.logprobs(list(zip(event.token_ids, event.logprobs)),
-                                          generation.server.token_text)
+                                          generation.server.token_text, offsets[index])
+                if not reply.chat:
+                    offsets[index] += sum(map(len, logprobs["tokens"]))
                 yield _sse(reply.body([reply.chunk_choice(index, event.text, logprobs=logprobs)],
                                       chunk=True))
             elif event.text:

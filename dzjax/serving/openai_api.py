@@ -41,7 +41,13 @@ UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "presence_penalty": (0,),
                "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
                "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},),
                "use_beam_search": (False,), "length_penalty": (1,), "guided_json": (),
-               "guided_regex": (), "guided_choice": (), "guided_grammar": ()}
+               "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+               "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],),
+               "truncate_prompt_tokens": (), "skip_special_tokens": (True,),
+               "include_stop_str_in_output": (False,), "return_tokens_as_token_ids": (False,),
+               "add_special_tokens": (True,), "chat_template": (),
+               "add_generation_prompt": (True,), "continue_final_message": (False,),
+               "chat_template_kwargs": ({},)}
 MAX_N = 16  # choices per prompt at most
 
 
@@ -153,9 +159,13 @@ def logprob_fields(body: dict, chat: bool) -> tuple[dict, bool]:
             raise invalid("top_logprobs", f"top_logprobs must be in [0, {top}], got {k}")
         if k and not wanted:
             raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
-        if body.get("echo") not in (None, False):
-            raise invalid("echo", "echo is a completions field; chat does not echo")
+        for name in ("echo", "prompt_logprobs"):
+            if body.get(name) not in (None, False):
+                raise invalid(name, f"{name} is a completions field here; chat does not take it")
         return ({"logprobs": k or 0} if wanted else {}), False
+    if body.get("top_logprobs") not in (None, 0):
+        raise invalid("top_logprobs", "completions take logprobs k (the k alternatives), not "
+                                      "top_logprobs")
     out = {}
     for name in ("logprobs", "prompt_logprobs"):
         k = typed(body, name, (int,), "an integer")
@@ -196,7 +206,8 @@ def sampling_fields(body: dict, chat: bool) -> dict:
     for name, value in sampling.items():  # the engine's own checks, one field at a time
         try:
             SamplingParams(**{name: tuple(value) if name in ("stop", "stop_token_ids") else value,
-                              **({"max_tokens": sampling.get("max_tokens", 32)}
+                              # against the request's max_tokens once it is known (engine)
+                              **({"max_tokens": sampling.get("max_tokens", 2 ** 31)}
                                  if name == "min_tokens" else {})})
         except RequestError as e:
             if name == "max_tokens":  # the engine's name for it; say the one the client sent
