@@ -240,11 +240,7 @@ class Server:
         Returns:
           texts (token-id lists for token-id prompts, or without a tokenizer), or `Completion`s.
         """
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
-        models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
-        if len(models) != len(prompts):
-            raise RequestError(f"{len(models)} models for {len(prompts)} prompts")
+        prompts, models = _prompts_and_models(prompts, model)
         handles = []
         try:
             for i, (p, m) in enumerate(zip(prompts, models)):
@@ -280,11 +276,7 @@ class Server:
         Returns:
           one list per prompt, of None then `TokenLogprob(logprob, top)` per token.
         """
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
-        models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
-        if len(models) != len(prompts):
-            raise RequestError(f"{len(models)} models for {len(prompts)} prompts")
+        prompts, models = _prompts_and_models(prompts, model)
         handles = []
         try:
             for p, m in zip(prompts, models):
@@ -320,6 +312,16 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prompts_and_models(prompts, model) -> tuple[list, list]:
+    """One prompt (a text or token ids) or a list, and one model for all or one per prompt."""
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+    prompts = [prompts] if single else list(prompts)
+    models = list(model) if isinstance(model, (list, tuple)) else [model] * len(prompts)
+    if len(models) != len(prompts):
+        raise RequestError(f"{len(models)} models for {len(prompts)} prompts")
+    return prompts, models
 
 
 def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
