@@ -19,8 +19,9 @@
 #      600 s call with the tests; the JSON then says "truncated": true and a second call with
 #      only this step, e.g. `python benchmarks/kernels.py --implementation pallas --out $OUT`,
 #      completes it)
-#   4. pytest tests/test_serving.py with DZJAX_KERNEL=pallas: batched multi-delta serving on the
-#      compiled kernels equals generation on the merged weights
+#   4. pytest tests/test_serving.py and tests/test_logprobs.py with DZJAX_KERNEL=pallas: batched
+#      multi-delta serving on the compiled kernels equals generation on the merged weights, and
+#      the log-probs computed in its steps (and dzjax.score's) equal log_softmax of the logits
 #   5. the serving benchmark (dzjax vs swap vs merged, decode step with 8 deltas vs base) on a
 #      synthetic 12-layer, hidden-1024 model -> OUTDIR/serving-gpu.json (no plot: the machine
 #      may lack matplotlib); skipped with SKIP_SERVING_BENCH=1
@@ -48,7 +49,8 @@ if [ -z "${SKIP_KERNEL_STEPS:-}" ]; then
   tail -n 3 "$OUT/benchmark.log"
 fi
 
-DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_serving.py -q --junitxml="$OUT/junit-serving.xml" \
+DZJAX_KERNEL=pallas "$PY" -m pytest tests/test_serving.py tests/test_logprobs.py -q \
+  --junitxml="$OUT/junit-serving.xml" \
   > "$OUT/pytest-serving.log" 2>&1 || status=1
 tail -n 5 "$OUT/pytest-serving.log"
 
