@@ -80,6 +80,9 @@ def test_file_holds_compressed_tensors_and_metadata(llama_delta):
     assert set(report["relative_error"]) >= {"model.layers.0.mlp.down_proj.weight", "lm_head.weight"}
 
 
+# Slow (CI time): 26 s; tied embeddings and biases are converted and served in the default run by
+# test_serving's qwen2 case.
+@pytest.mark.slow
 def test_tied_embeddings_and_biases_round_trip(tmp_path):
     ft_dir = _finetune_of(tmp_path, "qwen2")
     delta = dzjax.convert(fixture_dir("qwen2"), ft_dir, tmp_path / "q.dz", bits=8, sparsity=None,

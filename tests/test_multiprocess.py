@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 from conftest import fixture_dir, make_deltas
 
 import dzjax
@@ -15,6 +16,8 @@ import dzjax
 SCRIPT = Path(__file__).parent.parent / "scripts" / "multiprocess_generate.py"
 
 
+# Slow (CI time): 22 s; two processes under jax.distributed, each compiling the model.
+@pytest.mark.slow
 def test_two_processes_generate_what_one_does(tmp_path):
     paths = make_deltas(fixture_dir("llama"), tmp_path, 1)
     prompts = [[1, 15, 27, 3], [1, 99, 4]]

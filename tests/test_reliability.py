@@ -270,6 +270,9 @@ def test_temporary_files_of_a_killed_write_are_removed_on_the_next_run(deltas, t
     assert live.exists() and not stale.exists()
 
 
+# Slow (CI time): 22 s; a killed write's temporary files are checked by
+# test_temporary_files_of_a_killed_write_are_removed_on_the_next_run.
+@pytest.mark.slow
 def test_a_killed_convert_leaves_no_temporary_file(tmp_path):
     """SIGTERM while the delta is written: the command removes its temporary file."""
     out = tmp_path / "ft.dz"

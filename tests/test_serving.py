@@ -73,6 +73,9 @@ def test_exact_embedding_deltas_are_served_too(models):
         assert tokens == alone(base, merged, prompt, name, 8)
 
 
+# Slow (CI time): 26 s; the interpret kernels are checked against their references in test_kernels,
+# and gpu_suite.sh runs this module on the compiled ones.
+@pytest.mark.slow
 def test_interpret_kernels_give_the_xla_tokens(models):
     base, paths, _ = models("llama")
     prompts, names = prompts_for(3, seed=3), ["ft0", "ft1", None]

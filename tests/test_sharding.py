@@ -84,6 +84,8 @@ def test_a_mesh_that_does_not_divide_the_model_is_refused_at_serve(tp_model):
         make_mesh(16)
 
 
+# Slow (CI time): 25 s; the mesh's serving and generation stay in the default run.
+@pytest.mark.slow
 def test_convert_on_a_mesh_writes_the_same_file(tp_model, tmp_path):
     _, base_dir, _ = tp_model
     ft = make_finetune(base_dir, tmp_path / "ft", seed=7)
