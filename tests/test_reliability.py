@@ -320,6 +320,19 @@ def test_nan_or_inf_in_scales_or_exact_tensors_is_refused(deltas, tmp_path, key)
         dzjax.load_delta(bad)
 
 
+def test_zero_points_beyond_the_codes_are_refused(deltas, tmp_path):
+    _, paths, _ = deltas
+    key = "model.layers.0.mlp.up_proj.zeros"
+
+    def poison(t):
+        t[key] = t[key].copy()
+        t[key].reshape(-1)[5] = 200  # 4-bit codes: zero points must be below 16
+    bad = rewrite(paths["ft0"], tmp_path / "zeros.dz", edit_tensors=poison)
+    with pytest.raises(DeltaFileError, match=f"'{key}' holds zero points up to 200; 4-bit codes "
+                                             "need them below 16"):
+        dzjax.load_delta(bad)
+
+
 @pytest.mark.parametrize("version", [True, 2.0, "2", 1])
 def test_only_the_integer_format_version_is_read(deltas, tmp_path, version):
     _, paths, _ = deltas

@@ -315,5 +315,11 @@ def _read_quantized(reader: _TensorReader, name, entry, hf_shape):
         arrays[field] = reader.read(key, shape, dtype, zstd=bool(entry.get("zstd")))
         if field == "scales":
             _finite(arrays[field], reader.path, key)
+        if field == "zeros" and arrays[field].size and int(arrays[field].max()) >= 2 ** fmt.bits:
+            # Codes are below 2**bits, and so must the zero points be (the kernels' bf16 route
+            # builds 128 + zero exactly only for them).
+            raise DeltaFileError(f"{reader.path}: tensor {key!r} holds zero points up to "
+                                 f"{int(arrays[field].max())}; {fmt.bits}-bit codes need them "
+                                 f"below {2 ** fmt.bits}")
     return QuantizedTensor(**{f: None if arrays.get(f) is None else jnp.asarray(arrays[f])
                               for f in FIELDS}, shape=(k, n), format=fmt)
