@@ -310,17 +310,12 @@ def ptx_table(quick: bool = False) -> dict:
 
     from dzjax.pallas_kernels import delta_matmul_pallas, multi_delta_matmul_pallas
     from dzjax.pallas_kernels import compiled
-    from dzjax.pallas_kernels.formats import QuantizedTensor
 
     rows = []
     for name, base_fmt in list(FORMATS.items())[:1] if quick else FORMATS.items():
         for kind, m, k, n, c in ptx_configs(base_fmt, quick):
             fmt = base_fmt or Format(bits=8, group_size=k)
-            sds = {f: jax.ShapeDtypeStruct(shape, dtype)
-                   for f, (shape, dtype) in fmt.stored_arrays(k, n).items()}
-            q = QuantizedTensor(qweight=sds["qweight"], scales=sds["scales"],
-                                zeros=sds.get("zeros"), meta=sds.get("meta"), shape=(k, n),
-                                format=fmt)
+            q = compiled.abstract_delta(k, n, fmt)
             x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
             if kind == "single":
                 fn = functools.partial(delta_matmul_pallas, config=c)

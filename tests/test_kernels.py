@@ -22,7 +22,6 @@ from dzjax.pallas_kernels import (DeltaMatmulConfig, Format, MultiDeltaConfig, d
                                   multi_delta_matmul_pallas, multi_delta_matmul_ref,
                                   quantize_to_format, stack_deltas, unstack_deltas, write_slot)
 from dzjax.pallas_kernels import compiled, dispatch
-from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -542,15 +541,7 @@ class TestCudaLowering:
                                           jnp.ones((16, k), jnp.bfloat16), stack, batch)
 
 
-def abstract_delta(k: int, n: int, fmt: Format) -> QuantizedTensor:
-    """A [K, N] delta of `fmt` with shape-only leaves (no data): for lowering big shapes."""
-    rows, sds = fmt.stored_rows(k), jax.ShapeDtypeStruct
-    meta = None if fmt.nm is None else sds((rows * 2 // 32, n), jnp.uint32)
-    return QuantizedTensor(
-        qweight=sds((rows * fmt.bits // 32, n), jnp.uint32),
-        scales=sds((k // fmt.group_size, n), jnp.bfloat16),
-        zeros=None if fmt.symmetric else sds((k // fmt.group_size, n), jnp.uint8),
-        meta=meta, shape=(k, n), format=fmt)
+abstract_delta = compiled.abstract_delta
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,15 @@ from pathlib import Path
 
 import jax
 
+from dzjax.pallas_kernels.formats import FIELDS, QuantizedTensor
+
+
+def abstract_delta(k: int, n: int, fmt) -> QuantizedTensor:
+    """A [K, N] delta of `fmt` whose leaves are shapes only (no data): for lowering big shapes."""
+    sds = {f: jax.ShapeDtypeStruct(shape, dtype)
+           for f, (shape, dtype) in fmt.stored_arrays(k, n).items()}
+    return QuantizedTensor(**{f: sds.get(f) for f in FIELDS}, shape=(k, n), format=fmt)
+
 
 def lower_for_cuda(fn, *args) -> str:
     """The StableHLO text of jit(fn)(*args) lowered for CUDA, with an abstract H100 as the
