@@ -38,16 +38,31 @@ def _sparsity(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _or_same(parse):
+    """A value parsed by `parse`, or "same" (the blocks' setting)."""
+    def read(text: str):
+        return "same" if text == "same" else parse(text)
+    return read
+
+
+def _group(text: str):
+    size = int(text)
+    return None if size == 0 else size
+
+
 def _convert(args) -> None:
     from dzjax.compress.pipeline import convert, report_json, report_text
 
     delta = convert(
         args.base, args.finetune, args.out, bits=args.bits, sparsity=args.sparsity,
-        group_size=None if args.group_size == 0 else args.group_size,
+        group_size=args.group_size, embedding_bits=args.embedding_bits,
+        embedding_sparsity=args.embedding_sparsity,
+        embedding_group_size=args.embedding_group_size,
         calibration=args.calibration, name=args.name, symmetric=args.symmetric,
         act_order=args.act_order, method=args.method, damp=args.damp,
         compress_embeddings=not args.keep_embeddings, zstd=args.zstd, n_samples=args.n_samples,
-        seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
+        seq_len=args.seq_len, seed=args.seed, progress=not args.quiet,
+        checkpoint_every=None if args.no_checkpoint else args.checkpoint_every)
     report = delta.metadata["report"]
     print(report_json(report) if args.json else f"wrote {args.out}\n{report_text(report)}")
 
@@ -67,10 +82,16 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("base", type=Path, help="base HF checkpoint directory")
     conv.add_argument("finetune", type=Path, help="fine-tuned HF checkpoint directory")
     conv.add_argument("-o", "--out", type=Path, required=True, help="delta file to write")
-    conv.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8, 16))
-    conv.add_argument("--sparsity", type=_sparsity, default="2:4",
-                      help="'n:m' (default 2:4), a fraction for unstructured, or 'none'")
-    conv.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
+    conv.add_argument("--bits", type=int, default=2, choices=(2, 3, 4, 8, 16))
+    conv.add_argument("--sparsity", type=_sparsity, default=None,
+                      help="'n:m' (e.g. 2:4), a fraction for unstructured, or 'none' (default)")
+    conv.add_argument("--group-size", type=_group, default=128, help="0 = per output channel")
+    conv.add_argument("--embedding-bits", type=_or_same(int), default=4,
+                      help="bits of the embedding and lm_head deltas, or 'same' as --bits")
+    conv.add_argument("--embedding-sparsity", type=_or_same(_sparsity), default=None,
+                      help="their sparsity (default none), or 'same'")
+    conv.add_argument("--embedding-group-size", type=_or_same(_group), default=None,
+                      help="their group size (default: per row), 0 = per row, or 'same'")
     conv.add_argument("--symmetric", action="store_true")
     conv.add_argument("--act-order", action="store_true")
     conv.add_argument("--method", choices=("obs", "rtn"), default="obs")
@@ -81,6 +102,10 @@ def parser() -> argparse.ArgumentParser:
                       help="lossless zstd stage at rest (about 15-25%% smaller files)")
     conv.add_argument("--calibration", default=None,
                       help="a .txt or .jsonl file (default: the embedded corpus)")
+    conv.add_argument("--checkpoint-every", type=float, default=60.0,
+                      help="seconds between progress checkpoints (0: every layer; a killed "
+                      "convert run again resumes)")
+    conv.add_argument("--no-checkpoint", action="store_true", help="never checkpoint")
     conv.add_argument("--n-samples", type=int, default=128)
     conv.add_argument("--seq-len", type=int, default=512)
     conv.add_argument("--seed", type=int, default=0)

@@ -64,8 +64,13 @@ def test_file_holds_compressed_tensors_and_metadata(llama_delta):
     assert sf.dtype("model.layers.0.mlp.up_proj.qweight") == np.uint32
     assert sf.shape("model.layers.0.mlp.up_proj.qweight") == (64 // 2 * 4 // 32, 128)  # [K/2 * 4 bits / 32, N]
     assert sf.shape("model.layers.0.mlp.down_proj.qweight") == (128 // 2 * 4 // 32, 64)
-    assert sf.shape("model.embed_tokens.qweight") == (64 // 2 * 4 // 32, 256)  # [hidden, vocab]
-    assert sf.dtype("model.norm.weight") == np.float32  # exact
+    # [hidden, vocab], with the embeddings' own default settings: 4-bit, dense, one scale a row
+    assert sf.shape("model.embed_tokens.qweight") == (64 * 4 // 32, 256)
+    embedding = dict(meta["tensors"]["model.embed_tokens.weight"])
+    del embedding["hashes"]
+    assert embedding == {"kind": "quantized", "shape": [64, 256], "bits": 4, "group_size": 64,
+                         "symmetric": False, "sparsity": None}
+    assert sf.dtype("model.norm.weight") == np.float32  # exact (a float32 fine-tune)
     entry = dict(meta["tensors"]["model.layers.1.self_attn.o_proj.weight"])
     hashes = entry.pop("hashes")
     assert entry == {"kind": "quantized", "shape": [64, 64], "bits": 4, "group_size": 32,
@@ -76,7 +81,7 @@ def test_file_holds_compressed_tensors_and_metadata(llama_delta):
     report = delta.metadata["report"]
     assert report["file_bytes"] == path.stat().st_size
     assert 3.0 < report["bits_per_compressed_weight"] < 4.0  # 2:4 at 4 bits + group scales
-    assert report["ratio_vs_bf16"] > 4
+    assert report["ratio_vs_bf16"] > 3.5  # the 4-bit embedding is a third of this tiny model
     assert set(report["relative_error"]) >= {"model.layers.0.mlp.down_proj.weight", "lm_head.weight"}
 
 
@@ -240,7 +245,8 @@ def test_interrupted_convert_leaves_no_file(tmp_path, monkeypatch):
 def test_bad_settings_are_named(tmp_path):
     for kwargs, message in [(dict(bits=5), "bits"), (dict(sparsity="3:2"), "3:2"),
                             (dict(sparsity=1.5), "sparsity"), (dict(method="magic"), "method"),
-                            (dict(group_size=48), "group_size=48 must divide")]:
+                            (dict(group_size=0), "group_size"),
+                            (dict(embedding_bits=5), "bits")]:
         with pytest.raises(dzjax.DzjaxError, match=message):
             dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "x.dz",
                           **kwargs, **FAST)
@@ -318,8 +324,11 @@ def test_swapping_compressed_deltas_does_not_retrace(llama_delta, tmp_path):
     (lambda m: m["tensors"].__setitem__("model.norm.weight", "exact"), "malformed entry"),
     (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 0),
      "bad compression settings"),
+    # a valid format, but not the one the arrays were stored in
     (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 48),
-     "bad compression settings"),
+     "up_proj.qweight' is uint32 .4, 128., expected uint32 .12, 128."),
+    (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 96),
+     "bad compression settings .*not its padded per-channel size 64"),
 ])
 def test_garbled_metadata_is_a_clear_error(llama_delta, tmp_path, edit, message):
     bad = _rewrite(llama_delta[0], tmp_path / "g.dz", edit_meta=edit)
@@ -378,3 +387,100 @@ def test_a_delta_write_that_fails_midway_leaves_nothing(llama_delta, tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         save_delta(llama_delta[1], tmp_path / "d.dz")
     assert os.listdir(tmp_path) == []
+
+
+def _bf16_pair_delta(shape, seed, move=0.03):
+    """W_ft - W_base of a bf16 base and a bf16 fine-tune that moves it by ~3%, in float32."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=shape).astype(ml_dtypes.bfloat16).astype(np.float32)
+    ft = (base * (1 + move * rng.normal(size=shape))).astype(ml_dtypes.bfloat16)
+    ft = ft.astype(np.float32)
+    ft.reshape(-1)[:3] = -base.reshape(-1)[:3] * 1e-3  # weights crossing zero: not bf16 deltas
+    return ft - base
+
+
+def test_exact_tensors_of_a_bf16_finetune_are_stored_in_bf16_bit_for_bit(llama_delta, tmp_path):
+    path, delta = llama_delta
+    params = jax.tree.map(lambda x: x, delta.params,
+                          is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    norm = _bf16_pair_delta((64,), 0)
+    table = _bf16_pair_delta((256, 64), 1)  # an exact embedding table
+    params["model"]["norm"]["weight"] = jnp.asarray(norm)
+    params["model"]["embed_tokens"]["embedding"] = jnp.asarray(table)
+    out = save_delta(dzjax.Delta(params=params, metadata=delta.metadata), tmp_path / "e.dz")
+    sf = SafetensorsFile(out.path)
+    assert sf.dtype("model.norm.weight") == np.dtype("bfloat16")
+    entry = json.loads(sf.metadata["dzjax"])["tensors"]["model.embed_tokens.weight"]
+    assert entry["dtype"] == "bfloat16" and 3 <= entry["fixups"] < 0.1 * table.size
+    assert sf.shape("model.embed_tokens.weight.fixup_index") == (entry["fixups"],)
+    loaded = dzjax.load_delta(out.path)
+    np.testing.assert_array_equal(loaded.params["model"]["norm"]["weight"], norm)
+    np.testing.assert_array_equal(loaded.params["model"]["embed_tokens"]["embedding"], table)
+    assert out.stored_nbytes < delta.stored_nbytes + 3 * table.size  # ~2 bytes, not 4
+    # float32 values (a float32 fine-tune) stay float32: bf16 would need a fixup almost everywhere
+    params["model"]["norm"]["weight"] = jnp.asarray(np.random.default_rng(2).normal(size=64),
+                                                    jnp.float32)
+    f32 = save_delta(dzjax.Delta(params=params, metadata=delta.metadata), tmp_path / "f.dz")
+    assert SafetensorsFile(f32.path).dtype("model.norm.weight") == np.float32
+
+    # A well-formed file whose fixups point outside the tensor is refused, naming it.
+    def bad_index(tensors):
+        tensors["model.embed_tokens.weight.fixup_index"][-1] = table.size
+    bad = _rewrite(out.path, tmp_path / "bad.dz", edit_tensors=bad_index)
+    with pytest.raises(DeltaFileError, match="embed_tokens.weight.fixup_index' must hold"):
+        dzjax.load_delta(bad)
+    bad = _rewrite(out.path, tmp_path / "bad2.dz", edit_meta=lambda m: m["tensors"][
+        "model.norm.weight"].__setitem__("dtype", "float64"))
+    with pytest.raises(DeltaFileError, match="model.norm.weight.*dtype 'float64'"):
+        dzjax.load_delta(bad)
+
+
+def test_embeddings_have_their_own_settings():
+    cfg = pipeline.ConvertConfig()  # the measured defaults
+    blocks, table = cfg.obs_config(4096), cfg.obs_config(4096, embedding=True)
+    assert (blocks.bits, blocks.sparsity, blocks.group_size) == (2, None, 128)
+    assert (table.bits, table.sparsity, table.group_size) == (4, None, None)  # dense, per row
+    same = pipeline.ConvertConfig(bits=4, sparsity="2:4", embedding_bits="same",
+                                  embedding_sparsity="same", embedding_group_size="same")
+    table = same.obs_config(4096, embedding=True)
+    assert (table.bits, table.sparsity, table.group_size) == (4, (2, 4), 128)
+    with pytest.raises(dzjax.DzjaxError, match="sparsity"):
+        pipeline.ConvertConfig(embedding_sparsity="5:4")
+
+
+def test_the_pipeline_runs_each_layer_with_its_delta():
+    """The calibration pass through a layer (its Hessians, the activations handed to the next
+    layer) is base + delta: with the exact delta, the fine-tune's own layer."""
+    config = dzjax.load_base(fixture_dir("llama")).config
+    reader = pipeline._PairReader(fixture_dir("llama"), fixture_dir("llama_ft"), config)
+    base, ft = reader.subtree(("model", "layers_1"))
+    delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), ft, base)
+    x = jax.random.normal(jax.random.key(0), (2, 8, config.hidden_size))
+    run = lambda params, d: pipeline._layer_pass(  # noqa: E731
+        jax.tree.map(jnp.asarray, params), d, x, config=config, window=None, capture=None,
+        kernels=pipeline.KernelOptions(implementation="xla"))[0]
+    with_delta, finetune, without = run(base, delta), run(ft, None), run(base, None)
+    assert _max_err(with_delta, finetune) < 1e-4 and _max_err(without, finetune) > 1e-2
+
+
+def test_refinement_trains_the_scales_only(llama_delta, tmp_path):
+    _, plain = llama_delta
+    refined = dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "r.dz",
+                            refine_steps=20, **SETTINGS, **FAST)
+    losses = refined.metadata["report"]["refinement"]
+    assert set(losses) == {"model.layers.0", "model.layers.1", "lm_head"}
+    assert all(after <= before for before, after in losses.values()), losses
+    assert any(after < before for before, after in losses.values()), losses
+    a = plain.params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    b = dzjax.load_delta(tmp_path / "r.dz").params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    # layer 1's inputs moved with layer 0's refinement, but the codes of layer 0 did not
+    a0 = plain.params["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+    b0 = refined.params["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+    np.testing.assert_array_equal(a0.qweight, b0.qweight)
+    np.testing.assert_array_equal(a0.meta, b0.meta)
+    np.testing.assert_array_equal(a0.zeros, b0.zeros)
+    assert b.scales.dtype == jnp.bfloat16 and a.scales.shape == b.scales.shape
+    with pytest.raises(dzjax.DzjaxError, match="refine_steps"):
+        pipeline.ConvertConfig(refine_steps=-1)

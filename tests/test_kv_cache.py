@@ -11,7 +11,7 @@ from conftest import fixture_dir
 import dzjax
 from dzjax.models import KernelOptions
 from dzjax.models.forward import forward_cached
-from dzjax.models.kv_cache import (KVCache, KVPages, PagedKVCache, _paged_attention_pallas,
+from dzjax.models.kv_cache import (KVCache, KVPages, _paged_attention_pallas,
                                    _paged_attention_xla, attention)
 from dzjax.serving import steps
 
@@ -60,7 +60,7 @@ def test_the_xla_path_is_contiguous_attention_over_each_rows_pages():
     """The reference itself, against plain attention over the tokens gathered by hand."""
     rng = np.random.default_rng(1)
     kp, vp = random_pages(rng)
-    b, n, ps = 2, 3, kp.shape[2]
+    b = 2
     q = jnp.asarray(rng.standard_normal((b, 1, 4, kp.shape[-1])), jnp.float32)
     tables = np.array([[7, 2, 9], [0, 11, 24]], np.int32)  # 24: unused (out of range)
     positions = np.array([[40], [20]], np.int32)

@@ -101,6 +101,24 @@ def test_bad_formats(kwargs, message):
         Format(**kwargs)
 
 
-def test_shape_not_divisible_by_group():
-    with pytest.raises(ValueError, match="group_size=128 must divide K=96"):
+def test_group_larger_than_k_must_be_per_channel():
+    Format(bits=4, group_size=96).check_shape(96, 8, "q_proj")  # per channel
+    Format(bits=4, group_size=128).check_shape(100, 8, "q_proj")  # per channel, padded to 128
+    with pytest.raises(ValueError, match="q_proj: group_size=128 is larger than K=96"):
         Format(bits=4, group_size=128).check_shape(96, 8, "q_proj")
+
+
+@pytest.mark.parametrize("kwargs,k,kp", [
+    (dict(bits=4, group_size=128), 688, 768),  # whole groups
+    (dict(bits=4, group_size=32), 688, 704),
+    (dict(bits=4, group_size=128, nm=(2, 4)), 640, 640),  # already whole: unchanged
+    (dict(bits=2, group_size=64, nm=(2, 4)), 576, 576),
+    (dict(bits=8, group_size=64, nm=(2, 4)), 600, 640),  # 2:4 packs 64 rows a word column
+    (dict(bits=16, group_size=1), 37, 37),  # float16 values: nothing packed
+    (dict(bits=16, group_size=4, nm=(2, 4)), 37, 64),  # but n:m positions are
+])
+def test_padded_k(kwargs, k, kp):
+    fmt = Format(**kwargs)
+    assert fmt.padded_k(k) == kp and fmt.padded_k(kp) == kp
+    per_channel = Format.for_matrix(k, bits=kwargs["bits"], sparsity=kwargs.get("nm"))
+    assert per_channel.padded_k(k) == per_channel.group_size >= k

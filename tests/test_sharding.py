@@ -39,10 +39,12 @@ def test_devices_are_there():
     assert len(jax.devices()) == 8
 
 
-# A mesh of 4 (shared with the next test's programs) in the default run; 1, 2 and 8 in the slow
-# run (CI time: each mesh compiles its own programs).
+# Slow (CI time: ~75 s a mesh, each compiles its own programs, single device and pipelined);
+# the default run serves on a mesh of 4 in the next test and checks generate on a mesh against
+# one device (test_generate_on_a_mesh_equals_one_device).
 @pytest.mark.parametrize("n", [pytest.param(1, marks=pytest.mark.slow),
-                               pytest.param(2, marks=pytest.mark.slow), 4,
+                               pytest.param(2, marks=pytest.mark.slow),
+                               pytest.param(4, marks=pytest.mark.slow),
                                pytest.param(8, marks=pytest.mark.slow)])
 def test_mixed_batch_on_a_mesh_equals_one_device(tp_model, n):
     base, _, paths = tp_model
@@ -62,7 +64,12 @@ def test_mixed_batch_on_a_mesh_equals_one_device(tp_model, n):
 def test_params_cache_and_deltas_are_split_over_the_mesh(tp_model):
     base, _, paths = tp_model
     with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(4)) as server:
-        server.generate([[5, 6, 7]], model="ft1", max_tokens=2)
+        served = server.generate([[5, 6, 7], [9, 8]], model=["ft1", None], max_tokens=3,
+                                 ignore_eos=True)
+        alone = [dzjax.generate(base, [[5, 6, 7]], max_tokens=3, stop_at_eos=False,
+                                delta=dzjax.load_delta(paths["ft1"]))[0],
+                 dzjax.generate(base, [[9, 8]], max_tokens=3, stop_at_eos=False)[0]]
+        assert served == alone  # a mixed batch on the mesh: each row as on one device
         engine = server.engine
         layer = engine.params["model"]["layers_0"]  # q/k/v and gate/up fused (by device)
         qkv, down = layer["self_attn"]["qkv_proj"]["kernel"], layer["mlp"]["down_proj"]["kernel"]

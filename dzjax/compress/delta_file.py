@@ -12,8 +12,10 @@ File layout (format_version 2):
                          with codes packed along the input dimension. The embedding table is
                          stored as its transpose [hidden, vocab], the layout of a tied lm_head,
                          so that one tensor serves the lookup and the output projection.
-  <HF name>              an exact float32 delta (norms, biases; embeddings kept exact), in HF's
-                         layout.
+  <HF name>              an exact delta (norms, biases; embeddings kept exact), in HF's layout:
+                         float32, or bfloat16 (the entry says "dtype": "bfloat16") with
+                         <HF name>.fixup_index (int32 increasing flat positions) and
+                         .fixup_value (float32) for the elements bf16 does not hold exactly.
   <...>.<field>.zst      optional lossless stage at rest: the field's bytes, zstd-compressed, as
                          uint8 (the tensor's entry says "zstd": true; its shape and dtype follow
                          from the format). Quantization codes are far from uniform, so this saves
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import xxhash
 import zstandard
@@ -86,8 +89,20 @@ class Delta:
 
     @property
     def nbytes(self) -> int:
+        """Bytes in memory (exact tensors as float32)."""
         return sum(leaf.nbytes for leaf in jax.tree.leaves(
             self.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the arrays as a delta file stores them (before any zstd stage)."""
+        total = 0
+        for leaf in jax.tree.leaves(self.params, is_leaf=lambda x: isinstance(x, QuantizedTensor)):
+            if isinstance(leaf, QuantizedTensor):
+                total += leaf.nbytes
+            else:
+                total += sum(a.nbytes for a in _exact_arrays("", np.asarray(leaf))[1].values())
+        return total
 
     def check_base(self, base: Base) -> None:
         """Raise unless this delta was made on `base` (same architecture, config and weights:
@@ -156,9 +171,9 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
                     stored[f"{_stem(name)}.{field}.zst"] = np.frombuffer(packed, np.uint8)
                     entries[name]["zstd"] = True
         else:
-            entries[name] = {"kind": "exact"}
             array = np.asarray(leaf, np.float32)
-            stored[name] = np.ascontiguousarray(array.T if transposed else array)
+            entries[name], exact = _exact_arrays(name, array.T if transposed else array)
+            stored.update(exact)
         entries[name]["hashes"] = {key: content_hash(a) for key, a in stored.items()}
         tensors.update(stored)
     metadata = dict(delta.metadata, format_version=FORMAT_VERSION, tensors=entries)
@@ -166,6 +181,23 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
     digest = content_hash(header)
     write_safetensors(path, tensors, metadata={"dzjax": header, "dzjax_digest": digest})
     return dataclasses.replace(delta, metadata=metadata, path=path, digest=digest)
+
+
+def _exact_arrays(name: str, array: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+    """How an exact float32 tensor is stored: as bfloat16 plus the float32 values of the few
+    elements bfloat16 does not hold exactly (a delta between two bf16 checkpoints is a bf16
+    value except where a weight is small next to its change), or as float32 when that would
+    not be smaller (a float32 fine-tune). Either way it reads back bit for bit."""
+    array = np.ascontiguousarray(array, np.float32)
+    low = array.astype(ml_dtypes.bfloat16)
+    inexact = np.flatnonzero(low.astype(np.float32).reshape(-1) != array.reshape(-1))
+    if 8 * inexact.size >= 2 * array.size:  # bf16 + fixups would not beat float32
+        return {"kind": "exact"}, {name: array}
+    stored = {name: low}
+    if inexact.size:
+        stored[f"{name}.fixup_index"] = inexact.astype(np.int32)
+        stored[f"{name}.fixup_value"] = array.reshape(-1)[inexact]
+    return {"kind": "exact", "dtype": "bfloat16", "fixups": int(inexact.size)}, stored
 
 
 def load_delta(path: str | Path, base: Base | None = None) -> Delta:
@@ -204,7 +236,7 @@ def load_delta(path: str | Path, base: Base | None = None) -> Delta:
         reader = _TensorReader(sf, path, entry["hashes"], unused)
         flat[keys] = (_read_quantized(reader, name, entry, hf_shape)
                       if entry.get("kind") == "quantized"
-                      else _read_exact(reader, name, transposed, hf_shape))
+                      else _read_exact(reader, name, entry, transposed, hf_shape))
     if unused:
         raise DeltaFileError(f"{path}: unexpected tensor(s) {', '.join(sorted(unused)[:5])}")
     return Delta(params=unflatten(flat), metadata=metadata, path=path, digest=digest)
@@ -292,8 +324,28 @@ def _finite(array: np.ndarray, path, key: str) -> np.ndarray:
     return array
 
 
-def _read_exact(reader: _TensorReader, name, transposed, hf_shape):
-    array = _finite(reader.read(name, hf_shape, np.dtype(np.float32)), reader.path, name)
+def _read_exact(reader: _TensorReader, name, entry, transposed, hf_shape):
+    dtype, fixups = entry.get("dtype", "float32"), entry.get("fixups", 0)
+    size = int(np.prod(hf_shape))
+    if dtype not in ("float32", "bfloat16") or isinstance(fixups, bool) \
+            or not isinstance(fixups, int) or not 0 <= fixups <= size:
+        raise DeltaFileError(f"{reader.path}: tensor {name!r}: exact tensors are float32, or "
+                             f"bfloat16 with 0..{size} fixups; the entry says dtype {dtype!r}, "
+                             f"fixups {fixups!r}")
+    if dtype == "float32":
+        array = reader.read(name, hf_shape, np.dtype(np.float32))
+    else:
+        array = reader.read(name, hf_shape, np.dtype(ml_dtypes.bfloat16)).astype(np.float32)
+        if fixups:
+            index = reader.read(f"{name}.fixup_index", (fixups,), np.dtype(np.int32))
+            if index[0] < 0 or index[-1] >= size or (np.diff(index) <= 0).any():
+                raise DeltaFileError(f"{reader.path}: tensor {name + '.fixup_index'!r} must "
+                                     f"hold increasing positions in [0, {size})")
+            values = reader.read(f"{name}.fixup_value", (fixups,), np.dtype(np.float32))
+            array = array.reshape(-1)
+            array[index] = values
+            array = array.reshape(hf_shape)
+    array = _finite(array, reader.path, name)
     return jnp.asarray(array.T if transposed else array)
 
 

@@ -1,7 +1,10 @@
-"""Perplexity of base + delta on token windows: how the quality of a compressed delta is judged."""
+"""Perplexity of base + delta on token windows, and its KL divergence from the fine-tune: how the
+quality of a compressed delta is judged."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -27,3 +30,17 @@ def perplexity(base: Base, windows: np.ndarray, delta=None, batch: int = 16) -> 
         total += float(losses.sum())
         count += losses.size
     return float(np.exp(total / count))
+
+
+def kl_divergence(reference: Base, base: Base, windows: np.ndarray, delta=None,
+                  batch: int = 16) -> float:
+    """Mean over next-token positions of KL(reference || base + delta), in nats per token: how
+    far a compressed model's predictions are from the fine-tune's (`reference`, loaded whole)."""
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        chunk = windows[start:start + batch]
+        log_p = jax.nn.log_softmax(model_logits(reference, chunk)[:, :-1], axis=-1)
+        log_q = jax.nn.log_softmax(model_logits(base, chunk, delta=delta)[:, :-1], axis=-1)
+        total += float(jnp.sum(jnp.exp(log_p) * (log_p - log_q)))
+        count += log_p.shape[0] * log_p.shape[1]
+    return total / count

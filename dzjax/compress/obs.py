@@ -138,11 +138,30 @@ class ObsResult:
     mask: jax.Array
     loss: jax.Array
 
-    def to_quantized(self, fmt: formats.Format) -> formats.QuantizedTensor:
-        """The result packed as stored in the delta file and read by the kernels."""
+    def to_quantized(self, fmt: formats.Format, k: int | None = None) -> formats.QuantizedTensor:
+        """The result packed as stored in the delta file and read by the kernels; k: the real
+        inputs of a problem padded by `pad_problem` (default: all rows)."""
         if fmt.bits == 16:
-            return formats.quantize_to_format(self.w_hat, None, None, self.mask, fmt)
-        return formats.quantize_to_format(self.codes, self.scales, self.zeros, self.mask, fmt)
+            return formats.quantize_to_format(self.w_hat, None, None, self.mask, fmt, k)
+        return formats.quantize_to_format(self.codes, self.scales, self.zeros, self.mask, fmt, k)
+
+
+def pad_problem(w: jax.Array, h: jax.Array, kp: int) -> tuple[jax.Array, jax.Array]:
+    """w [K, N] and its Hessian [K, K] padded to kp inputs, as a matrix with K inputs is stored
+    (`formats.Format.padded_k`): zero weights on inputs that correlate with nothing. Their
+    Hessian diagonal is the mean of the real one, so the dampening is unchanged; with no cross
+    terms the OBS updates never reach them, they stay exactly 0 (on the grid, which holds 0) and
+    the real inputs compress exactly as they would alone, except that a short last group gets
+    its own scale."""
+    k = w.shape[0]
+    if kp == k:
+        return w, h
+    pad = kp - k
+    w = jnp.pad(w, ((0, pad), (0, 0)))
+    fill = jnp.mean(jnp.diag(h)).astype(h.dtype)
+    h = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(
+        jnp.concatenate([jnp.zeros(k, h.dtype), jnp.full(pad, fill)]))
+    return w, h
 
 
 def inverse_hessian_cholesky(h: jax.Array, damp: float) -> jax.Array:

@@ -10,7 +10,8 @@ The sequential pipeline (DeltaZip, after GPTQ's "true sequential" order):
   3. the final norm exactly, and an untied lm_head on the Hessian of the final hidden states.
 Only one layer of each checkpoint is in memory at a time (read tensor by tensor from the files),
 plus the calibration activations. The file is written atomically at the end: an interrupted
-convert leaves nothing behind.
+convert leaves no delta file, only its progress checkpoint (`resume`), which the same convert
+started again resumes from.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.compress import calibration as calib
+from dzjax.compress import refine, resume
 from dzjax.compress.delta_file import Delta, save_delta
 from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
-                                reconstruction_loss, round_to_nearest)
+                                pad_problem, reconstruction_loss, round_to_nearest)
 from dzjax.errors import CheckpointError, DzjaxError
 from dzjax.models.config import ModelConfig, config_to_dict, from_hf_config
 from dzjax.models.kernel_options import KernelOptions
@@ -53,8 +55,11 @@ _CHUNK = 8  # calibration samples per forward pass
 class ConvertConfig:
     """Compression settings of a whole model (see `ObsConfig` for the per-matrix meaning)."""
 
-    bits: int = 4
-    sparsity: float | str | tuple[int, int] | None = "2:4"
+    # The defaults are measured (benchmarks/compression.py quality, on fine-tunes that move
+    # weights by ~3%): 2-bit dense with groups of 128 keeps the fine-tune better than 4-bit 2:4
+    # (KL 0.00043 against 0.00065) in fewer bits (2.2 against 3.2 per block weight).
+    bits: int = 2
+    sparsity: float | str | tuple[int, int] | None = None
     group_size: int | None = 128  # a matrix with fewer inputs gets per-channel scales
     symmetric: bool = False
     act_order: bool = False
@@ -62,7 +67,15 @@ class ConvertConfig:
     block_size: int = 128
     method: str = "obs"  # "obs" (SparseGPT + GPTQ) or "rtn" (round-to-nearest, the baseline)
     compress_embeddings: bool = True  # False keeps the embedding and lm_head deltas exact
+    # The embedding table and an untied lm_head have their own settings: they are a large share
+    # of a small model, and pruning them costs much of the fine-tune (benchmarks/compression.py
+    # quality). "same" = the blocks' setting.
+    embedding_bits: int | str = 4  # per row, dense: within 3% of exact tables' KL
+    embedding_sparsity: float | str | tuple[int, int] | None = None
+    embedding_group_size: int | str | None = None
     zstd: bool = False  # a lossless zstd stage at rest over the compressed arrays
+    refine_steps: int = 0  # Adam steps on each layer's (and the lm_head's) scales after OBS
+    refine_lr: float = 1e-2  # its learning rate, on log(scale), cosine-decayed to 0
     n_samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -70,18 +83,29 @@ class ConvertConfig:
     def __post_init__(self):
         if self.method not in ("obs", "rtn"):
             raise DzjaxError(f"method must be 'obs' or 'rtn', got {self.method!r}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) \
+                or self.refine_steps < 0 or not self.refine_lr > 0:
+            raise DzjaxError(f"refine_steps must be an int >= 0 and refine_lr > 0, got "
+                             f"{self.refine_steps!r}, {self.refine_lr!r}")
         if self.n_samples < 1 or self.seq_len < 2:
             raise DzjaxError(f"need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, "
                              f"{self.seq_len}")
         try:  # the settings themselves, before any work (shapes are checked per matrix)
-            self.obs_config(1 << 20).format(1 << 20)
+            for embedding in (False, True):
+                self.obs_config(1 << 20, embedding=embedding).format(1 << 20)
         except ValueError as e:
             raise DzjaxError(str(e)) from None
 
-    def obs_config(self, k: int) -> ObsConfig:
-        group = None if self.group_size is None or self.group_size >= k else self.group_size
-        return ObsConfig(bits=self.bits, group_size=group, symmetric=self.symmetric,
-                         act_order=self.act_order, sparsity=self.sparsity,
+    def obs_config(self, k: int, *, embedding: bool = False) -> ObsConfig:
+        """The settings of one matrix with k inputs (`embedding`: the table or the lm_head)."""
+        bits, sparsity, group_size = self.bits, self.sparsity, self.group_size
+        if embedding:
+            own = (self.embedding_bits, self.embedding_sparsity, self.embedding_group_size)
+            bits, sparsity, group_size = (b if o == "same" else o for o, b in
+                                          zip(own, (bits, sparsity, group_size)))
+        group = None if group_size is None or group_size >= k else group_size
+        return ObsConfig(bits=bits, group_size=group, symmetric=self.symmetric,
+                         act_order=self.act_order, sparsity=sparsity,
                          block_size=self.block_size, damp=self.damp)
 
     def settings(self) -> dict:
@@ -143,7 +167,8 @@ def _layer_pass(params, delta, x, *, config, window, capture, kernels):
     """Run one decoder layer on x [n, T, D]; returns its output and the inputs of `capture`."""
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     out, state = DecoderLayer(config, window, kernels=kernels).apply(
-        {"params": params}, x, positions, None, delta, mutable=["linear_inputs"])
+        {"params": params}, x, positions, cache=None, layer=0, delta=delta,
+        mutable=["linear_inputs"])
     inputs = None
     if capture is not None:
         inputs = state["linear_inputs"][capture[0]][capture[1]]["x"][0]
@@ -161,23 +186,27 @@ def _hessian(run, xs: np.ndarray):
     return state.h
 
 
-def _compress(w, h, cfg: ConvertConfig, name: str):
-    """Compress one delta matrix [K, N]; returns the QuantizedTensor and its relative error."""
-    obs = cfg.obs_config(w.shape[0])
+def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
+    """Compress one delta matrix [K, N] (`embedding`: the table or the lm_head, with their own
+    settings); returns the QuantizedTensor and its relative error."""
+    k = w.shape[0]
+    obs = cfg.obs_config(k, embedding=embedding)
     try:
-        obs.check(w.shape[0])
-        fmt = obs.format(w.shape[0])
+        fmt = obs.format(k)
         fmt.check_shape(*w.shape, name)
+        obs.check(fmt.padded_k(k))
     except ValueError as e:
         raise DzjaxError(f"{name}: {e}") from None
     w = jnp.asarray(w)
-    if h is None:  # no Hessian (the embedding lookup): plain round-to-nearest
-        result, h = round_to_nearest(w, obs), jnp.eye(w.shape[0], dtype=jnp.float32)
-    elif cfg.method == "rtn":
-        result = round_to_nearest(w, obs, h)
+    rtn = h is None or cfg.method == "rtn"  # no Hessian (the embedding lookup): round to nearest
+    if h is None:
+        h = jnp.eye(k, dtype=jnp.float32)
+    w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
+    if rtn:
+        result = round_to_nearest(w_pad, obs, h_pad)
     else:
-        result = obs_prune_quantize(w, h, obs)
-    q = result.to_quantized(fmt)
+        result = obs_prune_quantize(w_pad, h_pad, obs)
+    q = result.to_quantized(fmt, k)
     err = float(jnp.sqrt(reconstruction_loss(w, dequantize(q), h) /
                          jnp.maximum(reconstruction_loss(w, jnp.zeros_like(w), h), 1e-30)))
     return q, err
@@ -223,6 +252,7 @@ class _Run:
         self.devices = devices or [None]
         self.stored: dict[tuple[str, ...], object] = {}  # param path -> QuantizedTensor | exact
         self.errors: dict[str, float] = {}  # HF name -> relative reconstruction error
+        self.refined: dict[str, list[float]] = {}  # layer -> refinement loss [before, after]
 
     def record(self, keys, value, err=None):
         self.stored[keys] = value
@@ -236,7 +266,7 @@ class _Run:
         table, ft_table = self.reader.pair(keys)
         if self.cfg.compress_embeddings:
             self.record(keys, *_compress((ft_table - table).T, None, self.cfg,
-                                         "model.embed_tokens.weight"))
+                                         "model.embed_tokens.weight", embedding=True))
         else:
             self.record(keys, jnp.asarray(ft_table - table))
         del ft_table
@@ -247,6 +277,7 @@ class _Run:
         prefix = ("model", f"layers_{i}")
         layer_base, layer_ft = self.reader.subtree(prefix)
         delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
+        exact = jax.tree.map(lambda d: d, delta)  # the fine-tune's layer, for refinement
         del layer_ft
         run = functools.partial(_layer_pass, jax.tree.map(jnp.asarray, layer_base),
                                 config=self.config, window=self.config.sliding_windows[i],
@@ -266,8 +297,20 @@ class _Run:
                 delta[module][proj]["kernel"] = q
                 self.record(prefix + (module, proj, "kernel"), q, err)
                 layer_errors.append(err)
+        if self.cfg.refine_steps:
+            window = self.config.sliding_windows[i]
+
+            def layer_pass(params, d, xs):
+                return _layer_pass(params, d, xs, config=self.config, window=window,
+                                   capture=None, kernels=refine.XLA)[0]
+            delta, losses = refine.refine_layer(
+                layer_pass, jax.tree.map(jnp.asarray, layer_base), delta, exact, x,
+                steps=self.cfg.refine_steps, lr=self.cfg.refine_lr, chunk=_CHUNK)
+            self.refined[f"model.layers.{i}"] = [float(f"{v:.6g}") for v in losses]
         for keys, leaf in flatten_params(delta).items():
-            if not isinstance(leaf, QuantizedTensor):
+            if isinstance(leaf, QuantizedTensor):
+                self.stored[prefix + keys] = leaf  # as refined
+            else:
                 self.record(prefix + keys, leaf)  # norms and biases, exact
         x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
                              for s in range(0, len(x), _CHUNK)])
@@ -288,12 +331,19 @@ class _Run:
             {"params": {"weight": jnp.asarray(norm_ft)}}, x)
         h = hessian_update(hessian_init(self.config.hidden_size),
                            normed.reshape(-1, normed.shape[-1])).h
-        self.record(keys, *_compress(ft_head - head, h, self.cfg, "lm_head.weight"))
+        q, err = _compress(ft_head - head, h, self.cfg, "lm_head.weight", embedding=True)
+        if self.cfg.refine_steps and q.scales is not None:
+            q, losses = refine.refine_head(q, normed, jnp.asarray(head), jnp.asarray(ft_head),
+                                           steps=self.cfg.refine_steps, lr=self.cfg.refine_lr,
+                                           chunk=_CHUNK)
+            self.refined["lm_head"] = [float(f"{v:.6g}") for v in losses]
+        self.record(keys, q, err)
 
 
-def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int | None = 128,
+def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int | None = 128,
             calibration=None, *, name: str | None = None, progress: bool = True,
-            mesh=None, implementation: str | None = None, **options) -> Delta:
+            mesh=None, implementation: str | None = None,
+            checkpoint_every: float | None = resume.DEFAULT_EVERY, **options) -> Delta:
     """Compress the delta of a fine-tune against its base and write it to `out`.
 
     Args:
@@ -308,14 +358,24 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
       mesh: a `jax.sharding.Mesh` (or a list of devices): the matrices that share a Hessian
         are compressed in parallel, one per device; the file is identical to one device's.
       implementation: kernels of the compressed layers' passes (None: `DZJAX_KERNEL`, else auto).
+      checkpoint_every: seconds of work between checkpoints of the progress (after a decoder
+        layer, with orbax, in `.<out name>.convert/` beside `out`; 0 = after every layer, None =
+        never). Started again with the same arguments, a convert that was killed resumes from
+        its last checkpoint and writes the same file; the checkpoint is removed on success.
       options: further `ConvertConfig` fields (symmetric, act_order, damp, block_size, method,
-        compress_embeddings, zstd, n_samples, seq_len, seed).
+        compress_embeddings, embedding_bits, embedding_sparsity, embedding_group_size, zstd,
+        refine_steps, refine_lr, n_samples, seq_len, seed).
     Returns:
       The `Delta`, with `metadata["report"]` holding per-matrix relative reconstruction errors,
       bits per weight, file size and compression ratios.
     """
     start = time.perf_counter()
     cfg = ConvertConfig(bits=bits, sparsity=sparsity, group_size=group_size, **options)
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
+                                         or not isinstance(checkpoint_every, (int, float))
+                                         or not checkpoint_every >= 0):
+        raise DzjaxError(f"checkpoint_every must be None or seconds >= 0, got "
+                         f"{checkpoint_every!r}")
     base_dir, ft_dir, out = Path(base), Path(finetune), Path(out)
     for d in (base_dir, ft_dir):
         if not d.is_dir():
@@ -333,13 +393,30 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
                                               n_samples=cfg.n_samples, seq_len=seq_len,
                                               seed=cfg.seed)
     devices = None if mesh is None else list(np.asarray(getattr(mesh, "devices", mesh)).flat)
-    run = _Run(config, cfg, reader, KernelOptions.resolve(implementation), devices)
+    kernels = KernelOptions.resolve(implementation)
+    run = _Run(config, cfg, reader, kernels, devices)
+    base_digest = checkpoint_digest(base_dir, config)
+    key = None if checkpoint_every is None else resume.conversion_key(
+        base=base_digest, finetune=checkpoint_digest(ft_dir, config), settings=cfg.settings(),
+        tokens=np.asarray(tokens), name=name or ft_dir.name, kernels=kernels.implementation,
+        sources=[str(base_dir), str(ft_dir)])
+    checkpoints = resume.Checkpoints(out, key, every=checkpoint_every)
     meter = _Progress(config.num_layers + 2, progress)
-    x = run.embedding(tokens)
-    meter.step("embed_tokens", run.errors.get("model.embed_tokens.weight", 0.0))
-    for i in range(config.num_layers):
+    restored = checkpoints.restore()
+    if restored is None:
+        first = 0
+        x = run.embedding(tokens)
+        meter.step("embed_tokens", run.errors.get("model.embed_tokens.weight", 0.0))
+    else:
+        first, run.stored, logs, x = restored
+        run.errors, run.refined = logs["errors"], logs["refined"]
+        meter.done = first + 1
+    for i in range(first, config.num_layers):
         x, layer_error = run.layer(i, x)
         meter.step(f"layer {i}", layer_error)
+        if i + 1 < config.num_layers:
+            checkpoints.maybe_save(i + 1, run.stored,
+                                   {"errors": run.errors, "refined": run.refined}, x)
     run.head(x)
     meter.step("norm, lm_head", run.errors.get("lm_head.weight", 0.0))
     stored, errors = run.stored, run.errors
@@ -347,25 +424,29 @@ def convert(base, finetune, out, bits: int = 4, sparsity="2:4", group_size: int 
     metadata = {
         "name": name or ft_dir.name, "source": str(ft_dir), "base_source": str(base_dir),
         "base_fingerprint": checkpoint_fingerprint(base_dir, config),
-        "base_digest": checkpoint_digest(base_dir, config),
+        "base_digest": base_digest,
         "config": config_to_dict(config), "settings": cfg.settings(),
         "calibration": source,
     }
     delta = Delta(params=unflatten(stored), metadata=metadata)
-    report = _report(delta, config, errors, reader, start)
+    # The file holds no timings: the same conversion writes the same bytes, resumed or not.
+    report = _report(delta, config, errors, reader)
+    if run.refined:  # the loss of each refined layer (MSE) and of the lm_head (KL), before, after
+        report["refinement"] = run.refined
     delta = Delta(params=delta.params, metadata=dict(metadata, report=report))
     delta = save_delta(delta, out, zstd_level=19 if cfg.zstd else None)
-    report["file_bytes"] = out.stat().st_size
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    return delta
+    checkpoints.remove()
+    report = dict(report, file_bytes=out.stat().st_size,
+                  seconds=round(time.perf_counter() - start, 2))
+    return dataclasses.replace(delta, metadata=dict(delta.metadata, report=report))
 
 
-def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader, start) -> dict:
+def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader) -> dict:
     n_params = sum(int(np.prod(shape)) for _, _, shape in reader.key_map.values())
     compressed = {k: v for k, v in flatten_params(delta.params).items()
                   if isinstance(v, QuantizedTensor)}
     compressed_params = sum(q.shape[0] * q.shape[1] for q in compressed.values())
-    delta_bytes = delta.nbytes
+    delta_bytes = delta.stored_nbytes
     ft_bytes = sum(p.stat().st_size for p in set(reader.files[1].values()))
     return {
         "relative_error": {k: round(v, 6) for k, v in errors.items()},
@@ -378,7 +459,6 @@ def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader,
             sum(q.nbytes for q in compressed.values()) * 8 / max(compressed_params, 1), 4),
         "ratio_vs_bf16": round(2 * n_params / delta_bytes, 3),
         "ratio_vs_finetune_files": round(ft_bytes / delta_bytes, 3),
-        "seconds": round(time.perf_counter() - start, 2),
     }
 
 
@@ -393,8 +473,7 @@ def report_text(report: dict) -> str:
         f"{report['ratio_vs_finetune_files']:.2f}x vs the fine-tune's files",
         f"mean relative reconstruction error {report['mean_relative_error']:.4f}; worst: "
         + ", ".join(f"{k} {v:.4f}" for k, v in worst),
-        f"{report['seconds']:.1f} s",
-    ])
+    ] + ([f"{report['seconds']:.1f} s"] if "seconds" in report else []))
 
 
 def report_json(report: dict) -> str:

@@ -50,7 +50,7 @@ def pallas_unsupported_reason(x_shape, q: QuantizedTensor) -> str | None:
     try:
         check_pallas_format(q.format)
         pick_block_n(n, 64)
-        pick_block_k(k, q.format)
+        pick_block_k(q.padded_rows, q.format)
     except ValueError as e:
         return str(e)
     if x_shape[-1] != k:

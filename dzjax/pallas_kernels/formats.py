@@ -2,13 +2,18 @@
 which are supported, how they are written in a delta file's JSON, which arrays they store) and
 `QuantizedTensor`, one compressed matrix as stored in the delta file and fed to the kernels.
 
-A [K, N] matrix (K = inputs, N = outputs; y = x @ W) is stored as
-  qweight  uint32 [K' * bits / 32, N]   codes packed along K (see `packing`), K' = K, or K * n / m
+A [K, N] matrix (K = inputs, N = outputs; y = x @ W) is stored padded to Kp = `padded_k(K)` rows
+(the next multiple of what packing, n:m groups and scale groups need; Kp = K for the usual sizes):
+  qweight  uint32 [K' * bits / 32, N]   codes packed along K (see `packing`), K' = Kp, or Kp * n / m
                                         with n:m sparsity; for bits = 16 the float16 values [K', N]
-  scales   bfloat16 [K / group_size, N]  one scale per group of inputs and output
-  zeros    uint8 [K / group_size, N]    asymmetric zero points (symmetric: fixed 2**(bits-1))
+  scales   bfloat16 [Kp / group_size, N] one scale per group of inputs and output
+  zeros    uint8 [Kp / group_size, N]   asymmetric zero points (symmetric: fixed 2**(bits-1))
   meta     uint32 [K' * ib / 32, N]     n:m: position of each kept value inside its group of m
 and dequantizes to  W[k, n] = scales[k // group_size, n] * (code[k, n] - zero[k // group_size, n]).
+The padding rows hold the zero point (they dequantize to exactly 0) and the last scale group may
+cover fewer than group_size real inputs: it has its own scale, fitted to them. A per-channel format
+has group_size = Kp. `QuantizedTensor.shape` is the real [K, N]; the kernels see the padded matrix
+(`QuantizedTensor.padded`, with x padded by zeros), the references slice the real rows.
 Unstructured sparsity needs no mask: a pruned weight is stored as its group's zero point (0.0 at
 16 bits), which dequantizes to exactly 0; its gain comes at rest, from the zstd stage.
 """
@@ -16,6 +21,7 @@ Unstructured sparsity needs no mask: a pruned weight is stored as its group's ze
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +32,20 @@ from dzjax.pallas_kernels import packing
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 = no quantization (float16 values; for ablations)
 FIELDS = ("qweight", "scales", "zeros", "meta")  # a QuantizedTensor's arrays, by file suffix
+
+
+def _round_up(k: int, unit: int) -> int:
+    return -(-k // unit) * unit
+
+
+def _row_unit(bits: int, nm: tuple[int, int] | None) -> int:
+    """The smallest row count that whole n:m groups and whole packed words need."""
+    if bits == 16 and nm is None:  # float16 values, nothing packed
+        return 1
+    m, n = (nm[1], nm[0]) if nm else (1, 1)
+    # stored rows k * n / m (codes, n:m positions) must fill whole words: k a multiple of
+    # m * 32 / gcd(n, 32)
+    return m * packing.WORD_BITS // math.gcd(n, packing.WORD_BITS)
 
 
 def parse_sparsity(s):
@@ -89,10 +109,23 @@ class Format:
         """The format of a [k, N] matrix compressed with these settings: `sparsity` as
         `parse_sparsity` reads it, `group_size` None (or >= k) = one scale per output channel."""
         sparsity = parse_sparsity(sparsity)
-        group = k if group_size is None or group_size >= k else group_size
-        return cls(bits=check_bits(bits), group_size=group, symmetric=symmetric,
-                   nm=sparsity if isinstance(sparsity, tuple) else None,
+        nm = sparsity if isinstance(sparsity, tuple) else None
+        group = group_size
+        if group_size is None or group_size >= k:  # per channel: one group of all padded rows
+            group = _round_up(k, _row_unit(bits, nm))
+        return cls(bits=check_bits(bits), group_size=group, symmetric=symmetric, nm=nm,
                    unstructured=isinstance(sparsity, float))
+
+    @property
+    def row_unit(self) -> int:
+        """The stored rows must be a multiple of this (packing and n:m groups)."""
+        return _row_unit(self.bits, self.nm)
+
+    def padded_k(self, k: int) -> int:
+        """The rows a matrix of k inputs is stored with: k rounded up to whole scale groups and
+        packing units (k itself when it is already a multiple of both)."""
+        group = self.group_size if self.bits != 16 else 1  # 16 bits: no scales
+        return _round_up(k, math.lcm(group, self.row_unit))
 
     @property
     def sparsity(self) -> str | None:
@@ -128,8 +161,9 @@ class Format:
 
     def stored_arrays(self, k: int, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """{field: (shape, dtype)} of the arrays a [k, n] matrix in this format stores."""
-        rows = self.stored_rows(k)
-        groups = k // self.group_size
+        kp = self.padded_k(k)
+        rows = self.stored_rows(kp)
+        groups = kp // self.group_size
         out = {}
         if self.bits == 16:
             out["qweight"] = ((rows, n), np.dtype(np.float16))
@@ -143,18 +177,19 @@ class Format:
             out["meta"] = ((rows * ib // packing.WORD_BITS, n), np.dtype(np.uint32))
         return out
 
-    def stored_rows(self, k: int) -> int:
-        return k if self.nm is None else k * self.nm[0] // self.nm[1]
+    def stored_rows(self, kp: int) -> int:
+        """Stored rows of a matrix padded to kp rows (`padded_k`)."""
+        return kp if self.nm is None else kp * self.nm[0] // self.nm[1]
 
     def check_shape(self, k: int, n: int, what: str = "matrix") -> None:
-        """Raise a ValueError naming `what` when [k, n] cannot be stored in this format."""
-        if k % self.group_size:
-            raise ValueError(f"{what}: group_size={self.group_size} must divide K={k}")
-        if self.nm is not None and k % self.nm[1]:
-            raise ValueError(f"{what}: m={self.nm[1]} must divide K={k}")
-        rows = self.stored_rows(k)
-        if self.bits != 16 and rows % packing.WORD_BITS:
-            raise ValueError(f"{what}: {rows} stored rows are not a multiple of 32 (K={k})")
+        """Raise a ValueError naming `what` when [k, n] cannot be stored in this format: a
+        per-channel group must be the padded K itself (any other size larger than K is not a
+        format dzjax writes)."""
+        if k < 1 or n < 1:
+            raise ValueError(f"{what}: shape [{k}, {n}] must be positive")
+        if self.group_size > k and self.group_size != _round_up(k, self.row_unit):
+            raise ValueError(f"{what}: group_size={self.group_size} is larger than K={k} but is "
+                             f"not its padded per-channel size {_round_up(k, self.row_unit)}")
 
 
 @jax.tree_util.register_dataclass
@@ -177,21 +212,48 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in self.arrays().values())
 
+    @property
+    def padded_rows(self) -> int:
+        """The rows it is stored with (`Format.padded_k`): the kernels' K."""
+        return self.format.padded_k(self.shape[0])
 
-def quantize_to_format(codes, scales, zeros, keep, fmt: Format) -> QuantizedTensor:
-    """Pack codes [K, N] (or float values when bits = 16), scales/zeros [K/g, N] and keep [K, N].
+    @property
+    def padded(self) -> QuantizedTensor:
+        """The same arrays seen as the stored [Kp, N] matrix, whose extra rows are exactly 0
+        (what the kernels multiply, with x padded by zeros to Kp)."""
+        kp = self.padded_rows
+        return self if kp == self.shape[0] else dataclasses.replace(self, shape=(kp, self.shape[1]))
+
+
+def pad_rows(x: jax.Array, q: QuantizedTensor) -> tuple[jax.Array, QuantizedTensor]:
+    """x [..., K] and q [K, N] (or a stack of them) as the kernels multiply them: x padded with
+    zero columns to the stored rows Kp, and `q.padded`."""
+    pad = q.padded_rows - q.shape[0]
+    if not pad:
+        return x, q
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]), q.padded
+
+
+def quantize_to_format(codes, scales, zeros, keep, fmt: Format, k: int | None = None
+                       ) -> QuantizedTensor:
+    """Pack codes [Kp, N] (or float values when bits = 16), scales/zeros [Kp/g, N] and keep
+    [Kp, N] of a matrix with k real inputs (default Kp; see `Format.padded_k`).
 
     Pruned entries (keep False) are dropped (n:m) or stored as the zero point (unstructured).
     """
-    k, n = codes.shape
+    kp, n = codes.shape
+    k = kp if k is None else k
     fmt.check_shape(k, n)
+    if fmt.padded_k(k) != kp:
+        raise ValueError(f"{kp} rows of codes for a matrix of {k} inputs: the format stores "
+                         f"{fmt.padded_k(k)}")
     meta = None
     if fmt.nm is not None:
         codes, positions = packing.compress_nm(codes, keep, *fmt.nm)
         meta = packing.pack_codes(positions, packing.index_bits(fmt.nm[1]))
     elif fmt.unstructured:
         pruned_code = (0.0 if fmt.bits == 16 else 2 ** (fmt.bits - 1) if fmt.symmetric
-                       else jnp.repeat(jnp.asarray(zeros), k // zeros.shape[0], axis=0))
+                       else jnp.repeat(jnp.asarray(zeros), kp // zeros.shape[0], axis=0))
         codes = jnp.where(jnp.asarray(keep), jnp.asarray(codes), pruned_code)
     qweight = (jnp.asarray(codes, jnp.float16) if fmt.bits == 16
                else packing.pack_codes(codes, fmt.bits))

@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 from dzjax.pallas_kernels.single_delta import (DeltaMatmulConfig, check_inputs, dequant_block,
                                                dequant_dtype, dequantize_xla, dot_precision,
                                                dot_tile, pallas_operands, round_to, tiling)
-from dzjax.pallas_kernels.formats import QuantizedTensor
+from dzjax.pallas_kernels.formats import QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
 _ARRAYS = ("qweight", "scales", "zeros", "meta")
@@ -283,6 +283,7 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
       [M, N] float32 in serving order; rows with slot -1 are exactly 0.
     """
     check_inputs(x, stack)
+    x, stack = pad_rows(x, stack)
     (m, k), n = x.shape, stack.shape[1]
     slots, fmt = num_slots(stack), stack.format
     if batch.group_sizes.shape != (slots + 1,) or batch.order.shape != (m,):

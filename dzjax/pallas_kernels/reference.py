@@ -14,8 +14,8 @@ from dzjax.pallas_kernels.formats import QuantizedTensor
 
 def dequantize(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
     """The dense [K, N] matrix that `q` stores, in `dtype` (computed in float32)."""
-    fmt, (k, _) = q.format, q.shape
-    rows = fmt.stored_rows(k)
+    fmt, k, kp = q.format, q.shape[0], q.padded_rows
+    rows = fmt.stored_rows(kp)
     if fmt.bits == 16:
         values = q.qweight.astype(jnp.float32)
     else:
@@ -30,7 +30,7 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
     if fmt.nm is not None:
         positions = packing.unpack_codes(q.meta, packing.index_bits(fmt.nm[1]), rows)
         values = packing.expand_nm(values, positions, *fmt.nm)
-    return values.astype(dtype)
+    return values[:k].astype(dtype)  # the padding rows (see formats) are not part of it
 
 
 def delta_matmul_ref(x: jax.Array, q: QuantizedTensor) -> jax.Array:

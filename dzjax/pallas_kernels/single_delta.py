@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dzjax.pallas_kernels import packing
-from dzjax.pallas_kernels.formats import Format, QuantizedTensor
+from dzjax.pallas_kernels.formats import Format, QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
 PALLAS_BITS = (2, 4, 8)
@@ -255,11 +255,13 @@ def dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, *, fmt: Form
 
 
 def _dequantize_whole(q: QuantizedTensor, dtype) -> jax.Array:
-    """`dequant_tile` of the whole [K, N] matrix."""
-    fmt, (k, _) = q.format, q.shape
+    """`dequant_tile` of the whole [K, N] matrix (its stored padding rows cut off)."""
+    fmt = q.format
     zeros = None if fmt.symmetric else q.zeros
     meta = q.meta if fmt.nm is not None else None
-    return dequant_tile(q.qweight, q.scales, zeros, meta, fmt=fmt, block_k=k, dtype=dtype)
+    w = dequant_tile(q.qweight, q.scales, zeros, meta, fmt=fmt, block_k=q.padded_rows,
+                     dtype=dtype)
+    return w[:q.shape[0]]
 
 
 def dequantize_xla(q: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
@@ -451,6 +453,7 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
       bits); accumulation is float32.
     """
     check_inputs(x, q)
+    x, q = pad_rows(x, q)
     (m, k), n = x.shape, q.shape[1]
     fmt = q.format
     config = config or DeltaMatmulConfig.heuristic(m, k, n, fmt)
