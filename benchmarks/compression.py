@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/compression.py speed            # 4096x4096 and 11008x4096
     .venv/bin/python benchmarks/compression.py memory           # convert of 2, 4, 8, 16 layers
-    .venv/bin/python benchmarks/compression.py quality          # the quality/size table (~15 min)
+    .venv/bin/python benchmarks/compression.py quality          # the quality/size table (~25 min)
+    .venv/bin/python benchmarks/compression.py sizes            # file sizes at real models' shapes
 
 Each writes benchmarks/results/compression-<what>-<device>.json.
 """
@@ -236,6 +237,46 @@ def _quality_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+# Real models' shapes: hidden, intermediate, layers, vocab, heads, kv heads, head dim, tied.
+SIZE_MODELS = {"Llama-2-7B": (4096, 11008, 32, 32000, 32, 32, 128, False),
+               "Mistral-7B": (4096, 14336, 32, 32000, 32, 8, 128, False),
+               "SmolLM-360M": (960, 2560, 32, 49152, 15, 5, 64, True),
+               "Qwen2.5-0.5B": (896, 4864, 24, 151936, 14, 2, 64, True)}
+SIZE_SETTINGS = {"defaults (2-bit g128, embeddings 4-bit per row)":
+                 (dict(bits=2, group_size=128), dict(bits=4)),
+                 "4-bit 2:4 g128 everywhere (DeltaZip's)":
+                 (dict(bits=4, sparsity="2:4", group_size=128),) * 2}
+
+
+def sizes(args) -> dict:
+    """Delta size against the bf16 fine-tune at real models' shapes, from the arrays each
+    format stores (`Format.stored_arrays`, padding included); norms as bf16."""
+    from dzjax.pallas_kernels.formats import Format
+
+    def nbytes(k, n, settings):
+        fmt = Format.for_matrix(k, **settings)
+        return sum(int(np.prod(shape)) * dtype.itemsize
+                   for shape, dtype in fmt.stored_arrays(k, n).values())
+
+    rows = []
+    for model, (d, f, layers, vocab, heads, kv, hd, tied) in SIZE_MODELS.items():
+        blocks = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, f), (d, f),
+                  (f, d)]
+        tables = 1 if tied else 2
+        params = layers * sum(k * n for k, n in blocks) + tables * vocab * d
+        for label, (block, table) in SIZE_SETTINGS.items():
+            total = (layers * sum(nbytes(k, n, block) for k, n in blocks)
+                     + tables * nbytes(d, vocab, table) + (2 * layers + 1) * d * 2)
+            rows.append({"model": model, "settings": label,
+                         "embedding_share": round(tables * vocab * d / params, 4),
+                         "bits_per_weight": round(8 * total / params, 3),
+                         "ratio_vs_bf16": round(2 * params / total, 2)})
+            r = rows[-1]
+            print(f"{model:14s} (embeddings {100 * r['embedding_share']:4.1f}%) {label:48s} "
+                  f"{r['bits_per_weight']:.2f} bits/weight, {r['ratio_vs_bf16']:.2f}x vs bf16")
+    return {**_header(), "what": "delta size at real shapes, from the stored arrays", "rows": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -248,8 +289,10 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--n-samples", type=int, default=64)
     q.add_argument("--finetunes", nargs="+", help="of tests/fixtures/domains (default: all)")
+    sub.add_parser("sizes")
     args = p.parse_args()
-    results = {"speed": speed, "memory": memory, "quality": quality}[args.what](args)
+    results = {"speed": speed, "memory": memory, "quality": quality,
+               "sizes": sizes}[args.what](args)
     _write(args.what, results)
 
 
