@@ -246,6 +246,7 @@ def test_bad_settings_are_named(tmp_path):
     for kwargs, message in [(dict(bits=5), "bits"), (dict(sparsity="3:2"), "3:2"),
                             (dict(sparsity=1.5), "sparsity"), (dict(method="magic"), "method"),
                             (dict(group_size=0), "group_size"),
+                            (dict(group_size=48), "group_size=48 must be a multiple or a div"),
                             (dict(embedding_bits=5), "bits")]:
         with pytest.raises(dzjax.DzjaxError, match=message):
             dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "x.dz",
@@ -324,10 +325,12 @@ def test_swapping_compressed_deltas_does_not_retrace(llama_delta, tmp_path):
     (lambda m: m["tensors"].__setitem__("model.norm.weight", "exact"), "malformed entry"),
     (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 0),
      "bad compression settings"),
-    # a valid format, but not the one the arrays were stored in
     (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 48),
-     "up_proj.qweight' is uint32 .4, 128., expected uint32 .12, 128."),
-    (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 96),
+     "bad compression settings .*multiple or a divisor of 64"),
+    # a valid format, but not the one the arrays were stored in
+    (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 16),
+     "up_proj.scales' is bfloat16 .2, 128., expected bfloat16 .4, 128."),
+    (lambda m: m["tensors"]["model.layers.0.mlp.up_proj.weight"].__setitem__("group_size", 128),
      "bad compression settings .*not its padded per-channel size 64"),
 ])
 def test_garbled_metadata_is_a_clear_error(llama_delta, tmp_path, edit, message):

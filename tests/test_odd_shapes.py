@@ -10,7 +10,8 @@ import pytest
 
 import dzjax
 from dzjax.compress import quant
-from dzjax.compress.obs import ObsConfig, hessian_init, hessian_update, obs_prune_quantize, pad_problem
+from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
+                                pad_problem, round_to_nearest)
 from dzjax.compress.pipeline import ConvertConfig, _compress
 from dzjax.models.config import ModelConfig, RopeConfig
 from dzjax.models.llama import CausalLM
@@ -77,6 +78,18 @@ def test_short_last_group_gets_the_grid_of_its_own_rows():
     scale, zero = quant.minmax_grid(jnp.asarray(w[640:]), bits=4, symmetric=False)
     np.testing.assert_array_equal(np.asarray(q.scales[-1], np.float32), scale)
     np.testing.assert_array_equal(np.asarray(q.zeros[-1]), zero.astype(np.uint8))
+
+
+@pytest.mark.parametrize("method", ["obs", "rtn"])
+def test_unstructured_sparsity_counts_only_the_real_rows(method):
+    k = 200  # padded to 224 rows (per channel): a block of 128 real rows, then 72 and 24 padding
+    w, h = _problem(k, 7)
+    cfg = ObsConfig(bits=4, group_size=None, sparsity=0.5)
+    padded = pad_problem(jnp.asarray(w), h, 224)
+    result = (obs_prune_quantize(*padded, cfg, rows=k) if method == "obs"
+              else round_to_nearest(padded[0], cfg, padded[1], rows=k))
+    assert int((~result.mask[:k]).sum()) == k * N // 2  # half of the real weights, exactly
+    assert not np.asarray(result.w_hat[k:]).any()
 
 
 def test_padding_does_not_change_the_real_rows():

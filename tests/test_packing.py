@@ -101,6 +101,18 @@ def test_bad_formats(kwargs, message):
         Format(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    # padding to whole groups and words must stay under one of them (a hostile file could
+    # otherwise claim a format that dequantizes to many times its matrix)
+    (dict(bits=4, group_size=48), "multiple or a divisor of 32"),
+    (dict(bits=4, group_size=4095), "multiple or a divisor of 32"),
+    (dict(bits=4, group_size=2 ** 21, nm=(1, 65536)), "m must be at most 32"),
+])
+def test_formats_that_would_pad_beyond_a_group_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Format(**kwargs)
+
+
 def test_group_larger_than_k_must_be_per_channel():
     Format(bits=4, group_size=96).check_shape(96, 8, "q_proj")  # per channel
     Format(bits=4, group_size=128).check_shape(100, 8, "q_proj")  # per channel, padded to 128

@@ -191,7 +191,8 @@ def _exact_arrays(name: str, array: np.ndarray) -> tuple[dict, dict[str, np.ndar
     array = np.ascontiguousarray(array, np.float32)
     low = array.astype(ml_dtypes.bfloat16)
     inexact = np.flatnonzero(low.astype(np.float32).reshape(-1) != array.reshape(-1))
-    if 8 * inexact.size >= 2 * array.size:  # bf16 + fixups would not beat float32
+    if 8 * inexact.size >= 2 * array.size or array.size > np.iinfo(np.int32).max:
+        # bf16 + fixups would not beat float32 (or positions would not fit int32)
         return {"kind": "exact"}, {name: array}
     stored = {name: low}
     if inexact.size:

@@ -185,11 +185,18 @@ def _act_order(hdiag: jax.Array, cfg: ObsConfig) -> jax.Array:
     return (order[:, None] * m + jnp.arange(m)).reshape(k)
 
 
-def _unstructured_pruned(w1: jax.Array, d: jax.Array, sparsity: float) -> jax.Array:
-    """True for the int(sparsity * size) weights of block w1 [B, N] with the lowest w^2 / d^2."""
-    n_pruned = int(sparsity * w1.size)
-    order = jnp.argsort(((w1 / d[:, None]) ** 2).reshape(-1))
-    return jnp.zeros(w1.size, bool).at[order[:n_pruned]].set(True).reshape(w1.shape)
+def _unstructured_pruned(w1: jax.Array, d: jax.Array, sparsity: float,
+                         real: jax.Array | None = None) -> jax.Array:
+    """True for the int(sparsity * size) weights of block w1 [B, N] with the lowest w^2 / d^2;
+    with `real` (bool [B]), only real rows count and are pruned (the rest pads the problem)."""
+    saliency = (w1 / d[:, None]) ** 2
+    if real is None:
+        n_pruned = int(sparsity * w1.size)
+    else:
+        saliency = jnp.where(real[:, None], saliency, jnp.inf)
+        n_pruned = (sparsity * jnp.sum(real) * w1.shape[1]).astype(jnp.int32)
+    rank = jnp.argsort(jnp.argsort(saliency.reshape(-1), stable=True), stable=True)
+    return (rank < n_pruned).reshape(w1.shape)
 
 
 def _nm_pruned(wg: jax.Array, dg: jax.Array, n: int) -> jax.Array:
@@ -198,10 +205,13 @@ def _nm_pruned(wg: jax.Array, dg: jax.Array, n: int) -> jax.Array:
     return rank < wg.shape[0] - n
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def obs_prune_quantize(w: jax.Array, h: jax.Array, cfg: ObsConfig) -> ObsResult:
+@functools.partial(jax.jit, static_argnames=("cfg", "rows"))
+def obs_prune_quantize(w: jax.Array, h: jax.Array, cfg: ObsConfig,
+                       rows: int | None = None) -> ObsResult:
     """Prune and quantize kernel w [K, N] under Hessian h [K, K] (see the module docstring).
 
+    rows: the real inputs of a problem padded by `pad_problem` (default: all K); unstructured
+    sparsity counts and prunes only those.
     A Cholesky failure (h not positive definite after damping) gives NaNs: check `loss`.
     """
     k, n = w.shape
@@ -223,6 +233,7 @@ def obs_prune_quantize(w: jax.Array, h: jax.Array, cfg: ObsConfig) -> ObsResult:
     perm = _act_order(jnp.diag(h), cfg)
     group_of = perm // g  # grid row of each processed input, in the original order
     w = w[perm]
+    real = None if rows is None else (perm < rows)  # real inputs, in processing order
     u = inverse_hessian_cholesky(h[perm][:, perm], cfg.damp)
 
     def refresh_grid(scales, zeros, rows, group):  # grid of one group from its current weights
@@ -241,7 +252,8 @@ def obs_prune_quantize(w: jax.Array, h: jax.Array, cfg: ObsConfig) -> ObsResult:
                 lambda: refresh_grid(scales, zeros, lax.dynamic_slice_in_dim(w, i1, g), i1 // g),
                 lambda: (scales, zeros))
         if isinstance(cfg.sparsity, float):
-            pruned1 = _unstructured_pruned(w1, d, cfg.sparsity)
+            pruned1 = _unstructured_pruned(
+                w1, d, cfg.sparsity, None if real is None else lax.dynamic_slice_in_dim(real, i1, b))
         else:
             pruned1 = jnp.zeros((b, n), bool)
 
@@ -293,17 +305,25 @@ def obs_prune_quantize(w: jax.Array, h: jax.Array, cfg: ObsConfig) -> ObsResult:
     return ObsResult(w_hat=w_hat, codes=codes, scales=scales, zeros=zeros, mask=mask, loss=loss)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def round_to_nearest(w: jax.Array, cfg: ObsConfig, h: jax.Array | None = None) -> ObsResult:
+@functools.partial(jax.jit, static_argnames=("cfg", "rows"))
+def round_to_nearest(w: jax.Array, cfg: ObsConfig, h: jax.Array | None = None,
+                     rows: int | None = None) -> ObsResult:
     """Baseline: magnitude pruning (same mask rules as OBS, blocks of `_block_size`), then the grid of
-    the pruned weights and rounding to nearest. loss = 1/2 tr(D^T h D) if h is given, else NaN."""
+    the pruned weights and rounding to nearest. loss = 1/2 tr(D^T h D) if h is given, else NaN.
+    rows: as in `obs_prune_quantize`."""
     k, n = w.shape
     cfg.check(k)
     w = w0 = w.astype(jnp.float32)
     if isinstance(cfg.sparsity, float):
         b = _block_size(k, cfg)
-        pruned = jax.vmap(lambda wb: _unstructured_pruned(wb, jnp.ones(b), cfg.sparsity))(
-            w.reshape(k // b, b, n)).reshape(k, n)
+        blocks = w.reshape(k // b, b, n)
+        if rows is None:
+            pruned = jax.vmap(lambda wb: _unstructured_pruned(wb, jnp.ones(b), cfg.sparsity))(blocks)
+        else:
+            real = (jnp.arange(k) < rows).reshape(k // b, b)
+            pruned = jax.vmap(lambda wb, rb: _unstructured_pruned(
+                wb, jnp.ones(b), cfg.sparsity, rb))(blocks, real)
+        pruned = pruned.reshape(k, n)
     elif cfg.n_m:
         nn, m = cfg.n_m
         pruned = jax.vmap(lambda wg: _nm_pruned(wg, jnp.ones(m), nn))(w.reshape(k // m, m, n)).reshape(k, n)

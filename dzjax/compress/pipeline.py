@@ -202,10 +202,11 @@ def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
     if h is None:
         h = jnp.eye(k, dtype=jnp.float32)
     w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
+    rows = None if w_pad.shape[0] == k else k
     if rtn:
-        result = round_to_nearest(w_pad, obs, h_pad)
+        result = round_to_nearest(w_pad, obs, h_pad, rows=rows)
     else:
-        result = obs_prune_quantize(w_pad, h_pad, obs)
+        result = obs_prune_quantize(w_pad, h_pad, obs, rows=rows)
     q = result.to_quantized(fmt, k)
     err = float(jnp.sqrt(reconstruction_loss(w, dequantize(q), h) /
                          jnp.maximum(reconstruction_loss(w, jnp.zeros_like(w), h), 1e-30)))
@@ -306,7 +307,8 @@ class _Run:
             delta, losses = refine.refine_layer(
                 layer_pass, jax.tree.map(jnp.asarray, layer_base), delta, exact, x,
                 steps=self.cfg.refine_steps, lr=self.cfg.refine_lr, chunk=_CHUNK)
-            self.refined[f"model.layers.{i}"] = [float(f"{v:.6g}") for v in losses]
+            if losses is not None:
+                self.refined[f"model.layers.{i}"] = [float(f"{v:.6g}") for v in losses]
         for keys, leaf in flatten_params(delta).items():
             if isinstance(leaf, QuantizedTensor):
                 self.stored[prefix + keys] = leaf  # as refined
@@ -398,8 +400,9 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
     base_digest = checkpoint_digest(base_dir, config)
     key = None if checkpoint_every is None else resume.conversion_key(
         base=base_digest, finetune=checkpoint_digest(ft_dir, config), settings=cfg.settings(),
-        tokens=np.asarray(tokens), name=name or ft_dir.name, kernels=kernels.implementation,
-        sources=[str(base_dir), str(ft_dir)])
+        config=config_to_dict(config), tokens=np.asarray(tokens), name=name or ft_dir.name,
+        kernels=kernels.implementation, sources=[str(base_dir), str(ft_dir)],
+        **resume.environment())
     checkpoints = resume.Checkpoints(out, key, every=checkpoint_every)
     meter = _Progress(config.num_layers + 2, progress)
     restored = checkpoints.restore()

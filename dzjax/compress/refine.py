@@ -58,7 +58,7 @@ def _fit(loss, batches, consts, scales0: dict, steps: int, lr: float):
     """Adam on a = log(scale / scale0) of loss(scales, batch, consts) for `steps` steps over
     `batches` (cycled); the weights are arguments (`consts`), not constants baked into the jitted
     step. Returns the bf16-rounded scales and the mean loss over all batches (before, after),
-    keeping scales0 when the refined ones do no better."""
+    keeping scales0 (and reporting its loss twice) when the refined ones do no better."""
     tx = _optimizer(lr, steps)
 
     @jax.jit
@@ -80,7 +80,9 @@ def _fit(loss, batches, consts, scales0: dict, steps: int, lr: float):
     stored = lambda s: s.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
     refined = jax.tree.map(lambda s, x: stored(s * jnp.exp(x)), scales0, a)
     before, after = mean_loss(jax.tree.map(stored, scales0)), mean_loss(refined)
-    return (refined if after < before else scales0), (before, after)
+    if after < before:
+        return refined, (before, after)
+    return scales0, (before, before)  # nothing better: the OBS scales stay
 
 
 def refine_layer(layer_pass, params, delta, dense, x, *, steps: int, lr: float, chunk: int):
@@ -92,8 +94,11 @@ def refine_layer(layer_pass, params, delta, dense, x, *, steps: int, lr: float, 
         same delta, exact (the fine-tune's layer).
       x: its calibration inputs [n, T, D]; chunk: samples per step.
     Returns:
-      (delta with refined bfloat16 scales, (mean squared error before, after)).
+      (delta with refined bfloat16 scales, (mean squared error before, after)), or (delta,
+      None) when it has no scales.
     """
+    if not _scales(delta):  # 16-bit matrices: no scales to train
+        return delta, None
     batches = [(x[s:s + chunk], layer_pass(params, dense, x[s:s + chunk]))
                for s in range(0, len(x), chunk)]
 

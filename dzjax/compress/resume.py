@@ -8,7 +8,8 @@ function of those saved arrays, which orbax gives back exactly.
 
 The checkpoint lives beside the output, in `.<out name>.convert/`, and is removed when the delta
 file is written. It is tied to one conversion by a key: the digests of both checkpoints, the
-settings, the calibration tokens, the name and the kernels. A checkpoint with another key (other
+settings, the model config, the calibration tokens, the name, the kernels, the versions of dzjax
+and jax and the device kind. A checkpoint with another key (other
 arguments, changed inputs) is discarded, with a line on stderr, and the convert starts over.
 """
 
@@ -30,6 +31,17 @@ DEFAULT_EVERY = 60.0  # seconds of work between checkpoints (0: after every laye
 
 def checkpoint_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.convert"
+
+
+def environment() -> dict:
+    """What else the bytes depend on: the versions and the device the pipeline runs on (the
+    kernels "auto" picks, float rounding)."""
+    import importlib.metadata
+
+    import jax
+
+    return {"dzjax": importlib.metadata.version("dzjax"), "jax": jax.__version__,
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
 
 
 def conversion_key(**parts) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 from dzjax.pallas_kernels import packing
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 = no quantization (float16 values; for ablations)
+MAX_M = 32  # n:m groups of at most 32 inputs (5-bit positions)
 FIELDS = ("qweight", "scales", "zeros", "meta")  # a QuantizedTensor's arrays, by file suffix
 
 
@@ -98,8 +99,15 @@ class Format:
             n, m = self.nm
             if not 0 < n < m:
                 raise ValueError(f"n:m sparsity {n}:{m} needs 0 < n < m")
+            if m > MAX_M:
+                raise ValueError(f"n:m sparsity {n}:{m}: m must be at most {MAX_M}")
             if self.group_size % m:
                 raise ValueError(f"group_size={self.group_size} must be a multiple of m={m}")
+        unit = self.row_unit
+        if self.bits != 16 and self.group_size % unit and unit % self.group_size:
+            # else padding to whole groups and words could take more rows than either
+            raise ValueError(f"group_size={self.group_size} must be a multiple or a divisor of "
+                             f"{unit}, the rows one packed word column holds in this format")
         if self.nm is not None and self.unstructured:
             raise ValueError("a format is either n:m or unstructured, not both")
 
