@@ -36,11 +36,11 @@ def checkpoint_dir(out: Path) -> Path:
 def environment() -> dict:
     """What else the bytes depend on: the versions and the device the pipeline runs on (the
     kernels "auto" picks, float rounding)."""
-    import importlib.metadata
-
     import jax
 
-    return {"dzjax": importlib.metadata.version("dzjax"), "jax": jax.__version__,
+    import dzjax
+
+    return {"dzjax": dzjax.__version__, "jax": jax.__version__,
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
 
 
