@@ -38,9 +38,9 @@ def environment() -> dict:
     kernels "auto" picks, float rounding)."""
     import jax
 
-    import dzjax
+    from dzjax.version import __version__
 
-    return {"dzjax": dzjax.__version__, "jax": jax.__version__,
+    return {"dzjax": __version__, "jax": jax.__version__,
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
 
 
