@@ -22,7 +22,7 @@ ALLOWED = {
     "cli": {"demo", "bench", "serving", "models", "compress", "pallas_kernels"},
     "data": set(),
 }
-LEAVES = {"errors", "paths", "jsonsafe"}
+LEAVES = {"errors", "paths", "jsonsafe", "version"}
 MAX_LINES = 500
 
 
