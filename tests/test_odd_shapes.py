@@ -172,7 +172,7 @@ def odd_model(tmp_path_factory):
 @pytest.mark.parametrize("settings", [
     dict(bits=2, sparsity=None, group_size=128),  # the defaults
     pytest.param(dict(bits=4, sparsity="2:4", group_size=32), marks=pytest.mark.slow)])
-def test_convert_and_serve_an_odd_shaped_model(odd_model, settings):
+def test_convert_an_odd_shaped_model(odd_model, settings):
     out = odd_model / f"d{settings['bits']}.dz"
     dzjax.convert(odd_model / "base", odd_model / "ft", out, n_samples=8, seq_len=32,
                   progress=False, calibration=np.random.default_rng(0).integers(0, 300, (8, 32)),
@@ -187,6 +187,17 @@ def test_convert_and_serve_an_odd_shaped_model(odd_model, settings):
     merged = dzjax.load_base(dzjax.export_hf(base, delta, odd_model / f"m{settings['bits']}"),
                              dtype=jnp.float32)
     assert float(jnp.max(jnp.abs(dzjax.logits(merged, ids) - got))) < 1e-4
+
+
+# Slow (CI time, ~30 s of serving programs for this model); the padded multi-delta kernels are in
+# the default run (test_kernels_on_odd_k_match_the_reference).
+@pytest.mark.slow
+def test_serve_an_odd_shaped_model(odd_model):
+    out = odd_model / "served.dz"
+    dzjax.convert(odd_model / "base", odd_model / "ft", out, n_samples=8, seq_len=32,
+                  progress=False, calibration=np.random.default_rng(0).integers(0, 300, (8, 32)))
+    base = dzjax.load_base(odd_model / "base", dtype=jnp.float32)
+    delta = dzjax.load_delta(out, base=base)
     with dzjax.serve(base, {"ft": delta}, max_batch=2, max_seq_len=64) as server:
         served = server.generate([[1, 2, 3], [4, 5, 6]], model=["ft", None], max_tokens=4,
                                  ignore_eos=True)

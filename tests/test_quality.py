@@ -20,6 +20,10 @@ sys.path.insert(0, str(FIXTURES))
 import make_domains  # noqa: E402  (the fixture's split of the corpora)
 
 
+# Slow (CI time, ~45 s: three converts of a model no other test compiles for); the defaults'
+# path is converted in the default run (test_odd_shapes, test_compress), their quality is the
+# table of `benchmarks/compression.py quality`.
+@pytest.mark.slow
 def test_default_settings_keep_the_finetune(tmp_path):
     """The defaults (2-bit g128 blocks, 4-bit per-row embeddings) keep >= 97% of the gain, stay
     within 1.5x of the KL of exact embeddings, and OBS beats round-to-nearest; measured on
@@ -54,7 +58,7 @@ def setting():
     return base, finetune, windows, docs[:split["train_docs"]]
 
 
-# Slow (CI time, 40 s): the default run measures quality on the `domains` fine-tune above.
+# Slow (CI time, 40 s), as the test above.
 @pytest.mark.slow
 def test_compressed_delta_stays_close_to_the_finetune_and_beats_rtn(setting, tmp_path):
     base, finetune, windows, train_docs = setting

@@ -29,38 +29,29 @@ def _counting_layers(monkeypatch, fail_at=None):
     return done
 
 
-def test_a_resumed_convert_writes_the_same_bytes(tmp_path, monkeypatch):
+def test_a_resumed_convert_writes_the_same_bytes(tmp_path, monkeypatch, capsys):
     whole = tmp_path / "whole.dz"
     dzjax.convert(BASE, FT, whole, checkpoint_every=0, **FAST)
     assert not resume.checkpoint_dir(whole).exists()  # removed on success
 
     out = tmp_path / "resumed.dz"
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m:  # killed at layer 1, with other arguments
+        done = _counting_layers(m, fail_at=1)
+        with pytest.raises(KeyboardInterrupt):
+            dzjax.convert(BASE, FT, out, checkpoint_every=0, **dict(FAST, bits=2))
+        assert done == [0] and resume.checkpoint_dir(out).is_dir() and not out.exists()
+    with monkeypatch.context() as m:  # again with the right ones: that checkpoint is not used
         done = _counting_layers(m, fail_at=1)
         with pytest.raises(KeyboardInterrupt):
             dzjax.convert(BASE, FT, out, checkpoint_every=0, **FAST)
-    assert done == [0] and not out.exists()
-    assert resume.checkpoint_dir(out).is_dir()  # the progress after layer 0
+        assert done == [0] and "starting over" in capsys.readouterr().err
     done = _counting_layers(monkeypatch)
     delta = dzjax.convert(BASE, FT, out, checkpoint_every=0, **FAST)
     assert done == [1]  # layer 0 came from the checkpoint
+    assert "resuming" in capsys.readouterr().err
     assert out.read_bytes() == whole.read_bytes()
     assert not resume.checkpoint_dir(out).exists()
     assert delta.metadata["report"]["seconds"] >= 0  # timings are returned, not stored
-
-
-def test_a_checkpoint_of_other_arguments_is_not_used(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "d.dz"
-    with monkeypatch.context() as m:
-        _counting_layers(m, fail_at=1)
-        with pytest.raises(KeyboardInterrupt):
-            dzjax.convert(BASE, FT, out, checkpoint_every=0, **dict(FAST, bits=2))
-    done = _counting_layers(monkeypatch)
-    dzjax.convert(BASE, FT, out, checkpoint_every=0, **FAST)
-    assert done == [0, 1] and "starting over" in capsys.readouterr().err
-    whole = tmp_path / "whole.dz"
-    dzjax.convert(BASE, FT, whole, checkpoint_every=None, **FAST)
-    assert out.read_bytes() == whole.read_bytes()
 
 
 # Slow (CI time, ~40 s: two fresh processes); the resume itself is in the default run above.
