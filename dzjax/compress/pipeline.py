@@ -198,13 +198,13 @@ def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
     except ValueError as e:
         raise DzjaxError(f"{name}: {e}") from None
     w = jnp.asarray(w)
-    rtn = h is None or cfg.method == "rtn"  # no Hessian (the embedding lookup): round to nearest
-    if h is None:
+    lookup = h is None  # no Hessian (the embedding lookup): round to nearest, error unweighted
+    if lookup:
         h = jnp.eye(k, dtype=jnp.float32)
     w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
     rows = None if w_pad.shape[0] == k else k
-    if rtn:
-        result = round_to_nearest(w_pad, obs, h_pad, rows=rows)
+    if lookup or cfg.method == "rtn":  # (its own loss is not used: the error is computed below)
+        result = round_to_nearest(w_pad, obs, rows=rows)
     else:
         result = obs_prune_quantize(w_pad, h_pad, obs, rows=rows)
     q = result.to_quantized(fmt, k)
