@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
+# The suite is bound by XLA's compiler, which is mostly single-threaded: one pytest worker per core
+# (pytest-xdist), each test module on one worker so its fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all venv clean
 
@@ -23,12 +26,12 @@ demo: venv
 	$(VENV)/bin/dzjax demo
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: venv  # includes the tests marked slow, many more fuzzing examples, the compiler checks
 	$(PY) -c 'import triton' 2>/dev/null || $(PY) -m pip install -q 'triton>=3.4' \
 	  || echo "triton could not be installed: the compiler checks will skip"
-	HYPOTHESIS_PROFILE=all $(PY) -m pytest -q -m ''
+	HYPOTHESIS_PROFILE=all $(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
