@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/compression.py speed            # 4096x4096 and 11008x4096
     .venv/bin/python benchmarks/compression.py memory           # convert of 2, 4, 8, 16 layers
     .venv/bin/python benchmarks/compression.py quality          # the quality/size table (~25 min)
+    .venv/bin/python benchmarks/compression.py allocation       # target_bits vs uniform (~15 min)
     .venv/bin/python benchmarks/compression.py sizes            # file sizes at real models' shapes
 
 Each writes benchmarks/results/compression-<what>-<device>.json.
@@ -159,57 +160,18 @@ def _drop_blocks(base, finetune) -> dict:
 def quality(args) -> dict:
     """Held-out perplexity and KL(fine-tune || compressed) of base + compressed delta, for the
     fine-tunes of tests/fixtures/domains (each moves its weights by ~3% of their norm)."""
-    import zstandard
-
     import dzjax
-    from dzjax.compress.evaluate import kl_divergence, perplexity, token_windows
 
-    domains = _domains()
-    fixture = ROOT / "tests" / "fixtures" / "domains"
-    base = dzjax.load_base(fixture / "base", dtype=jnp.float32)
+    base = dzjax.load_base(ROOT / "tests" / "fixtures" / "domains" / "base", dtype=jnp.float32)
     rows, references = [], {}
-    names = args.finetunes or list(domains.SLICES)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            finetune = dzjax.load_base(fixture / name, dtype=jnp.float32)
-            windows = token_windows(base.tokenizer, domains.slice_docs(name, 1), 128)
-            ref = {"base": perplexity(base, windows), "finetune": perplexity(finetune, windows),
-                   "blocks_dropped": perplexity(base, windows, _drop_blocks(base, finetune)),
-                   "kl_base": kl_divergence(finetune, base, windows),
-                   "held_out_windows": len(windows)}
+        for name in args.finetunes or list(_domains().SLICES):
+            finetune, windows, ref = _references(base, name)
             references[name] = ref
-            print(f"{name}: held-out ppl base {ref['base']:.3f}, fine-tune {ref['finetune']:.3f}, "
-                  f"blocks dropped {ref['blocks_dropped']:.3f}; KL(ft || base) "
-                  f"{ref['kl_base']:.4f}", flush=True)
             for label, settings in QUALITY_SETTINGS.items():
                 for method in QUALITY_METHODS.get(label, ("obs",)):
-                    t0 = time.perf_counter()
-                    delta = dzjax.convert(fixture / "base", fixture / name, Path(tmp) / "d.dz",
-                                          calibration=domains.slice_docs(name, 0),
-                                          n_samples=args.n_samples, seq_len=128, method=method,
-                                          progress=False, **settings)
-                    report = delta.metadata["report"]
-                    raw = (Path(tmp) / "d.dz").read_bytes()
-                    zstd_bytes = len(zstandard.ZstdCompressor(level=19).compress(raw))
-                    ppl = perplexity(base, windows, delta)
-                    rows.append({
-                        "finetune": name, "settings": label, "method": method,
-                        "perplexity": ppl,
-                        "gain_kept": (ref["base"] - ppl) / (ref["base"] - ref["finetune"]),
-                        "block_gain_kept": (ref["blocks_dropped"] - ppl)
-                        / (ref["blocks_dropped"] - ref["finetune"]),
-                        "kl": kl_divergence(finetune, base, windows, delta),
-                        "bits_per_weight": report["bits_per_weight"],
-                        "ratio_vs_bf16": report["ratio_vs_bf16"],
-                        "file_bytes": report["file_bytes"],
-                        "zstd_gain": round(1 - zstd_bytes / len(raw), 4),  # what --zstd saves
-                        "convert_seconds": round(time.perf_counter() - t0, 1),
-                    })
-                    r = rows[-1]
-                    print(f"  {label:48s} {method}: ppl {r['perplexity']:.3f}, gain kept "
-                          f"{100 * r['gain_kept']:5.1f}% (blocks {100 * r['block_gain_kept']:5.1f}%)"
-                          f", KL {r['kl']:.5f}, {r['bits_per_weight']:.2f} bits/weight, "
-                          f"{r['ratio_vs_bf16']:.2f}x vs bf16", flush=True)
+                    rows.append(_quality_row(base, finetune, name, windows, ref, label, settings,
+                                             method, Path(tmp), args.n_samples))
     return {**_header(), "what": "held-out perplexity and KL(fine-tune || base + compressed "
             "delta) on tests/fixtures/domains (Llama, hidden 128, 4 layers, vocab 1024: the "
             "embedding and head are 25% of the parameters; group 128 = per-channel here)",
@@ -218,6 +180,100 @@ def quality(args) -> dict:
             "block_gain_kept": "(ppl_blocks_dropped - ppl) / (ppl_blocks_dropped - "
             "ppl_finetune), blocks dropped = base + the exact embedding, norm and head deltas",
             "references": references, "rows": rows, "summary": _quality_summary(rows)}
+
+
+def _quality_row(base, finetune, name, windows, ref, label, settings, method, tmp: Path,
+                 n_samples: int) -> dict:
+    """Convert fine-tune `name` of the domains fixture with `settings`; its quality and size."""
+    import zstandard
+
+    import dzjax
+    from dzjax.compress.evaluate import kl_divergence, perplexity
+
+    fixture = ROOT / "tests" / "fixtures" / "domains"
+    t0 = time.perf_counter()
+    delta = dzjax.convert(fixture / "base", fixture / name, tmp / "d.dz",
+                          calibration=_domains().slice_docs(name, 0), n_samples=n_samples,
+                          seq_len=128, method=method, progress=False, **settings)
+    report = delta.metadata["report"]
+    raw = (tmp / "d.dz").read_bytes()
+    zstd_bytes = len(zstandard.ZstdCompressor(level=19).compress(raw))
+    ppl = perplexity(base, windows, delta)
+    r = {
+        "finetune": name, "settings": label, "method": method,
+        "perplexity": ppl,
+        "gain_kept": (ref["base"] - ppl) / (ref["base"] - ref["finetune"]),
+        "block_gain_kept": (ref["blocks_dropped"] - ppl)
+        / (ref["blocks_dropped"] - ref["finetune"]),
+        "kl": kl_divergence(finetune, base, windows, delta),
+        "bits_per_weight": report["bits_per_weight"],
+        "ratio_vs_bf16": report["ratio_vs_bf16"],
+        "file_bytes": report["file_bytes"],
+        "zstd_gain": round(1 - zstd_bytes / len(raw), 4),  # what --zstd saves
+        "convert_seconds": round(time.perf_counter() - t0, 1),
+    }
+    if "allocation" in report:
+        r["allocation"] = report["allocation"]["matrices"]
+    print(f"  {label:48s} {method}: ppl {r['perplexity']:.3f}, gain kept "
+          f"{100 * r['gain_kept']:5.1f}% (blocks {100 * r['block_gain_kept']:5.1f}%)"
+          f", KL {r['kl']:.5f}, {r['bits_per_weight']:.2f} bits/weight, "
+          f"{r['ratio_vs_bf16']:.2f}x vs bf16" + (f", {r['allocation']}" if "allocation" in r
+                                                   else ""), flush=True)
+    return r
+
+
+def _references(base, name: str) -> tuple:
+    """The fine-tune `name` of the domains fixture, its held-out windows and reference figures."""
+    import dzjax
+    from dzjax.compress.evaluate import kl_divergence, perplexity, token_windows
+
+    finetune = dzjax.load_base(ROOT / "tests" / "fixtures" / "domains" / name, dtype=jnp.float32)
+    windows = token_windows(base.tokenizer, _domains().slice_docs(name, 1), 128)
+    ref = {"base": perplexity(base, windows), "finetune": perplexity(finetune, windows),
+           "blocks_dropped": perplexity(base, windows, _drop_blocks(base, finetune)),
+           "kl_base": kl_divergence(finetune, base, windows),
+           "held_out_windows": len(windows)}
+    print(f"{name}: held-out ppl base {ref['base']:.3f}, fine-tune {ref['finetune']:.3f}, "
+          f"blocks dropped {ref['blocks_dropped']:.3f}; KL(ft || base) "
+          f"{ref['kl_base']:.4f}", flush=True)
+    return finetune, windows, ref
+
+
+# Uniform settings (the embeddings at their default) against target_bits at the same sizes.
+ALLOCATION_UNIFORM = {"2bit g128": dict(bits=2, group_size=128),
+                      "3bit g128": dict(bits=3, group_size=128),
+                      "4bit 2:4 g128": dict(bits=4, sparsity="2:4", group_size=128),
+                      "4bit g128": dict(bits=4, group_size=128)}
+
+
+def allocation(args) -> dict:
+    """Quality at equal size: every block matrix alike, against `target_bits` at the uniform
+    settings' own bits per weight and between them."""
+    import dzjax
+
+    base = dzjax.load_base(ROOT / "tests" / "fixtures" / "domains" / "base", dtype=jnp.float32)
+    rows, references = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.finetunes or list(_domains().SLICES):
+            finetune, windows, ref = _references(base, name)
+            references[name] = ref
+            uniform = {}
+            for label, settings in ALLOCATION_UNIFORM.items():
+                rows.append(_quality_row(base, finetune, name, windows, ref, label, settings,
+                                         "obs", Path(tmp), args.n_samples))
+                uniform[label] = rows[-1]["bits_per_weight"]
+            low, mid, high = uniform["2bit g128"], uniform["3bit g128"], uniform["4bit g128"]
+            # (to 2 decimals, so that the fine-tunes share labels; never above the uniform's)
+            for target in (round((low + mid) / 2, 2), int(mid * 100) / 100,
+                           int(uniform["4bit 2:4 g128"] * 100) / 100, round((mid + high) / 2, 2)):
+                rows.append(_quality_row(base, finetune, name, windows, ref,
+                                         f"target_bits {target}", dict(target_bits=target),
+                                         "obs", Path(tmp), args.n_samples))
+    return {**_header(), "what": "held-out perplexity and KL at equal size: uniform block "
+            "settings against target_bits (tests/fixtures/domains, embeddings 4-bit per row)",
+            "calibration": f"{args.n_samples} x 128 tokens of each fine-tune's training text",
+            "references": references, "rows": rows,
+            "summary": _quality_summary(rows)}
 
 
 def _quality_summary(rows: list[dict]) -> list[dict]:
@@ -289,9 +345,12 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--n-samples", type=int, default=64)
     q.add_argument("--finetunes", nargs="+", help="of tests/fixtures/domains (default: all)")
+    a = sub.add_parser("allocation")
+    a.add_argument("--n-samples", type=int, default=64)
+    a.add_argument("--finetunes", nargs="+", help="of tests/fixtures/domains (default: all)")
     sub.add_parser("sizes")
     args = p.parse_args()
-    results = {"speed": speed, "memory": memory, "quality": quality,
+    results = {"speed": speed, "memory": memory, "quality": quality, "allocation": allocation,
                "sizes": sizes}[args.what](args)
     _write(args.what, results)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def _convert(args) -> None:
         act_order=args.act_order, method=args.method, damp=args.damp,
         compress_embeddings=not args.keep_embeddings, zstd=args.zstd, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, progress=not args.quiet,
+        refine_steps=args.refine_steps, target_bits=args.target_bits, allocation=args.allocation,
         checkpoint_every=None if args.no_checkpoint else args.checkpoint_every)
     report = delta.metadata["report"]
     print(report_json(report) if args.json else f"wrote {args.out}\n{report_text(report)}")
@@ -100,6 +102,14 @@ def parser() -> argparse.ArgumentParser:
                       help="store the embedding and lm_head deltas exactly")
     conv.add_argument("--zstd", action="store_true",
                       help="lossless zstd stage at rest (about 15-25%% smaller files)")
+    conv.add_argument("--target-bits", type=float, default=None,
+                      help="bits per weight of the whole delta to fit, choosing bits and sparsity "
+                      "per matrix from measured sensitivity (instead of --bits/--sparsity)")
+    conv.add_argument("--allocation", type=Path, default=None,
+                      help="reuse the per-matrix choice of a delta file made with --target-bits "
+                      "(or a JSON allocation): fine-tunes of one base then share one layout")
+    conv.add_argument("--refine-steps", type=int, default=0,
+                      help="Adam steps on each layer's scales after OBS (default 0: none)")
     conv.add_argument("--calibration", default=None,
                       help="a .txt or .jsonl file (default: the embedded corpus)")
     conv.add_argument("--checkpoint-every", type=float, default=60.0,
@@ -145,6 +155,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=named_path, action="append", default=[],
                         metavar="NAME=PATH", help="a delta file to serve as model NAME "
                         "(repeat for more; a bare PATH is named after its file)")
+    parser.add_argument("--delta-dir", type=Path, default=None, metavar="DIR",
+                        help="allow loading and unloading deltas over HTTP (/v1/load_delta, "
+                        "/v1/unload_delta), for delta files inside DIR only (default: off)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' of every request but /health "
+                        "and /metrics (default: $DZJAX_API_KEY; none if unset)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
     parser.add_argument("--base-name", default=None,
@@ -209,7 +225,9 @@ def _serve(args) -> None:
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     server = serve(base, deltas, **serve_options(args))
     run_server(server, host=args.host, port=args.port, log_level=args.log_level,
-               max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout)
+               max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
+               api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
+               delta_dir=args.delta_dir)
 
 
 def _terminate(signum, frame) -> None:

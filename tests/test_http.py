@@ -570,3 +570,150 @@ def test_fuzzed_bodies_get_answers_or_4xx_never_500(served, body, chat):
 def test_the_server_still_answers_after_the_fuzzing(served):
     assert ask(served, "ft1", PROMPTS[1], 8) == served.expected("ft1", PROMPTS[1], 8)
     assert wait_idle(served)["running"] == 0
+
+
+# -- metrics, deltas over HTTP, the API key ----------------------------------------------------
+
+def metrics(served, url: str | None = None) -> dict:
+    """/metrics parsed as Prometheus text: {(name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx2.get((url or served.url) + "/metrics", timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def moved(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_parse_as_prometheus_text_and_move_with_requests(served):
+    wait_idle(served)
+    before = metrics(served)
+    prompt_tokens = served.server.encode(PROMPTS[1])
+    r = served.client.completions.create(model="ft3", prompt=PROMPTS[1], max_tokens=5,
+                                         extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    status, _ = post(served, "/v1/completions", {"model": "ft3", "prompt": "x", "temperature": -1})
+    assert status == 400
+    after = metrics(served)
+    assert moved(before, after, "dzjax_requests_total", model="ft3", outcome="length") == 1
+    assert moved(before, after, "dzjax_generation_tokens_total", model="ft3") == 5
+    assert moved(before, after, "dzjax_prompt_tokens_total", model="ft3") == len(prompt_tokens)
+    assert moved(before, after, "dzjax_time_to_first_token_seconds_count", model="ft3") == 1
+    assert moved(before, after, "dzjax_inter_token_latency_seconds_count", model="ft3") == 4
+    assert moved(before, after, "dzjax_request_latency_seconds_count", model="ft3") == 1
+    assert moved(before, after, "dzjax_time_to_first_token_seconds_sum", model="ft3") > 0
+    assert (moved(before, after, "dzjax_delta_pool_hits_total")
+            + moved(before, after, "dzjax_delta_pool_misses_total")) == 1
+    assert moved(before, after, "dzjax_http_responses_total", route="/v1/completions",
+                 status="200") == 1
+    assert moved(before, after, "dzjax_http_responses_total", route="/v1/completions",
+                 status="400") == 1
+    assert moved(before, after, "dzjax_decode_steps_total") >= 4
+    gauges = {name: value for (name, labels), value in after.items() if not labels}
+    assert gauges["dzjax_engine_up"] == 1 and gauges["dzjax_batch_rows"] == 8
+    assert gauges["dzjax_requests_running"] == gauges["dzjax_requests_waiting"] == 0
+    assert gauges["dzjax_kv_pages"] > 0 and gauges["dzjax_kv_bytes"] > 0
+    assert gauges["dzjax_delta_pool_slots"] == 4 and 1 <= gauges["dzjax_delta_pool_resident"] <= 4
+
+
+def test_models_cards_have_root_parent_and_max_model_len(served):
+    cards = {m["id"]: m for m in httpx2.get(served.url + "/v1/models").json()["data"]}
+    assert cards["base"]["parent"] is None and Path(cards["base"]["root"]).is_dir()
+    assert cards["ft1"]["parent"] == "base" and cards["ft1"]["root"].endswith("ft1.dz.safetensors")
+    assert {c["max_model_len"] for c in cards.values()} == {256}
+
+
+@pytest.fixture
+def managed(served, tmp_path):
+    """A second app over the same server: deltas managed over HTTP from tmp_path/deltas, and an
+    API key."""
+    directory = tmp_path / "deltas"
+    directory.mkdir()
+    http, thread, url = start_uvicorn(make_app(served.server, api_key="sekrit",
+                                               delta_dir=directory))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0, timeout=120)
+    yield types.SimpleNamespace(url=url, client=client, dir=directory)
+    client.close()
+    http.should_exit = True
+    thread.join(timeout=30)
+
+
+def admin(url: str, path: str, body: dict, key: str | None = "sekrit") -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx2.post(url + path, json=body, headers=headers, timeout=120)
+    return r.status_code, r.json()
+
+
+def test_a_delta_is_loaded_and_unloaded_over_http(served, managed, tmp_path):
+    shutil.copy(served.deltas["ft1"].path, managed.dir / "new.dz")
+    status, answer = admin(managed.url, "/v1/load_lora_adapter",
+                           {"lora_name": "new", "lora_path": "new.dz"})
+    assert status == 200, answer
+    cards = {m.id: m for m in managed.client.models.list().data}
+    assert cards["new"].parent == "base" and cards["new"].root == str(managed.dir / "new.dz")
+    r = managed.client.completions.create(model="new", prompt=PROMPTS[0], max_tokens=8,
+                                          temperature=0)
+    assert r.choices[0].text == served.expected("ft1", PROMPTS[0], 8)  # the same file
+    # In use: refused (409) while a request runs on it, the request unharmed.
+    stream = managed.client.completions.create(model="new", prompt=PROMPTS[0], max_tokens=LONG,
+                                               stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    status, answer = admin(managed.url, "/v1/unload_delta", {"name": "new"})
+    assert status == 409 and answer["error"]["code"] == "delta_in_use"
+    stream.close()
+    wait_idle(served)
+    status, answer = admin(managed.url, "/v1/unload_lora_adapter", {"lora_name": "new"})
+    assert status == 200, answer
+    assert "new" not in [m.id for m in managed.client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        managed.client.completions.create(model="new", prompt="x", max_tokens=1)
+    # Loaded again under the name it had: served again.
+    assert admin(managed.url, "/v1/load_delta", {"name": "new", "path": "new.dz"})[0] == 200
+    assert admin(managed.url, "/v1/unload_delta", {"name": "new"})[0] == 200
+
+
+def test_delta_management_refusals_name_the_problem(served, managed, tmp_path):
+    outside = tmp_path / "outside.dz"
+    shutil.copy(served.deltas["ft1"].path, outside)
+    (managed.dir / "link.dz").symlink_to(outside)
+    (managed.dir / "junk.dz").write_bytes(b"not a delta file")
+    cases = [({"name": "x", "path": str(outside)}, 403, "not inside the delta directory"),
+             ({"name": "x", "path": "../outside.dz"}, 403, "not inside the delta directory"),
+             ({"name": "x", "path": "link.dz"}, 403, "not inside the delta directory"),
+             ({"name": "x", "path": "missing.dz"}, 404, "no such delta file"),
+             ({"name": "x", "path": "junk.dz"}, 400, "junk.dz"),
+             ({"name": "ft0", "path": "junk.dz"}, 400, "already served"),
+             ({"name": "base", "path": "junk.dz"}, 400, "already served"),
+             ({"path": "junk.dz"}, 400, "name must name the delta"),
+             ({"name": "x", "path": 3}, 400, "path must be a string")]
+    for body, status, message in cases:
+        got, answer = admin(managed.url, "/v1/load_delta", body)
+        assert got == status and message in answer["error"]["message"], (body, answer)
+    assert admin(managed.url, "/v1/unload_delta", {"name": "nope"})[0] == 404
+    assert admin(managed.url, "/v1/unload_delta", {"name": "base"})[0] == 400
+    assert [m.id for m in managed.client.models.list().data] == ["base"] + DELTAS
+    # Without the flag, the endpoints are off (the module's server).
+    for path in ("/v1/load_delta", "/v1/load_lora_adapter", "/v1/unload_delta"):
+        status, answer = admin(served.url, path, {"name": "x", "path": "new.dz"}, key=None)
+        assert status == 403 and "--delta-dir" in answer["error"]["message"]
+
+
+def test_the_api_key_is_required_except_for_health_and_metrics(served, managed):
+    for key in (None, "wrong", "sekrit2"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for path in ("/v1/models", "/v1/models/base", "/tokenizer_info"):
+            r = httpx2.get(managed.url + path, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=managed.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model="base", prompt="x", max_tokens=1)
+    wrong.close()
+    r = managed.client.completions.create(model="ft0", prompt=PROMPTS[2], max_tokens=4,
+                                          temperature=0)
+    assert r.choices[0].text == served.expected("ft0", PROMPTS[2], 4)
+    assert httpx2.get(managed.url + "/health").status_code == 200
+    assert metrics(served, managed.url)[("dzjax_engine_up", ())] == 1

@@ -101,7 +101,7 @@ class Delta:
             if isinstance(leaf, QuantizedTensor):
                 total += leaf.nbytes
             else:
-                total += sum(a.nbytes for a in _exact_arrays("", np.asarray(leaf))[1].values())
+                total += exact_nbytes(leaf)
         return total
 
     def check_base(self, base: Base) -> None:
@@ -183,6 +183,11 @@ def save_delta(delta: Delta, path: str | Path, zstd_level: int | None = None) ->
     return dataclasses.replace(delta, metadata=metadata, path=path, digest=digest)
 
 
+def exact_nbytes(array) -> int:
+    """Bytes of an exact tensor as a delta file stores it (`_exact_arrays`)."""
+    return sum(a.nbytes for a in _exact_arrays("", np.asarray(array))[1].values())
+
+
 def _exact_arrays(name: str, array: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
     """How an exact float32 tensor is stored: as bfloat16 plus the float32 values of the few
     elements bfloat16 does not hold exactly (a delta between two bf16 checkpoints is a bf16
@@ -241,6 +246,12 @@ def load_delta(path: str | Path, base: Base | None = None) -> Delta:
     if unused:
         raise DeltaFileError(f"{path}: unexpected tensor(s) {', '.join(sorted(unused)[:5])}")
     return Delta(params=unflatten(flat), metadata=metadata, path=path, digest=digest)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """A delta file's "dzjax" metadata (settings, report, ...), checked, without its tensors."""
+    path = Path(path)
+    return _read_header(SafetensorsFile(path), path)[0]
 
 
 def _read_header(sf: SafetensorsFile, path: Path) -> tuple[dict, str]:

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dzjax.compress import allocate, refine, resume
 from dzjax.compress import calibration as calib
-from dzjax.compress import refine, resume
-from dzjax.compress.delta_file import Delta, save_delta
+from dzjax.compress.delta_file import Delta, exact_nbytes, save_delta
 from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
                                 pad_problem, reconstruction_loss, round_to_nearest)
 from dzjax.errors import CheckpointError, DzjaxError
@@ -76,6 +76,11 @@ class ConvertConfig:
     zstd: bool = False  # a lossless zstd stage at rest over the compressed arrays
     refine_steps: int = 0  # Adam steps on each layer's (and the lm_head's) scales after OBS
     refine_lr: float = 1e-2  # its learning rate, on log(scale), cosine-decayed to 0
+    # Bits and sparsity per block matrix (`allocate`): target_bits = the whole delta's bits per
+    # weight to fit, chosen from measured sensitivity; or allocation = a given choice ({HF name:
+    # {"bits", "sparsity"}}, a JSON file of one, or a delta file that records one).
+    target_bits: float | None = None
+    allocation: dict | str | Path | None = None
     n_samples: int = 128
     seq_len: int = 512
     seed: int = 0
@@ -87,6 +92,10 @@ class ConvertConfig:
                 or self.refine_steps < 0 or not self.refine_lr > 0:
             raise DzjaxError(f"refine_steps must be an int >= 0 and refine_lr > 0, got "
                              f"{self.refine_steps!r}, {self.refine_lr!r}")
+        if self.target_bits is not None and (isinstance(self.target_bits, bool) or not isinstance(
+                self.target_bits, (int, float)) or not 0 < self.target_bits <= 32):
+            raise DzjaxError(f"target_bits must be a number of bits per weight in (0, 32], got "
+                             f"{self.target_bits!r}")
         if self.n_samples < 1 or self.seq_len < 2:
             raise DzjaxError(f"need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, "
                              f"{self.seq_len}")
@@ -96,13 +105,19 @@ class ConvertConfig:
         except ValueError as e:
             raise DzjaxError(str(e)) from None
 
-    def obs_config(self, k: int, *, embedding: bool = False) -> ObsConfig:
-        """The settings of one matrix with k inputs (`embedding`: the table or the lm_head)."""
+    def obs_config(self, k: int, *, embedding: bool = False, name: str | None = None
+                   ) -> ObsConfig:
+        """The settings of one matrix with k inputs (`embedding`: the table or the lm_head;
+        `name`: a block matrix's HF name, which an allocation gives its bits and sparsity)."""
         bits, sparsity, group_size = self.bits, self.sparsity, self.group_size
         if embedding:
             own = (self.embedding_bits, self.embedding_sparsity, self.embedding_group_size)
             bits, sparsity, group_size = (b if o == "same" else o for o, b in
                                           zip(own, (bits, sparsity, group_size)))
+        elif isinstance(self.allocation, dict) and name is not None:
+            if name not in self.allocation:
+                raise DzjaxError(f"the allocation has no entry for {name}")
+            bits, sparsity = self.allocation[name]["bits"], self.allocation[name]["sparsity"]
         group = None if group_size is None or group_size >= k else group_size
         return ObsConfig(bits=bits, group_size=group, symmetric=self.symmetric,
                          act_order=self.act_order, sparsity=sparsity,
@@ -190,7 +205,7 @@ def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
     """Compress one delta matrix [K, N] (`embedding`: the table or the lm_head, with their own
     settings); returns the QuantizedTensor and its relative error."""
     k = w.shape[0]
-    obs = cfg.obs_config(k, embedding=embedding)
+    obs = cfg.obs_config(k, embedding=embedding, name=name)
     try:
         fmt = obs.format(k)
         fmt.check_shape(*w.shape, name)
@@ -211,6 +226,20 @@ def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
     err = float(jnp.sqrt(reconstruction_loss(w, dequantize(q), h) /
                          jnp.maximum(reconstruction_loss(w, jnp.zeros_like(w), h), 1e-30)))
     return q, err
+
+
+def _rounding_error(w, h, obs: ObsConfig, name: str) -> tuple[int, float]:
+    """(bytes, 1/2 tr(E^T H E)) of w rounded to nearest with `obs` (E: the rounding error)."""
+    k = w.shape[0]
+    try:
+        fmt = obs.format(k)
+        fmt.check_shape(*w.shape, name)
+    except ValueError as e:
+        raise DzjaxError(f"{name}: {e}") from None
+    w = jnp.asarray(w)
+    w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
+    q = round_to_nearest(w_pad, obs, rows=None if w_pad.shape[0] == k else k).to_quantized(fmt, k)
+    return q.nbytes, float(reconstruction_loss(w, dequantize(q), h))
 
 
 class _Progress:
@@ -318,6 +347,57 @@ class _Run:
                              for s in range(0, len(x), _CHUNK)])
         return x, float(np.mean(layer_errors))
 
+    def measure(self, tokens) -> tuple[dict, int]:
+        """For `target_bits` (see `allocate`): each unit's options, measured on the fine-tune's
+        own activations (nothing compressed), and the bytes of all the allocation does not
+        choose (the embeddings and lm_head at their settings, the exact norms and biases)."""
+        cfg, config = self.cfg, self.config
+
+        def fixed_matrix(w, embedding_like: bool) -> int:
+            if not cfg.compress_embeddings:
+                return exact_nbytes(w)
+            k, n = w.shape
+            return cfg.obs_config(k, embedding=embedding_like).format(k).nbytes(k, n)
+
+        table, ft_table = self.reader.pair(("model", "embed_tokens", "embedding"))
+        fixed = fixed_matrix((ft_table - table).T, True)
+        x = embed(jnp.asarray(tokens), jnp.asarray(ft_table))
+        del table, ft_table
+        measured = {}
+        for i in range(config.num_layers):
+            prefix = ("model", f"layers_{i}")
+            layer_base, layer_ft = self.reader.subtree(prefix)
+            delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
+            del layer_ft
+            run = functools.partial(_layer_pass, jax.tree.map(jnp.asarray, layer_base),
+                                    config=config, window=config.sliding_windows[i],
+                                    kernels=self.kernels)
+            for module, names in STAGES:
+                h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
+                unit = tuple(f"model.layers.{i}.{module}.{p}.weight" for p in names)
+                options = []
+                for option in allocate.OPTIONS:
+                    nbytes = error = 0
+                    for proj, name in zip(names, unit):
+                        w = delta[module][proj]["kernel"]
+                        obs = dataclasses.replace(cfg.obs_config(w.shape[0]), bits=option[0],
+                                                  sparsity=option[1])
+                        b, e = _rounding_error(w, h, obs, name)
+                        nbytes, error = nbytes + b, error + e
+                    options.append(allocate.Measured(option, nbytes, error))
+                measured[unit] = options
+            matrices = {(module, proj, "kernel") for module, names in STAGES for proj in names}
+            fixed += sum(exact_nbytes(leaf) for keys, leaf in flatten_params(delta).items()
+                         if keys not in matrices)
+            x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
+                                 for s in range(0, len(x), _CHUNK)])
+        norm, ft_norm = self.reader.pair(("model", "norm", "weight"))
+        fixed += exact_nbytes(ft_norm - norm)
+        if not config.tie_word_embeddings:
+            head, ft_head = self.reader.pair(("lm_head", "kernel"))
+            fixed += fixed_matrix(ft_head - head, True)
+        return measured, fixed
+
     def head(self, x: jax.Array) -> None:
         """The final norm (exact) and an untied lm_head on the Hessian of the final states."""
         norm_base, norm_ft = self.reader.pair(("model", "norm", "weight"))
@@ -366,12 +446,20 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
         its last checkpoint and writes the same file; the checkpoint is removed on success.
       options: further `ConvertConfig` fields (symmetric, act_order, damp, block_size, method,
         compress_embeddings, embedding_bits, embedding_sparsity, embedding_group_size, zstd,
-        refine_steps, refine_lr, n_samples, seq_len, seed).
+        refine_steps, refine_lr, target_bits, allocation, n_samples, seq_len, seed).
+        target_bits: the whole delta's bits per weight to fit, by choosing bits and sparsity per
+        block matrix from measured sensitivity (`dzjax.compress.allocate`); the choice is
+        recorded in the file. allocation: a choice to reuse (a delta file converted with
+        target_bits, or its mapping), so that fine-tunes of one base share one layout and can be
+        served together.
     Returns:
       The `Delta`, with `metadata["report"]` holding per-matrix relative reconstruction errors,
       bits per weight, file size and compression ratios.
     """
     start = time.perf_counter()
+    if options.get("target_bits") is not None and options.get("allocation") is not None:
+        raise DzjaxError("give target_bits (to choose an allocation) or allocation (a chosen "
+                         "one), not both")
     cfg = ConvertConfig(bits=bits, sparsity=sparsity, group_size=group_size, **options)
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
                                          or not isinstance(checkpoint_every, (int, float))
@@ -396,6 +484,11 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
                                               seed=cfg.seed)
     devices = None if mesh is None else list(np.asarray(getattr(mesh, "devices", mesh)).flat)
     kernels = KernelOptions.resolve(implementation)
+    if cfg.allocation is not None:
+        cfg = dataclasses.replace(cfg, allocation=allocate.check(
+            allocate.read(cfg.allocation), config.num_layers))
+    elif cfg.target_bits is not None:
+        cfg = _allocated(cfg, _Run(config, cfg, reader, kernels), tokens, reader, progress)
     run = _Run(config, cfg, reader, kernels, devices)
     base_digest = checkpoint_digest(base_dir, config)
     key = None if checkpoint_every is None else resume.conversion_key(
@@ -434,6 +527,9 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
     delta = Delta(params=unflatten(stored), metadata=metadata)
     # The file holds no timings: the same conversion writes the same bytes, resumed or not.
     report = _report(delta, config, errors, reader)
+    if cfg.allocation is not None:
+        report["allocation"] = {"target_bits": cfg.target_bits,
+                                "matrices": allocate.summary(cfg.allocation)}
     if run.refined:  # the loss of each refined layer (MSE) and of the lm_head (KL), before, after
         report["refinement"] = run.refined
     delta = Delta(params=delta.params, metadata=dict(metadata, report=report))
@@ -444,8 +540,34 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
     return dataclasses.replace(delta, metadata=dict(delta.metadata, report=report))
 
 
+def _allocated(cfg: ConvertConfig, run: _Run, tokens, reader: _PairReader, progress: bool
+               ) -> ConvertConfig:
+    """cfg with the allocation that fits `cfg.target_bits` (see `allocate`)."""
+    n_params = _n_params(reader)
+    measured, fixed = run.measure(tokens)
+    try:
+        chosen = allocate.choose(measured, int(cfg.target_bits * n_params / 8) - fixed)
+    except ValueError:
+        least = fixed + sum(min(m.nbytes for m in ms) for ms in measured.values())
+        raise DzjaxError(
+            f"target_bits={cfg.target_bits} is below the smallest this delta can be: "
+            f"{least * 8 / n_params:.3f} bits/weight, with every block matrix at the cheapest of "
+            f"{allocate.OPTIONS} and the embeddings at their own settings") from None
+    allocation = allocate.as_allocation(chosen)
+    if progress:
+        predicted = (fixed + sum(m.nbytes for m in chosen.values())) * 8 / n_params
+        print(f"[convert] target_bits {cfg.target_bits}: "
+              + ", ".join(f"{n} x {label}" for label, n in allocate.summary(allocation).items())
+              + f" ({predicted:.3f} bits/weight)", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, allocation=allocation)
+
+
+def _n_params(reader: _PairReader) -> int:
+    return sum(int(np.prod(shape)) for _, _, shape in reader.key_map.values())
+
+
 def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader) -> dict:
-    n_params = sum(int(np.prod(shape)) for _, _, shape in reader.key_map.values())
+    n_params = _n_params(reader)
     compressed = {k: v for k, v in flatten_params(delta.params).items()
                   if isinstance(v, QuantizedTensor)}
     compressed_params = sum(q.shape[0] * q.shape[1] for q in compressed.values())

@@ -185,6 +185,11 @@ class Format:
             out["meta"] = ((rows * ib // packing.WORD_BITS, n), np.dtype(np.uint32))
         return out
 
+    def nbytes(self, k: int, n: int) -> int:
+        """Bytes a [k, n] matrix in this format stores."""
+        return sum(int(np.prod(shape)) * dtype.itemsize
+                   for shape, dtype in self.stored_arrays(k, n).values())
+
     def stored_rows(self, kp: int) -> int:
         """Stored rows of a matrix padded to kp rows (`padded_k`)."""
         return kp if self.nm is None else kp * self.nm[0] // self.nm[1]

@@ -28,6 +28,7 @@ import functools
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -45,6 +46,7 @@ from dzjax.serving import scheduler
 from dzjax.serving.detokenize import TextStream
 from dzjax.serving.kv_pages import PageTable
 from dzjax.serving.loop import EngineLoop
+from dzjax.serving.metrics import Metrics
 from dzjax.serving.stepping import InFlight, Steps
 from dzjax.serving.pool import DeltaPool
 from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundError, Request,
@@ -84,9 +86,10 @@ class Engine(Steps, EngineLoop):
     threads call `submit`, `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats`, `call`
     and `close`; every change of state happens on the engine thread."""
 
-    def __init__(self, base: Base, config: EngineConfig):
+    def __init__(self, base: Base, config: EngineConfig, metrics: Metrics | None = None):
         super().__init__()
         self.base, self.config = base, config
+        self.metrics = metrics or Metrics()  # per-model counts and latencies (Prometheus)
         if config.max_batch < 1:
             raise DzjaxError(f"max_batch must be >= 1, got {config.max_batch}")
         context = base.config.max_position_embeddings
@@ -223,6 +226,10 @@ class Engine(Steps, EngineLoop):
     def delta_names(self) -> list[str]:
         return self.pool.names()
 
+    def delta_paths(self) -> dict[str, Path | None]:
+        """{name: its file} of the served deltas (None: given as an object)."""
+        return self.call(lambda: {n: self.pool.entries[n].path for n in self.pool.names()})
+
     def close(self, timeout: float | None = None) -> None:
         super().close(timeout)
         self.pool.close()
@@ -340,7 +347,11 @@ class Engine(Steps, EngineLoop):
             r.batch_row, r.delta_slot = a.row, a.slot
             if r.order < 0:  # a preempted request keeps its place: older than newcomers
                 r.order = next(self._admissions)
-            r.admitted = r.admitted or time.perf_counter()
+            if r.admitted is None:  # (not again when a preempted request comes back)
+                r.admitted = time.perf_counter()
+                self.metrics.admitted(r.model, len(r.prompt_ids))
+                if r.model is not None:
+                    self.counts["delta_misses" if a.load is not None else "delta_hits"] += 1
             self.rows[a.row] = r
             admitted.append(r)
         return admitted
@@ -406,8 +417,12 @@ class Engine(Steps, EngineLoop):
     def _emit(self, r: Request, token: int, scored: TokenLogprob | None = None) -> None:
         """Append one generated token to r (and its log-prob, when asked), report the new text,
         and finish r when it is done."""
+        now = time.perf_counter()
+        gap = None if r.last_token is None else now - r.last_token
+        r.last_token = now
         if r.first_token is None:
-            r.first_token = time.perf_counter()
+            r.first_token = now
+            self.metrics.first_token(r.model, now - r.arrival)
         if (token in self.eos and not r.sampling.ignore_eos) or token in r.sampling.stop_token_ids:
             if scored is not None:  # not in the output, but its log-prob is (as vLLM's)
                 r.logprobs.append(scored)
@@ -418,6 +433,7 @@ class Engine(Steps, EngineLoop):
         logprobs = () if scored is None else (scored,)
         r.logprobs.extend(logprobs)
         self.counts["tokens"] += 1
+        self.metrics.token(r.model, gap)
         reason = "length" if len(r.output_ids) >= r.sampling.max_tokens else None
         if self.base.tokenizer is None:
             self._notify(r, Event("token", token_ids=(token,), logprobs=logprobs))
@@ -447,6 +463,7 @@ class Engine(Steps, EngineLoop):
         r.finished, r.finish_reason = time.perf_counter(), reason
         self._vacate(r)
         self.counts["finished_" + reason] += 1
+        self.metrics.finished(r.model, reason, r.finished - r.arrival)
         stream = self._streams.pop(r.id, None)
         tail = stream.rest() if stream is not None and reason != "error" else ""
         if tail:
@@ -466,6 +483,7 @@ class Engine(Steps, EngineLoop):
             "finished": {k.removeprefix("finished_"): v for k, v in c.items()
                          if k.startswith("finished_")},
             "running": sum(r is not None for r in self.rows),
+            "max_batch": self.config.max_batch,
             "waiting": len(self.waiting),
             "generated_tokens": c["tokens"],
             "decode_steps": c["steps"],
@@ -475,6 +493,8 @@ class Engine(Steps, EngineLoop):
             "mean_batch_rows": c["decode_rows"] / max(c["steps"], 1),
             "mean_active_deltas": c["active_deltas"] / max(c["steps"], 1),
             "max_active_deltas": c["max_active_deltas"],
+            # admissions of delta requests: with the delta on the device, or loaded for them
+            "delta_hits": c["delta_hits"], "delta_misses": c["delta_misses"],
             # Compilations since this engine started (programs of the same shapes are shared).
             "traces": {k.removeprefix("serve_"): TRACE_COUNTS[k] - v
                        for k, v in self._traces_at_start.items()},

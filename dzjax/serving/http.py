@@ -12,6 +12,15 @@ Endpoints (OpenAI's request and response shapes, see `openai_api`; a model is th
                               max_model_len, tokens}
   POST /detokenize            vLLM's: {tokens} -> {prompt}
   GET  /tokenizer_info        the tokenizer's class, special tokens, chat template, limits
+  GET  /metrics               Prometheus' text format (see `dzjax.serving.metrics`)
+  POST /v1/load_delta         {name, path}: serve another delta file, while serving; only with
+                              `delta_dir` (`dzjax serve --delta-dir DIR`), from inside DIR.
+                              vLLM's /v1/load_lora_adapter {lora_name, lora_path} is an alias
+  POST /v1/unload_delta       {name}: stop serving it (409 while requests run on it); alias
+                              /v1/unload_lora_adapter {lora_name}
+
+With `api_key` (`--api-key`, or $DZJAX_API_KEY), every endpoint but /health and /metrics needs
+`Authorization: Bearer <key>` (401 without it), as vLLM's --api-key.
 
 A streamed answer is server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 Each choice is one engine request. The engine reports events on its own thread; a listener hands
@@ -24,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
 import secrets
 import signal
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
@@ -39,9 +50,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import dzjax.jsonsafe as jsonsafe
-from dzjax.serving import openai_api
+from dzjax.errors import DzjaxError
+from dzjax.serving import metrics, openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
-from dzjax.serving.requests import Event, RequestError
+from dzjax.serving.requests import Event, ModelNotFoundError, RequestError
 from dzjax.serving.server import RequestHandle, Server
 
 log = logging.getLogger("dzjax.serving.http")
@@ -289,8 +301,9 @@ class _EventStream(StreamingResponse):
 class _Api:
     """The endpoints, over one `Server`."""
 
-    def __init__(self, server: Server, max_request_bytes: int):
+    def __init__(self, server: Server, max_request_bytes: int, delta_dir: Path | None):
         self.server, self.max_request_bytes = server, max_request_bytes
+        self.delta_dir = None if delta_dir is None else Path(delta_dir).resolve()
         self.created = int(time.time())
 
     async def health(self, request: Request) -> Response:
@@ -298,22 +311,89 @@ class _Api:
             raise HTTPError(503, "the serving engine has stopped", kind="server_error")
         return JSONResponse({"status": "ok"})
 
-    def _model_card(self, name: str) -> dict:
+    def _model_card(self, name: str, root: str) -> dict:
+        """vLLM's card: `root` is the base's checkpoint or the delta's file, `parent` the base
+        (None for the base itself), `max_model_len` the server's prompt + output limit."""
         base = name == self.server.base_name
         return {"id": name, "object": "model", "created": self.created, "owned_by": "dzjax",
-                "parent": None if base else self.server.base_name}
+                "root": root, "parent": None if base else self.server.base_name,
+                "max_model_len": self.server.max_seq_len}
 
     async def list_models(self, request: Request) -> Response:
-        names = await run_in_threadpool(self.server.models)
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in names]})
+        roots = await run_in_threadpool(self.server.model_roots)
+        return JSONResponse({"object": "list",
+                             "data": [self._model_card(n, r) for n, r in roots.items()]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        names = await run_in_threadpool(self.server.models)
-        if name not in names:
-            raise HTTPError(404, f"model {name!r} is not served; served: {names}",
+        roots = await run_in_threadpool(self.server.model_roots)
+        if name not in roots:
+            raise HTTPError(404, f"model {name!r} is not served; served: {list(roots)}",
                             param="model", code="model_not_found")
-        return JSONResponse(self._model_card(name))
+        return JSONResponse(self._model_card(name, roots[name]))
+
+    async def metrics(self, request: Request) -> Response:
+        text = await run_in_threadpool(self.server.metrics_text)
+        return Response(text, media_type=metrics.CONTENT_TYPE)
+
+    def _managed(self) -> Path:
+        if self.delta_dir is None:
+            raise HTTPError(403, "loading and unloading deltas over HTTP is off: start the "
+                            "server with --delta-dir DIR (make_app(..., delta_dir=DIR)) to "
+                            "allow it for delta files in DIR", code="delta_management_off")
+        return self.delta_dir
+
+    async def load_delta(self, request: Request, names=("name", "path")) -> Response:
+        directory = self._managed()
+        body = await _json_object(request, self.max_request_bytes)
+        name_field, path_field = names
+        name = openai_api.typed(body, name_field, (str,), "a string")
+        where = openai_api.typed(body, path_field, (str,), "a string")
+        if not name:
+            raise invalid(name_field, f"{name_field} must name the delta to serve")
+        if not where:
+            raise invalid(path_field, f"{path_field} must be a delta file inside the delta "
+                          f"directory")
+        path = (directory / where).resolve()  # (an absolute path stays itself; links resolved)
+        if not path.is_relative_to(directory):
+            raise HTTPError(403, f"{path_field} {where!r} is not inside the delta directory "
+                            f"{directory}", param=path_field, code="outside_delta_dir")
+        if not path.is_file():
+            raise HTTPError(404, f"{path_field} {where!r}: no such delta file in {directory}",
+                            param=path_field, code="file_not_found")
+        if name in await run_in_threadpool(self.server.models):
+            raise invalid(name_field, f"a model named {name!r} is already served (unload it "
+                          f"first)")
+        try:
+            await run_in_threadpool(self.server.add_delta, name, path)
+        except RequestError:
+            raise
+        except DzjaxError as e:  # not a delta file of this base, damaged, another layout
+            raise invalid(path_field, str(e)) from None
+        log.info("delta %r loaded from %s", name, path)
+        return JSONResponse({"id": name, "object": "model", "status": "loaded",
+                             "root": str(path)})
+
+    async def unload_delta(self, request: Request, name_field="name") -> Response:
+        self._managed()
+        body = await _json_object(request, self.max_request_bytes)
+        name = openai_api.typed(body, name_field, (str,), "a string")
+        if not name:
+            raise invalid(name_field, f"{name_field} must name a served delta")
+        if name == self.server.base_name:
+            raise invalid(name_field, f"{name!r} is the base model: it cannot be unloaded")
+        if name not in await run_in_threadpool(self.server.models):
+            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
+                            code="model_not_found")
+        try:
+            await run_in_threadpool(self.server.remove_delta, name)
+        except (ModelNotFoundError, KeyError):
+            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
+                            code="model_not_found") from None
+        except DzjaxError as e:  # requests run on it
+            raise HTTPError(409, str(e), param=name_field, code="delta_in_use") from None
+        log.info("delta %r unloaded", name)
+        return JSONResponse({"id": name, "object": "model", "status": "unloaded"})
 
     async def completions(self, request: Request) -> Response:
         body = await _json_object(request, self.max_request_bytes)
@@ -389,12 +469,19 @@ class _Api:
         return await _unless_disconnected(request, _answer(generation, reply))
 
 
-def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES) -> Starlette:
+def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES,
+             api_key: str | None = None, delta_dir: str | Path | None = None):
     """The OpenAI-compatible ASGI app over a running `Server` (see the module docstring); a
-    request body over `max_request_bytes` is refused with 413 before it is read further."""
+    request body over `max_request_bytes` is refused with 413 before it is read further.
+    api_key: required of every request but /health and /metrics (None: no key). delta_dir:
+    the directory whose delta files may be loaded over HTTP (None: loading is off)."""
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
-    api = _Api(server, max_request_bytes)
+    if api_key is not None and not api_key:
+        raise DzjaxError("the API key must not be empty")
+    if delta_dir is not None and not Path(delta_dir).is_dir():
+        raise DzjaxError(f"delta directory {delta_dir}: no such directory")
+    api = _Api(server, max_request_bytes, delta_dir)
     routes = [Route("/health", _openai_errors(api.health), methods=["GET"]),
               Route("/v1/models", _openai_errors(api.list_models), methods=["GET"]),
               Route("/v1/models/{model:path}", _openai_errors(api.get_model), methods=["GET"]),
@@ -403,8 +490,60 @@ def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES) -> S
                     methods=["POST"]),
               Route("/tokenize", _openai_errors(api.tokenize), methods=["POST"]),
               Route("/detokenize", _openai_errors(api.detokenize), methods=["POST"]),
-              Route("/tokenizer_info", _openai_errors(api.tokenizer_info), methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _starlette_error})
+              Route("/tokenizer_info", _openai_errors(api.tokenizer_info), methods=["GET"]),
+              Route("/metrics", _openai_errors(api.metrics), methods=["GET"])]
+    for path, load, unload in [
+            ("delta", api.load_delta, api.unload_delta),
+            ("lora_adapter", functools.partial(api.load_delta, names=("lora_name", "lora_path")),
+             functools.partial(api.unload_delta, name_field="lora_name"))]:
+        routes += [Route(f"/v1/load_{path}", _openai_errors(load), methods=["POST"]),
+                   Route(f"/v1/unload_{path}", _openai_errors(unload), methods=["POST"])]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _starlette_error})
+    return _Guard(app, api_key, server.metrics)
+
+
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
+
+
+class _Guard:
+    """ASGI middleware: the API key (401 without it), and each response counted by route and
+    status (dzjax_http_responses_total)."""
+
+    def __init__(self, app, api_key: str | None, recorder: metrics.Metrics):
+        self.app, self.recorder = app, recorder
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = _route_label(scope["path"])
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.recorder.http_response(route, message["status"])
+            await send(message)
+
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = HTTPError(401, "a valid API key is required: send the header "
+                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
+                response = JSONResponse(error.payload(), status_code=401,
+                                        headers={"www-authenticate": "Bearer"})
+                return await response(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_delta", "/v1/unload_delta",
+           "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+
+def _route_label(path: str) -> str:
+    """A bounded label of a request path: its route (a model's card as one), else "other"."""
+    if path in _ROUTES:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
 # -- running it --------------------------------------------------------------------------------
@@ -424,7 +563,8 @@ async def _serve_and_announce(http, server: Server) -> None:
 
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info", max_request_bytes: int = MAX_REQUEST_BYTES,
-               shutdown_timeout_s: float = 30.0) -> None:
+               shutdown_timeout_s: float = 30.0, api_key: str | None = None,
+               delta_dir: str | Path | None = None) -> None:
     """Serve `server` over HTTP until interrupted, then close it. On SIGINT or SIGTERM, uvicorn
     stops taking connections and lets running requests finish for up to `shutdown_timeout_s`;
     what still runs after that ends with an error, and the process exits."""
@@ -434,7 +574,9 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
     # arrive here as KeyboardInterrupt (not a kill, for SIGTERM), so that the engine is closed.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        config = uvicorn.Config(make_app(server, max_request_bytes=max_request_bytes),
+        app = make_app(server, max_request_bytes=max_request_bytes, api_key=api_key,
+                       delta_dir=delta_dir)
+        config = uvicorn.Config(app,
                                 host=host, port=port, log_level=log_level,
                                 timeout_graceful_shutdown=shutdown_timeout_s)
         asyncio.run(_serve_and_announce(uvicorn.Server(config), server))

@@ -124,6 +124,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     admitted: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     finished: float | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""  # the output text so far (with a tokenizer)

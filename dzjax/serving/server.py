@@ -20,6 +20,7 @@ from dzjax.errors import DzjaxError
 from dzjax.models.loading import Base, load_base
 from dzjax.models.text import check_text, encode_prompt
 from dzjax.serving.engine import Engine, EngineConfig
+from dzjax.serving.metrics import Metrics
 from dzjax.serving.requests import (Event, ModelNotFoundError, Request, RequestError,
                                     SamplingParams, ServerClosedError, TokenLogprob)
 
@@ -106,7 +107,9 @@ class Server:
         if options.get("dtype") is not None:
             options["dtype"] = jnp.dtype(options["dtype"]).name
         self.base_name = base_name
-        self.engine = Engine(base, EngineConfig(**options))
+        self.metrics = Metrics(base_name)  # Prometheus (`metrics_text`, HTTP `/metrics`)
+        self.engine = Engine(base, EngineConfig(**options), self.metrics)
+        self.metrics.watch(self.engine.stats)
         self.base = self.engine.base  # without weights: the engine holds its own params
         try:
             for name, source in (deltas or {}).items():
@@ -129,6 +132,13 @@ class Server:
 
     def models(self) -> list[str]:
         return [self.base_name] + self.engine.delta_names()
+
+    def model_roots(self) -> dict[str, str]:
+        """{model: where it comes from}: the base's checkpoint directory, each delta's file (a
+        delta given as an object: its name), the base first."""
+        base = str(self.base.path) if getattr(self.base, "path", None) else self.base_name
+        return {self.base_name: base, **{name: str(path) if path else name
+                                         for name, path in self.engine.delta_paths().items()}}
 
     @property
     def max_seq_len(self) -> int:
@@ -300,6 +310,10 @@ class Server:
     def stats(self) -> dict:
         """Counts, occupancy, traces and the pool's state (a snapshot, taken between steps)."""
         return self.engine.stats()
+
+    def metrics_text(self) -> bytes:
+        """The server's metrics in Prometheus' text format (see `dzjax.serving.metrics`)."""
+        return self.metrics.text()
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the accepted requests and stop the engine; later requests are refused. With a
