@@ -341,6 +341,53 @@ def test_sampling_fields_change_the_output_as_documented(served):
     assert held["usage"]["completion_tokens"] >= 5
 
 
+def penalized_greedy(served, model, ids, n, repetition=1.0, frequency=0.0, presence=0.0,
+                     bias=None) -> list[int]:
+    """The reference: greedy decoding on `dzjax.logits` with vLLM's penalty rules, in numpy."""
+    out = []
+    for _ in range(n):
+        logits = np.asarray(dzjax.logits(served.base, [ids + out], delta=served.deltas.get(
+            model)))[0, -1].astype(np.float64)
+        for t in set(ids + out):
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+def test_penalties_and_logit_bias_change_the_output_as_documented(served):
+    ids = served.base.tokenizer(PROMPTS[0])["input_ids"]
+    decode = served.base.tokenizer.decode
+
+    def answer(**fields) -> str:
+        status, got = post(served, "/v1/completions", {
+            "model": "ft2", "prompt": ids, "max_tokens": 10, "ignore_eos": True,
+            "temperature": 0, **fields})
+        assert status == 200, got
+        return got["choices"][0]["text"]
+
+    plain = penalized_greedy(served, "ft2", ids, 10)
+    assert answer() == decode(plain)
+    for fields, reference in [
+            ({"frequency_penalty": 2.0}, dict(frequency=2.0)),
+            ({"presence_penalty": 2.0, "frequency_penalty": 0.5},
+             dict(presence=2.0, frequency=0.5)),
+            ({"repetition_penalty": 1.8}, dict(repetition=1.8)),
+            ({"logit_bias": {str(plain[0]): -100, "7": 4.5}}, dict(bias={plain[0]: -100, 7: 4.5}))]:
+        want = penalized_greedy(served, "ft2", ids, 10, **reference)
+        assert want != plain, fields  # (the reference itself moved)
+        assert answer(**fields) == decode(want), fields
+        # The Python API takes the same fields, with logit_bias as {token id: bias}.
+        python = {k: ({int(t): v for t, v in x.items()} if k == "logit_bias" else x)
+                  for k, x in fields.items()}
+        assert served.server.generate([ids], model="ft2", max_tokens=10, ignore_eos=True,
+                                      **python)[0] == want, fields
+    assert answer(logit_bias={"5": 100}) == decode([5] * 10)
+
+
 def test_unknown_model_is_404(served):
     with pytest.raises(openai.NotFoundError) as e:
         served.client.completions.create(model="nope", prompt="hi", max_tokens=4)
@@ -387,8 +434,13 @@ def test_malformed_body_is_400(served, body):
     ("/v1/completions", "stop_token_ids", [1, -1]),
     ("/v1/completions", "stop_token_ids", [10 ** 9]),
     ("/v1/completions", "response_format", {"type": "json_object"}),
-    ("/v1/completions", "repetition_penalty", 1.2),
-    ("/v1/completions", "logit_bias", {"5": 3}),
+    ("/v1/completions", "repetition_penalty", 0),
+    ("/v1/completions", "frequency_penalty", 2.5),
+    ("/v1/completions", "presence_penalty", "high"),
+    ("/v1/completions", "logit_bias", {"5": 300}),
+    ("/v1/completions", "logit_bias", {"x": 1}),
+    ("/v1/completions", "logit_bias", {"100000": 1}),  # beyond the vocabulary
+    ("/v1/completions", "logit_bias", [5, 3]),
     ("/v1/completions", "logprobs", 21),
     ("/v1/completions", "logprobs", True),
     ("/v1/completions", "echo", "yes"),

@@ -303,13 +303,16 @@ def test_the_pipelined_loop_gives_the_same_results_as_waiting_for_every_step(tex
               max_tokens=[30, 7, 24, 12, 30, 5, 18, 26], stop=[["("], None, ["the"], None,
                                                               [" "], None, ["\n"], None],
               temperature=[0.0, 1.0, 0.0, 0.8, 0.0, 1.0, 0.0, 0.0], seed=4)
+    # Penalties count the token in flight as output (it is the step's input, on the device).
+    penalties = [{}, {"repetition_penalty": 1.3}, {"frequency_penalty": 1.0}, {},
+                 {"presence_penalty": 0.8, "logit_bias": {5: 2.0}}, {}, {}, {}]
     out, steps = {}, {}
     for pipeline in (False, True):
         with dzjax.serve(base, {"ft0": delta}, max_batch=4, max_seq_len=128,
                          pipeline_decode=pipeline) as server:
-            handles = [server.submit(p, m, max_tokens=n, stop=st, temperature=t, seed=4)
-                       for p, m, n, st, t in zip(prompts, kw["model"], kw["max_tokens"],
-                                                 kw["stop"], kw["temperature"])]
+            handles = [server.submit(p, m, max_tokens=n, stop=st, temperature=t, seed=4, **pen)
+                       for p, m, n, st, t, pen in zip(prompts, kw["model"], kw["max_tokens"],
+                                                      kw["stop"], kw["temperature"], penalties)]
             out[pipeline] = [(r.text, r.token_ids, r.finish_reason)
                              for r in (h.result() for h in handles)]
             steps[pipeline] = server.stats()

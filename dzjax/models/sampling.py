@@ -59,3 +59,39 @@ def sample(logits, seeds, counters, temperature, top_p, top_k=None, min_p=None,
 
 
 sample_jit = jax.jit(sample)
+
+
+def penalize(logits, history, output_start, extra, repetition, frequency, presence, bias_ids,
+             bias_values) -> jax.Array:
+    """Logits [B, V] with the penalties and biases of each row applied, as vLLM applies them
+    (before temperature and the sampling filters; greedy rows too):
+
+      repetition_penalty r: a token seen in the prompt or the output so far has its logit
+        divided by r where positive, multiplied by r where negative (1: off);
+      frequency_penalty f, presence_penalty p: logit - f * (times the token is in the output)
+        - p * (whether it is), output tokens only (0: off);
+      logit_bias: a value added to the logit of each listed token.
+
+    Args:
+      history: int32 [B, L], each row's context known on the host (prompt, then output; -1:
+        padding); output_start: int32 [B], where its output starts in it.
+      extra: int32 [B], one more output token per row not in history (its token in flight on
+        the device), -1 for none.
+      repetition, frequency, presence: float32 [B].
+      bias_ids: int32 [B, K] token ids (-1: padding); bias_values: float32 [B, K].
+    """
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]
+    position = jnp.arange(history.shape[1])[None, :]
+    real = history >= 0
+    tokens = jnp.where(real, history, 0)
+    outputs = (real & (position >= output_start[:, None])).astype(jnp.int32)
+    counts = jnp.zeros((b, v), jnp.int32).at[rows, tokens].add(outputs)
+    counts = counts.at[jnp.arange(b), jnp.maximum(extra, 0)].add((extra >= 0).astype(jnp.int32))
+    seen = jnp.zeros((b, v), bool).at[rows, tokens].max(real) | (counts > 0)
+    logits = logits.astype(jnp.float32)
+    r = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+    return logits.at[rows, jnp.maximum(bias_ids, 0)].add(jnp.where(bias_ids >= 0, bias_values,
+                                                                   0.0))

@@ -9,10 +9,11 @@ seed (omitted: a random one), stop (a string or a list), stream, stream_options.
 log-probabilities (completions: logprobs 0..20 and echo, which prepends the prompt and its
 tokens' log-probs, the first null; chat: logprobs and top_logprobs; vLLM's prompt_logprobs), n
 (1..16 choices per prompt, seeds seed, seed + 1, ...), vLLM's top_k, min_p, min_tokens (holds
-back end-of-sequence and stop_token_ids, not stop strings) and stop_token_ids, and the extension
-ignore_eos. Log-probabilities are the model's (log_softmax of its logits, before temperature,
+back end-of-sequence and stop_token_ids, not stop strings) and stop_token_ids, OpenAI's
+frequency_penalty, presence_penalty and logit_bias and vLLM's repetition_penalty (applied as
+vLLM applies them, in the jitted steps), and the extension ignore_eos. Log-probabilities are the model's (log_softmax of its logits, before temperature,
 top_p, top_k and min_p), as vLLM returns them. Fields that would change the output but are not
-implemented (penalties, logit_bias, response_format, beam search, guided decoding, tools, ...)
+implemented (response_format, beam search, guided decoding, tools, ...)
 are refused unless neutral; other unknown fields are ignored.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a malformed
 request (naming the field) or one that does not fit the context, 404 for an unknown model, 503
@@ -37,9 +38,7 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults t
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's, when a request gives none
 # Fields of OpenAI's API that would change the output and are not implemented: refused unless
 # absent, null or one of these neutral values.
-UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
-               "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},),
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},),
                "use_beam_search": (False,), "length_penalty": (1,), "guided_json": (),
                "guided_regex": (), "guided_choice": (), "guided_grammar": (),
                "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],),
@@ -199,13 +198,20 @@ def sampling_fields(body: dict, chat: bool) -> dict:
                 "top_k": typed(body, "top_k", (int,), "an integer"),
                 "min_p": typed(body, "min_p", (int, float), "a number"),
                 "min_tokens": typed(body, "min_tokens", (int,), "an integer"),
-                "stop_token_ids": typed(body, "stop_token_ids", (list,), "a list of token ids")}
+                "stop_token_ids": typed(body, "stop_token_ids", (list,), "a list of token ids"),
+                # OpenAI's penalties and vLLM's repetition_penalty (applied as vLLM's)
+                "frequency_penalty": typed(body, "frequency_penalty", (int, float), "a number"),
+                "presence_penalty": typed(body, "presence_penalty", (int, float), "a number"),
+                "repetition_penalty": typed(body, "repetition_penalty", (int, float),
+                                            "a number"),
+                "logit_bias": _logit_bias(body)}
     if sampling["top_k"] == -1:
         sampling["top_k"] = 0
     sampling = {k: v for k, v in sampling.items() if v is not None}
     for name, value in sampling.items():  # the engine's own checks, one field at a time
         try:
-            SamplingParams(**{name: tuple(value) if name in ("stop", "stop_token_ids") else value,
+            SamplingParams(**{name: tuple(value) if name in ("stop", "stop_token_ids",
+                                                             "logit_bias") else value,
                               # against the request's max_tokens once it is known (engine)
                               **({"max_tokens": sampling.get("max_tokens", 2 ** 31)}
                                  if name == "min_tokens" else {})})
@@ -214,6 +220,19 @@ def sampling_fields(body: dict, chat: bool) -> dict:
                 name, e = tokens_field, str(e).replace("max_tokens", tokens_field)
             raise invalid(name, str(e)) from None
     return sampling
+
+
+def _logit_bias(body: dict) -> list | None:
+    """logit_bias as OpenAI sends it, {"token id": bias}, as [(id, bias)] (None: absent)."""
+    bias = typed(body, "logit_bias", (dict,), "an object of token ids to biases")
+    if not bias:
+        return None
+    entries = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+        entries.append((int(key), value))
+    return sorted(entries)
 
 
 def choices_per_prompt(body: dict) -> int:

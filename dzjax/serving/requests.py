@@ -11,6 +11,7 @@ from dzjax.errors import DzjaxError
 from dzjax.models.scoring import MAX_TOP_LOGPROBS
 
 MAX_STOP_TOKEN_IDS = 8  # stop_token_ids of one request at most
+MAX_LOGIT_BIAS = 300  # logit_bias entries of one request at most (OpenAI's limit)
 
 
 class RequestError(DzjaxError):
@@ -54,6 +55,20 @@ class SamplingParams:
     min_p: float = 0.0  # only tokens at least min_p times as likely as the likeliest
     min_tokens: int = 0  # end-of-sequence and stop_token_ids are held back until this many
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (not in the output)
+    # As vLLM (`dzjax.models.sampling.penalize`), before temperature and the filters: a token
+    # seen in the prompt or output has its logit divided by repetition_penalty (multiplied,
+    # where negative); frequency_penalty * (its count in the output) and presence_penalty *
+    # (whether it is there) are subtracted; logit_bias adds (token id, bias in [-100, 100]).
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def penalized(self) -> bool:
+        """Whether this request needs the penalties' variant of the steps."""
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0
+                or self.presence_penalty != 0 or bool(self.logit_bias))
 
     def __post_init__(self):
         checks = [("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -79,6 +94,24 @@ class SamplingParams:
              and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
              f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids, got "
              f"{str(self.stop_token_ids)[:200]}")]
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        checks += [
+            ("repetition_penalty", number(self.repetition_penalty)
+             and 0 < self.repetition_penalty <= 100,
+             f"repetition_penalty must be in (0, 100] (1: off), got {self.repetition_penalty!r}"),
+            ("frequency_penalty", number(self.frequency_penalty)
+             and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            ("presence_penalty", number(self.presence_penalty)
+             and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            ("logit_bias", isinstance(self.logit_bias, tuple)
+             and len(self.logit_bias) <= MAX_LOGIT_BIAS
+             and all(isinstance(e, tuple) and len(e) == 2 and integer(e[0]) and e[0] >= 0
+                     and number(e[1]) and -100 <= e[1] <= 100 for e in self.logit_bias)
+             and len({e[0] for e in self.logit_bias}) == len(self.logit_bias),
+             f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases in "
+             f"[-100, 100], got {str(self.logit_bias)[:200]}")]
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             checks.append((name, k is None or (isinstance(k, int) and not isinstance(k, bool)

@@ -224,8 +224,19 @@ class Server:
         """
         handle = RequestHandle(self, model or self.base_name)
         ids = self.encode(prompt)
+        bias = sampling.get("logit_bias")
+        if isinstance(bias, (dict, list)):  # {token id: bias}, as OpenAI's, or its items
+            items = bias.items() if isinstance(bias, dict) else bias
+            sampling = dict(sampling, logit_bias=tuple(sorted(tuple(e) for e in items)))
         params = SamplingParams(**{k: tuple(v) if k in ("stop", "stop_token_ids") else v
                                    for k, v in sampling.items() if v is not None})
+        vocab = self.base.config.vocab_size
+        for name, ids_asked in [("logit_bias", [t for t, _ in params.logit_bias]),
+                                ("stop_token_ids", params.stop_token_ids)]:
+            if any(t >= vocab for t in ids_asked):
+                raise RequestError(f"{name} names token ids beyond the vocabulary ({vocab}): "
+                                   f"{sorted(t for t in ids_asked if t >= vocab)[:5]}",
+                                   param=name)
         handle.request = self.engine.submit(ids, self._delta_name(model), params,
                                             listener or handle._events.put)
         return handle
@@ -235,6 +246,8 @@ class Server:
                  seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
                  logprobs: int | None = None, top_k: int = 0, min_p: float = 0.0,
                  min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
                  details: bool = False) -> list:
         """Generate for every prompt, all batched together; greedy by default.
 
@@ -246,6 +259,8 @@ class Server:
           logprobs: None, or each generated token's log-probability and this many alternatives
             (0..20), in the `Completion`s' `logprobs`.
           top_k, min_p, min_tokens, stop_token_ids: as in `SamplingParams`.
+          repetition_penalty, frequency_penalty, presence_penalty, logit_bias ({token id:
+            bias}): as in `SamplingParams` (vLLM's penalties, in the jitted steps).
           details: return `Completion`s (texts, token ids, finish reasons, timings, logprobs).
         Returns:
           texts (token-id lists for token-id prompts, or without a tokenizer), or `Completion`s.
@@ -258,7 +273,11 @@ class Server:
                                            top_p=top_p, seed=seed + i, stop=stop,
                                            ignore_eos=ignore_eos, logprobs=logprobs,
                                            top_k=top_k, min_p=min_p, min_tokens=min_tokens,
-                                           stop_token_ids=stop_token_ids))
+                                           stop_token_ids=stop_token_ids,
+                                           repetition_penalty=repetition_penalty,
+                                           frequency_penalty=frequency_penalty,
+                                           presence_penalty=presence_penalty,
+                                           logit_bias=logit_bias or None))
         except Exception:
             for h in handles:
                 h.cancel()

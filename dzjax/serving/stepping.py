@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from dzjax.models.generate import bucket
 from dzjax.serving import steps
 from dzjax.models.scoring import MAX_TOP_LOGPROBS
-from dzjax.serving.requests import MAX_STOP_TOKEN_IDS, Request, TokenLogprob
+from dzjax.serving.requests import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Request, TokenLogprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,34 @@ class Steps:
                     suppress[i, :len(held)] = held
         return seeds, counters, temperature, top_p, top_k, min_p, suppress
 
+    def _penalties(self, requests: list[Request | None], ahead=frozenset()):
+        """The penalties' arrays of `steps._penalized` for rows of requests, or None when no
+        row asks for penalties or logit_bias (the steps' plain variant). A row's history is its
+        context known here (at most max_seq_len tokens: one shape, one compiled variant); a
+        request in `ahead` has its newest token in flight, the step's input."""
+        if not any(r is not None and r.sampling.penalized for r in requests):
+            return None
+        n = len(requests)
+        history = np.full((n, self.max_seq_len), -1, np.int32)
+        output_start = np.zeros(n, np.int32)
+        repetition = np.ones(n, np.float32)
+        frequency, presence = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        bias_ids = np.full((n, MAX_LOGIT_BIAS), -1, np.int32)
+        bias_values = np.zeros((n, MAX_LOGIT_BIAS), np.float32)
+        in_flight = np.array([r is not None and r.id in ahead for r in requests])
+        for i, r in enumerate(requests):
+            if r is None or not r.sampling.penalized:
+                continue
+            s, context = r.sampling, r.prompt_ids + r.output_ids
+            history[i, :len(context)] = context
+            output_start[i] = len(r.prompt_ids)
+            repetition[i], frequency[i], presence[i] = (s.repetition_penalty,
+                                                        s.frequency_penalty, s.presence_penalty)
+            for j, (token, bias) in enumerate(s.logit_bias):
+                bias_ids[i, j], bias_values[i, j] = token, bias
+        return (history, output_start, in_flight, repetition, frequency, presence, bias_ids,
+                bias_values)
+
     def _prefill(self, admitted: list[Request]) -> None:
         """Prefill the admitted requests' contexts: the prompt, and for a preempted request the
         output so far too (its next token comes out of this prefill, with the same key)."""
@@ -93,9 +121,10 @@ class Steps:
             want = [r.sampling.prompt_logprobs for r in group
                     if r.sampling.prompt_logprobs is not None and r.prompt_logprobs is None]
             top = prompt_top(max(want)) if want else None
+            rows = group + [None] * (n - len(group))
             out = steps.prefill(
                 self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots,
-                self._sampling(group + [None] * (n - len(group))), config=self.base.config,
+                self._sampling(rows), self._penalties(rows), config=self.base.config,
                 dtype=self.dtype, kernels=self.kernels, logprobs=logprobs, prompt_top=top)
             tokens, extras, self.pages = out if len(out) == 3 else (out[0], {}, out[1])
             self.counts["prefill_calls"] += 1
@@ -157,7 +186,8 @@ class Steps:
         logprobs = any(r.sampling.logprobs is not None for r in live)
         out, self.pages = steps.decode(
             self.params, self.pool.stacks, self.pages, tables, tokens, positions, slots,
-            self._sampling(rows, ahead), config=self.base.config, dtype=self.dtype,
+            self._sampling(rows, ahead), self._penalties(rows, ahead),
+            config=self.base.config, dtype=self.dtype,
             kernels=self.kernels, num_pages=num_pages, logprobs=logprobs)
         out, scored = (out[0], out[1:]) if logprobs else (out, None)
         self._inflight = InFlight(out, [(r, r.batch_row) for r in live], scored)

@@ -26,7 +26,7 @@ from dzjax.models.forward import TRACE_COUNTS
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.kv_cache import KVCache, KVPages, PagedKVCache
 from dzjax.models.llama import CausalLM, log_probs
-from dzjax.models.sampling import sample
+from dzjax.models.sampling import penalize, sample
 from dzjax.models.scoring import MAX_TOP_LOGPROBS
 
 _STATIC = ("config", "dtype", "kernels")
@@ -43,9 +43,9 @@ def _placed(pages: KVPages, mesh) -> KVPages:
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("logprobs", "prompt_top"),
                    donate_argnames=("pages",))
-def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, sampling, *,
-            config: ModelConfig, dtype, kernels: KernelOptions, logprobs: bool = False,
-            prompt_top: int | None = None):
+def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, sampling,
+            penalties=None, *, config: ModelConfig, dtype, kernels: KernelOptions,
+            logprobs: bool = False, prompt_top: int | None = None):
     """Run new prompts and write their keys/values into their pages.
 
     Args:
@@ -53,6 +53,8 @@ def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, samplin
       tables: int32 [n, max_pages], each prompt's block table (padding rows: all out of range).
       slots: int32 [n] delta slots (-1 = base only).
       sampling: the arguments of `dzjax.models.sample` after the logits, each with [n] rows.
+      penalties: None, or `_penalized`'s arrays (a separate compiled variant: only batches with
+        a row that asks for penalties or logit_bias pay for them).
       kernels: the delta kernels and the tensor-parallel mesh everything is placed on.
       logprobs: also return each first token's `log_probs` (with MAX_TOP_LOGPROBS alternatives).
       prompt_top: also score every prompt position, with this many alternatives (None: no).
@@ -72,7 +74,7 @@ def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, samplin
         {"params": params}, ids, positions, row_deltas(stacks, slots), small,
         logits_at=lengths - 1, score=score)
     scored, logits = (None, out) if score is None else out
-    tokens = sample(logits[:, 0], *sampling)
+    tokens = sample(_penalized(logits[:, 0], penalties, None), *sampling)
     pages = _placed(pages.write_prompts(small, tables, lengths), kernels.mesh)
     if not logprobs and scored is None:
         return tokens, pages
@@ -86,15 +88,16 @@ def prefill(params, stacks, pages: KVPages, ids, lengths, tables, slots, samplin
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("num_pages", "logprobs"),
                    donate_argnames=("pages",))
-def decode(params, stacks, pages: KVPages, tables, tokens, positions, slots, sampling, *,
-           config: ModelConfig, dtype, kernels: KernelOptions, num_pages: int,
-           logprobs: bool = False):
+def decode(params, stacks, pages: KVPages, tables, tokens, positions, slots, sampling,
+           penalties=None, *, config: ModelConfig, dtype, kernels: KernelOptions,
+           num_pages: int, logprobs: bool = False):
     """One token for every batch row.
 
     Args:
       tables: int32 [B, max_pages] block tables (idle rows: all out of range).
       tokens: int32 [B] each row's last token; positions: int32 [B] where it goes.
       slots: int32 [B] delta slots; sampling: `dzjax.models.sample`'s arguments, [B] rows.
+      penalties: as prefill's; a row whose input token is in flight counts it as output.
       num_pages: how many pages of each row attention reads (>= the longest live row's).
       logprobs: also return the tokens' `log_probs` (with MAX_TOP_LOGPROBS alternatives).
     Returns:
@@ -105,8 +108,21 @@ def decode(params, stacks, pages: KVPages, tables, tokens, positions, slots, sam
     logits, cache = CausalLM(config, dtype, kernels=kernels).apply(
         {"params": params}, tokens[:, None], positions[:, None], row_deltas(stacks, slots),
         PagedKVCache(pages, tables, num_pages))
-    tokens = sample(logits[:, 0], *sampling)
+    tokens = sample(_penalized(logits[:, 0], penalties, tokens), *sampling)
     pages = _placed(cache.pages, kernels.mesh)
     if logprobs:
         return (tokens, *log_probs(logits[:, 0], tokens, MAX_TOP_LOGPROBS)), pages
     return tokens, pages
+
+
+def _penalized(logits, penalties, inputs):
+    """logits [n, V] with the rows' penalties and logit biases (`dzjax.models.sampling.penalize`).
+    penalties: None, or (history [n, L], output_start [n], in_flight bool [n], repetition,
+    frequency, presence [n], bias_ids [n, K], bias_values [n, K]); a row in flight has its
+    input token (of `inputs`, still on the device) as one more output token."""
+    if penalties is None:
+        return logits
+    history, output_start, in_flight, *rest = penalties
+    extra = jnp.full(in_flight.shape, -1, jnp.int32) if inputs is None \
+        else jnp.where(in_flight, inputs, -1)
+    return penalize(logits, history, output_start, extra, *rest)
