@@ -63,7 +63,10 @@ def test_mixed_batch_on_a_mesh_equals_one_device(tp_model, n):
 
 def test_params_cache_and_deltas_are_split_over_the_mesh(tp_model):
     base, _, paths = tp_model
-    with dzjax.serve(base, paths, **OPTIONS, mesh=make_mesh(4)) as server:
+    # The mesh as JAX's documentation builds it (Explicit axes, a name of its own).
+    mesh = jax.make_mesh((4,), ("model",))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    with dzjax.serve(base, paths, **OPTIONS, mesh=mesh) as server:
         served = server.generate([[5, 6, 7], [9, 8]], model=["ft1", None], max_tokens=3,
                                  ignore_eos=True)
         alone = [dzjax.generate(base, [[5, 6, 7]], max_tokens=3, stop_at_eos=False,
@@ -116,7 +119,34 @@ def test_generate_on_a_mesh_equals_one_device(tp_model):
     prompts = [[1, 15, 27, 3], [1, 99]]
     alone = dzjax.generate(base, prompts, max_tokens=6, delta=delta, stop_at_eos=False)
     assert dzjax.generate(base, prompts, max_tokens=6, delta=delta, stop_at_eos=False,
-                          mesh=make_mesh(8)) == alone
+                          mesh=jax.make_mesh((8,), ("x",))) == alone
+
+
+def test_any_mesh_becomes_the_one_axis_mesh_or_is_refused_up_front():
+    from jax.sharding import AxisType
+
+    from dzjax.models.sharding import as_tp_mesh
+
+    devices = jax.devices()
+    for mesh, axis in [(jax.make_mesh((4,), ("x",)), None),
+                       (jax.make_mesh((4,), ("tp",), axis_types=(AxisType.Auto,)), None),
+                       (jax.make_mesh((1, 4), ("data", "model")), "model"),
+                       (jax.make_mesh((4, 1), ("tp", "data")), None), (make_mesh(4), None)]:
+        tp = as_tp_mesh(mesh, axis)
+        assert tp.axis_names == ("tp",) and tp.axis_types == (AxisType.Auto,)
+        assert list(tp.devices) == devices[:4]
+    refused = [(jax.make_mesh((2, 4), ("data", "model")), "model", r"\{'data': 2\}.*one server per"),
+               (jax.make_mesh((1, 4), ("data", "model")), None, "name the one to split"),
+               (jax.make_mesh((4,), ("x",)), "y", "tp_axis 'y' is not an axis"),
+               (devices[:4], None, "must be a jax.sharding.Mesh")]
+    for mesh, axis, message in refused:
+        with pytest.raises(dzjax.DzjaxError, match=message):
+            as_tp_mesh(mesh, axis)
+    base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    with pytest.raises(dzjax.DzjaxError, match="name the one to split"):  # before any work
+        dzjax.serve(base, mesh=jax.make_mesh((1, 2), ("data", "model")))
+    with pytest.raises(dzjax.DzjaxError, match="give the mesh too"):
+        dzjax.serve(base, tp_axis="model")
 
 
 def test_the_serve_command_builds_its_mesh_and_passes_its_switches():

@@ -48,8 +48,9 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
       stop_at_eos: stop a row at its first end-of-sequence token (which is not returned).
       implementation: kernels for a compressed delta: "xla", "pallas", "interpret" or None =
         `DZJAX_KERNEL`, else auto (Pallas on GPU, XLA elsewhere).
-      mesh: a tensor-parallel mesh (`dzjax.models.sharding`): the params, delta and cache are
-        split over it. Its devices may belong to several processes (`jax.distributed`): then
+      mesh: a tensor-parallel mesh (one axis, from `jax.make_mesh` or
+        `dzjax.models.sharding.make_mesh`; see `sharding.as_tp_mesh`): the params, delta and
+        cache are split over it. Its devices may belong to several processes (`jax.distributed`): then
         every process calls `generate` with the same arguments, and each gets the result.
     Returns:
       A list of generated texts for text prompts, else a list of generated token-id lists.
@@ -79,6 +80,7 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                           dtype)
     params = base.params
     if mesh is not None:
+        mesh = sharding.as_tp_mesh(mesh)
         params, delta, cache = sharding.place(mesh, base.config, params, delta, cache)
     step = functools.partial(forward_cached, params, delta=delta, config=base.config,
                              dtype=dtype, kernels=KernelOptions.resolve(implementation, mesh))

@@ -1,4 +1,5 @@
-"""Tensor parallelism on a `jax.sharding.Mesh` with one axis, "tp": where every array lives.
+"""Tensor parallelism on a `jax.sharding.Mesh` with one axis, "tp": where every array lives (a
+user's mesh, e.g. from `jax.make_mesh`, is turned into one by `as_tp_mesh`).
 
 Megatron-style layout, expressed as shardings and left to XLA's SPMD partitioner:
   q/k/v, gate/up kernels [in, out]   column-parallel: out split      P(None, "tp")
@@ -43,6 +44,34 @@ def make_mesh(devices: int | list | None = None) -> Mesh:
             raise DzjaxError(f"a mesh of {n} devices: only {len(available)} are available")
         devices = available[:n]
     return Mesh(np.asarray(devices), (AXIS,))
+
+
+def as_tp_mesh(mesh, axis: str | None = None) -> Mesh:
+    """The one-axis mesh dzjax computes on ("tp", an Auto axis), from a user's mesh: one of
+    `make_mesh`, or of `jax.make_mesh` (whose axes are Explicit by default), of any axis name.
+    A mesh of several axes needs `axis`, the one to split the model over (default: "tp" if it
+    has one); its other axes must have size 1 (one server, or one `generate`, is one replica of
+    the model). Raises a DzjaxError saying what does not fit."""
+    if not isinstance(mesh, Mesh):
+        raise DzjaxError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((n,), ('tp',)) "
+                         f"or dzjax.models.sharding.make_mesh(n)), got {type(mesh).__name__}")
+    names = tuple(mesh.axis_names)
+    if axis is None:
+        if len(names) == 1 or AXIS in names:
+            axis = names[0] if len(names) == 1 else AXIS
+        else:
+            raise DzjaxError(f"the mesh has axes {names}: name the one to split the model over "
+                             f"(tp_axis=...)")
+    if axis not in names:
+        raise DzjaxError(f"tp_axis {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    wider = {n: size for n, size in mesh.shape.items() if n != axis and size > 1}
+    if wider:
+        raise DzjaxError(f"the mesh's axes {wider} other than {axis!r} have more than one "
+                         f"device: dzjax splits one replica over {axis!r} only; build the mesh "
+                         f"of one replica's devices (one server per replica)")
+    if names == (AXIS,) and all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices.reshape(-1), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def tp_size(mesh: Mesh | None) -> int:

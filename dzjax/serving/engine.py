@@ -68,7 +68,8 @@ class EngineConfig:
     max_overtakes: int | None = None  # None = max_batch
     dtype: str | None = None  # activations and KV cache; None: bfloat16 on a GPU, else float32
     implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
-    mesh: object = None  # a jax.sharding.Mesh with axis "tp": tensor parallelism (None: one device)
+    mesh: object = None  # a jax.sharding.Mesh: tensor parallelism (None: one device)
+    tp_axis: str | None = None  # the mesh axis to split over (`sharding.as_tp_mesh`)
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (`dzjax.models.fusion`)
     # Dispatch decode step n+1 before reading step n's tokens. None: on an accelerator; off on a
     # CPU, where host and "device" share the cores (measured: no gain, up to 10% lost).
@@ -88,6 +89,11 @@ class Engine(Steps, EngineLoop):
 
     def __init__(self, base: Base, config: EngineConfig, metrics: Metrics | None = None):
         super().__init__()
+        if config.mesh is not None:  # any user's mesh, as the one-axis mesh dzjax computes on
+            config = dataclasses.replace(config, mesh=sharding.as_tp_mesh(config.mesh,
+                                                                          config.tp_axis))
+        elif config.tp_axis is not None:
+            raise DzjaxError("tp_axis names an axis of a mesh: give the mesh too")
         self.base, self.config = base, config
         self.metrics = metrics or Metrics()  # per-model counts and latencies (Prometheus)
         if config.max_batch < 1:

@@ -364,7 +364,8 @@ def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
     max_resident_deltas (8), max_deltas_per_step (= max_resident_deltas), host_cache_bytes (4 GiB),
     max_overtakes (= max_batch), dtype (None: bfloat16 on a GPU, float32 elsewhere),
     implementation (delta kernels), page_size (16), kv_pages, fuse_projections (True),
-    pipeline_decode (None: on an accelerator, off on a CPU), prefix_sharing (True), the limits
+    pipeline_decode (None: on an accelerator, off on a CPU), prefix_sharing (True), mesh (None:
+    one device; any `jax.sharding.Mesh`, see `sharding.as_tp_mesh`), tp_axis, the limits
     of `EngineConfig`, base_name ("base": the model name of base-only requests).
     """
     if isinstance(base, str) or hasattr(base, "__fspath__"):
