@@ -11,7 +11,7 @@ import pytest
 from conftest import fixture_dir, reference
 
 import dzjax
-from dzjax.compress import pipeline
+from dzjax.compress import layer_pass, pipeline
 from dzjax.compress.delta_file import DeltaFileError, content_hash, save_delta
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
 from dzjax.models.saving import save_hf
@@ -461,7 +461,7 @@ def test_the_pipeline_runs_each_layer_with_its_delta():
     base, ft = reader.subtree(("model", "layers_1"))
     delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), ft, base)
     x = jax.random.normal(jax.random.key(0), (2, 8, config.hidden_size))
-    run = lambda params, d: pipeline._layer_pass(  # noqa: E731
+    run = lambda params, d: layer_pass.layer_pass(  # noqa: E731
         jax.tree.map(jnp.asarray, params), d, x, config=config, window=None, capture=None,
         kernels=pipeline.KernelOptions(implementation="xla"))[0]
     with_delta, finetune, without = run(base, delta), run(ft, None), run(base, None)

@@ -24,10 +24,21 @@ another fine-tune of the same base with the same layout, so the two can be serve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
+from dzjax.compress.delta_file import exact_nbytes
+from dzjax.compress.layer_pass import STAGES, count_params, hessian, layer_outputs, layer_pass
+from dzjax.compress.obs import ObsConfig, pad_problem, reconstruction_loss, round_to_nearest
 from dzjax.errors import DzjaxError
+from dzjax.models.linear import embed
+from dzjax.models.loading import flatten_params
+from dzjax.pallas_kernels.reference import dequantize
 
 # The options a unit may take: (bits, sparsity), at the convert's group size. Dominated options
 # (more bytes and more error than another) drop out on their own.
@@ -121,7 +132,7 @@ def read(source, where: str = "allocation") -> dict[str, dict]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DzjaxError(f"{where}: {path} is not a JSON allocation: {e}") from None
         return data.get("allocation", data) if isinstance(data, dict) else data
-    from dzjax.compress.delta_file import read_metadata
+    from dzjax.compress.delta_file import read_metadata  # (delta_file is imported above too)
 
     allocation = read_metadata(path).get("settings", {}).get("allocation")
     if allocation is None:
@@ -174,3 +185,92 @@ def summary(allocation: dict[str, dict]) -> dict[str, int]:
         label = f"{entry['bits']}-bit" + (f" {entry['sparsity']}" if entry["sparsity"] else "")
         counts[label] = counts.get(label, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# -- the measurement pass ----------------------------------------------------------------------
+
+def allocated(cfg, run, tokens, progress: bool):
+    """cfg (a `ConvertConfig`) with the allocation that fits its target_bits, measured on the
+    fine-tune of `run` (convert's pipeline state)."""
+    n_params = count_params(run.reader.key_map)
+    measured, fixed = measure(run, tokens)
+    try:
+        chosen = choose(measured, int(cfg.target_bits * n_params / 8) - fixed)
+    except ValueError:
+        least = fixed + sum(min(m.nbytes for m in ms) for ms in measured.values())
+        raise DzjaxError(
+            f"target_bits={cfg.target_bits} is below the smallest this delta can be: "
+            f"{least * 8 / n_params:.3f} bits/weight, with every block matrix at the cheapest of "
+            f"{OPTIONS} and the embeddings at their own settings") from None
+    allocation = as_allocation(chosen)
+    if progress:
+        predicted = (fixed + sum(m.nbytes for m in chosen.values())) * 8 / n_params
+        print(f"[convert] target_bits {cfg.target_bits}: "
+              + ", ".join(f"{n} x {label}" for label, n in summary(allocation).items())
+              + f" ({predicted:.3f} bits/weight)", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, allocation=allocation)
+
+
+def measure(run, tokens) -> tuple[dict, int]:
+    """For `target_bits`: each unit of `run` (convert's pipeline state)'s options, measured on the fine-tune's
+    own activations (nothing compressed), and the bytes of all the allocation does not
+    choose (the embeddings and lm_head at their settings, the exact norms and biases)."""
+    cfg, config = run.cfg, run.config
+
+    def fixed_matrix(w, embedding_like: bool) -> int:
+        if not cfg.compress_embeddings:
+            return exact_nbytes(w)
+        k, n = w.shape
+        return cfg.obs_config(k, embedding=embedding_like).format(k).nbytes(k, n)
+
+    table, ft_table = run.reader.pair(("model", "embed_tokens", "embedding"))
+    fixed = fixed_matrix((ft_table - table).T, True)
+    x = embed(jnp.asarray(tokens), jnp.asarray(ft_table))
+    del table, ft_table
+    measured = {}
+    for i in range(config.num_layers):
+        prefix = ("model", f"layers_{i}")
+        layer_base, layer_ft = run.reader.subtree(prefix)
+        delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
+        del layer_ft
+        forward = functools.partial(layer_pass, jax.tree.map(jnp.asarray, layer_base),
+                                config=config, window=config.sliding_windows[i],
+                                kernels=run.kernels)
+        for module, names in STAGES:
+            h = hessian(lambda xs: forward(delta, xs, capture=(module, names[0]))[1], x)
+            unit = tuple(f"model.layers.{i}.{module}.{p}.weight" for p in names)
+            options = []
+            for option in OPTIONS:
+                nbytes = error = 0
+                for proj, name in zip(names, unit):
+                    w = delta[module][proj]["kernel"]
+                    obs = dataclasses.replace(cfg.obs_config(w.shape[0]), bits=option[0],
+                                              sparsity=option[1])
+                    b, e = _rounding_error(w, h, obs, name)
+                    nbytes, error = nbytes + b, error + e
+                options.append(Measured(option, nbytes, error))
+            measured[unit] = options
+        matrices = {(module, proj, "kernel") for module, names in STAGES for proj in names}
+        fixed += sum(exact_nbytes(leaf) for keys, leaf in flatten_params(delta).items()
+                     if keys not in matrices)
+        x = layer_outputs(forward, delta, x)
+    norm, ft_norm = run.reader.pair(("model", "norm", "weight"))
+    fixed += exact_nbytes(ft_norm - norm)
+    if not config.tie_word_embeddings:
+        head, ft_head = run.reader.pair(("lm_head", "kernel"))
+        fixed += fixed_matrix(ft_head - head, True)
+    return measured, fixed
+
+
+def _rounding_error(w, h, obs: ObsConfig, name: str) -> tuple[int, float]:
+    """(bytes, 1/2 tr(E^T H E)) of w rounded to nearest with `obs` (E: the rounding error)."""
+    k = w.shape[0]
+    try:
+        fmt = obs.format(k)
+        fmt.check_shape(*w.shape, name)
+    except ValueError as e:
+        raise DzjaxError(f"{name}: {e}") from None
+    w = jnp.asarray(w)
+    w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
+    q = round_to_nearest(w_pad, obs, rows=None if w_pad.shape[0] == k else k).to_quantized(fmt, k)
+    return q.nbytes, float(reconstruction_loss(w, dequantize(q), h))

@@ -30,26 +30,22 @@ import numpy as np
 
 from dzjax.compress import allocate, refine, resume
 from dzjax.compress import calibration as calib
-from dzjax.compress.delta_file import Delta, exact_nbytes, save_delta
+from dzjax.compress.delta_file import Delta, save_delta
+from dzjax.compress.layer_pass import (CHUNK, STAGES, count_params, hessian, layer_outputs,
+                                       layer_pass)
 from dzjax.compress.obs import (ObsConfig, hessian_init, hessian_update, obs_prune_quantize,
                                 pad_problem, reconstruction_loss, round_to_nearest)
 from dzjax.errors import CheckpointError, DzjaxError
 from dzjax.models.config import ModelConfig, config_to_dict, from_hf_config
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.linear import embed
-from dzjax.models.llama import DecoderLayer, RMSNorm
+from dzjax.models.llama import RMSNorm
 from dzjax.models.loading import (checkpoint_digest, checkpoint_files, checkpoint_fingerprint,
                                   flatten_params, hf_key_map, load_tokenizer, read_hf_config,
                                   unflatten)
 from dzjax.models.safetensors_io import SafetensorsFile, check_target, remove_stale_temps
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.reference import dequantize
-
-# Linears compressed together on one Hessian, in the order their inputs become available.
-STAGES = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-_CHUNK = 8  # calibration samples per forward pass
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
@@ -177,30 +173,6 @@ def check_pair(base: ModelConfig, ft: ModelConfig, base_dir: Path, ft_dir: Path)
                              f"{getattr(ft, field)!r}, the base's {getattr(base, field)!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "window", "capture", "kernels"))
-def _layer_pass(params, delta, x, *, config, window, capture, kernels):
-    """Run one decoder layer on x [n, T, D]; returns its output and the inputs of `capture`."""
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    out, state = DecoderLayer(config, window, kernels=kernels).apply(
-        {"params": params}, x, positions, cache=None, layer=0, delta=delta,
-        mutable=["linear_inputs"])
-    inputs = None
-    if capture is not None:
-        inputs = state["linear_inputs"][capture[0]][capture[1]]["x"][0]
-    return out[0], inputs
-
-
-def _hessian(run, xs: np.ndarray):
-    """H = 2/n X^T X of the captured linear inputs over all calibration chunks."""
-    state = None
-    for start in range(0, len(xs), _CHUNK):
-        inputs = run(xs[start:start + _CHUNK])
-        if state is None:
-            state = hessian_init(inputs.shape[-1])
-        state = hessian_update(state, inputs.reshape(-1, inputs.shape[-1]))
-    return state.h
-
-
 def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
     """Compress one delta matrix [K, N] (`embedding`: the table or the lm_head, with their own
     settings); returns the QuantizedTensor and its relative error."""
@@ -226,20 +198,6 @@ def _compress(w, h, cfg: ConvertConfig, name: str, embedding: bool = False):
     err = float(jnp.sqrt(reconstruction_loss(w, dequantize(q), h) /
                          jnp.maximum(reconstruction_loss(w, jnp.zeros_like(w), h), 1e-30)))
     return q, err
-
-
-def _rounding_error(w, h, obs: ObsConfig, name: str) -> tuple[int, float]:
-    """(bytes, 1/2 tr(E^T H E)) of w rounded to nearest with `obs` (E: the rounding error)."""
-    k = w.shape[0]
-    try:
-        fmt = obs.format(k)
-        fmt.check_shape(*w.shape, name)
-    except ValueError as e:
-        raise DzjaxError(f"{name}: {e}") from None
-    w = jnp.asarray(w)
-    w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
-    q = round_to_nearest(w_pad, obs, rows=None if w_pad.shape[0] == k else k).to_quantized(fmt, k)
-    return q.nbytes, float(reconstruction_loss(w, dequantize(q), h))
 
 
 class _Progress:
@@ -309,12 +267,12 @@ class _Run:
         delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
         exact = jax.tree.map(lambda d: d, delta)  # the fine-tune's layer, for refinement
         del layer_ft
-        run = functools.partial(_layer_pass, jax.tree.map(jnp.asarray, layer_base),
+        run = functools.partial(layer_pass, jax.tree.map(jnp.asarray, layer_base),
                                 config=self.config, window=self.config.sliding_windows[i],
                                 kernels=self.kernels)
         layer_errors = []
         for module, names in STAGES:
-            h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
+            h = hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
             jobs = [(self.devices[j % len(self.devices)], delta[module][proj]["kernel"], h,
                      self.cfg, f"model.layers.{i}.{module}.{proj}.weight")
                     for j, proj in enumerate(names)]
@@ -330,12 +288,12 @@ class _Run:
         if self.cfg.refine_steps:
             window = self.config.sliding_windows[i]
 
-            def layer_pass(params, d, xs):
-                return _layer_pass(params, d, xs, config=self.config, window=window,
-                                   capture=None, kernels=refine.XLA)[0]
+            def xla_pass(params, d, xs):
+                return layer_pass(params, d, xs, config=self.config, window=window,
+                                  capture=None, kernels=refine.XLA)[0]
             delta, losses = refine.refine_layer(
-                layer_pass, jax.tree.map(jnp.asarray, layer_base), delta, exact, x,
-                steps=self.cfg.refine_steps, lr=self.cfg.refine_lr, chunk=_CHUNK)
+                xla_pass, jax.tree.map(jnp.asarray, layer_base), delta, exact, x,
+                steps=self.cfg.refine_steps, lr=self.cfg.refine_lr, chunk=CHUNK)
             if losses is not None:
                 self.refined[f"model.layers.{i}"] = [float(f"{v:.6g}") for v in losses]
         for keys, leaf in flatten_params(delta).items():
@@ -343,60 +301,8 @@ class _Run:
                 self.stored[prefix + keys] = leaf  # as refined
             else:
                 self.record(prefix + keys, leaf)  # norms and biases, exact
-        x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
-                             for s in range(0, len(x), _CHUNK)])
+        x = layer_outputs(run, delta, x)
         return x, float(np.mean(layer_errors))
-
-    def measure(self, tokens) -> tuple[dict, int]:
-        """For `target_bits` (see `allocate`): each unit's options, measured on the fine-tune's
-        own activations (nothing compressed), and the bytes of all the allocation does not
-        choose (the embeddings and lm_head at their settings, the exact norms and biases)."""
-        cfg, config = self.cfg, self.config
-
-        def fixed_matrix(w, embedding_like: bool) -> int:
-            if not cfg.compress_embeddings:
-                return exact_nbytes(w)
-            k, n = w.shape
-            return cfg.obs_config(k, embedding=embedding_like).format(k).nbytes(k, n)
-
-        table, ft_table = self.reader.pair(("model", "embed_tokens", "embedding"))
-        fixed = fixed_matrix((ft_table - table).T, True)
-        x = embed(jnp.asarray(tokens), jnp.asarray(ft_table))
-        del table, ft_table
-        measured = {}
-        for i in range(config.num_layers):
-            prefix = ("model", f"layers_{i}")
-            layer_base, layer_ft = self.reader.subtree(prefix)
-            delta = jax.tree.map(lambda f, b: jnp.asarray(f - b), layer_ft, layer_base)
-            del layer_ft
-            run = functools.partial(_layer_pass, jax.tree.map(jnp.asarray, layer_base),
-                                    config=config, window=config.sliding_windows[i],
-                                    kernels=self.kernels)
-            for module, names in STAGES:
-                h = _hessian(lambda xs: run(delta, xs, capture=(module, names[0]))[1], x)
-                unit = tuple(f"model.layers.{i}.{module}.{p}.weight" for p in names)
-                options = []
-                for option in allocate.OPTIONS:
-                    nbytes = error = 0
-                    for proj, name in zip(names, unit):
-                        w = delta[module][proj]["kernel"]
-                        obs = dataclasses.replace(cfg.obs_config(w.shape[0]), bits=option[0],
-                                                  sparsity=option[1])
-                        b, e = _rounding_error(w, h, obs, name)
-                        nbytes, error = nbytes + b, error + e
-                    options.append(allocate.Measured(option, nbytes, error))
-                measured[unit] = options
-            matrices = {(module, proj, "kernel") for module, names in STAGES for proj in names}
-            fixed += sum(exact_nbytes(leaf) for keys, leaf in flatten_params(delta).items()
-                         if keys not in matrices)
-            x = jnp.concatenate([run(delta, x[s:s + _CHUNK], capture=None)[0]
-                                 for s in range(0, len(x), _CHUNK)])
-        norm, ft_norm = self.reader.pair(("model", "norm", "weight"))
-        fixed += exact_nbytes(ft_norm - norm)
-        if not config.tie_word_embeddings:
-            head, ft_head = self.reader.pair(("lm_head", "kernel"))
-            fixed += fixed_matrix(ft_head - head, True)
-        return measured, fixed
 
     def head(self, x: jax.Array) -> None:
         """The final norm (exact) and an untied lm_head on the Hessian of the final states."""
@@ -417,7 +323,7 @@ class _Run:
         if self.cfg.refine_steps and q.scales is not None:
             q, losses = refine.refine_head(q, normed, jnp.asarray(head), jnp.asarray(ft_head),
                                            steps=self.cfg.refine_steps, lr=self.cfg.refine_lr,
-                                           chunk=_CHUNK)
+                                           chunk=CHUNK)
             self.refined["lm_head"] = [float(f"{v:.6g}") for v in losses]
         self.record(keys, q, err)
 
@@ -488,7 +394,7 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
         cfg = dataclasses.replace(cfg, allocation=allocate.check(
             allocate.read(cfg.allocation), config.num_layers))
     elif cfg.target_bits is not None:
-        cfg = _allocated(cfg, _Run(config, cfg, reader, kernels), tokens, reader, progress)
+        cfg = allocate.allocated(cfg, _Run(config, cfg, reader, kernels), tokens, progress)
     run = _Run(config, cfg, reader, kernels, devices)
     base_digest = checkpoint_digest(base_dir, config)
     key = None if checkpoint_every is None else resume.conversion_key(
@@ -540,34 +446,8 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
     return dataclasses.replace(delta, metadata=dict(delta.metadata, report=report))
 
 
-def _allocated(cfg: ConvertConfig, run: _Run, tokens, reader: _PairReader, progress: bool
-               ) -> ConvertConfig:
-    """cfg with the allocation that fits `cfg.target_bits` (see `allocate`)."""
-    n_params = _n_params(reader)
-    measured, fixed = run.measure(tokens)
-    try:
-        chosen = allocate.choose(measured, int(cfg.target_bits * n_params / 8) - fixed)
-    except ValueError:
-        least = fixed + sum(min(m.nbytes for m in ms) for ms in measured.values())
-        raise DzjaxError(
-            f"target_bits={cfg.target_bits} is below the smallest this delta can be: "
-            f"{least * 8 / n_params:.3f} bits/weight, with every block matrix at the cheapest of "
-            f"{allocate.OPTIONS} and the embeddings at their own settings") from None
-    allocation = allocate.as_allocation(chosen)
-    if progress:
-        predicted = (fixed + sum(m.nbytes for m in chosen.values())) * 8 / n_params
-        print(f"[convert] target_bits {cfg.target_bits}: "
-              + ", ".join(f"{n} x {label}" for label, n in allocate.summary(allocation).items())
-              + f" ({predicted:.3f} bits/weight)", file=sys.stderr, flush=True)
-    return dataclasses.replace(cfg, allocation=allocation)
-
-
-def _n_params(reader: _PairReader) -> int:
-    return sum(int(np.prod(shape)) for _, _, shape in reader.key_map.values())
-
-
 def _report(delta: Delta, config: ModelConfig, errors: dict[str, float], reader) -> dict:
-    n_params = _n_params(reader)
+    n_params = count_params(reader.key_map)
     compressed = {k: v for k, v in flatten_params(delta.params).items()
                   if isinstance(v, QuantizedTensor)}
     compressed_params = sum(q.shape[0] * q.shape[1] for q in compressed.values())

@@ -44,6 +44,7 @@ from dzjax.models.loading import Base
 from dzjax.models.text import eos_ids
 from dzjax.serving import scheduler
 from dzjax.serving.detokenize import TextStream
+from dzjax.serving.engine_config import EngineConfig
 from dzjax.serving.kv_pages import PageTable
 from dzjax.serving.loop import EngineLoop
 from dzjax.serving.metrics import Metrics
@@ -54,32 +55,6 @@ from dzjax.serving.requests import (DeltaUnavailableError, Event, ModelNotFoundE
                                     TokenLogprob)
 
 log = logging.getLogger("dzjax.serving")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    max_batch: int = 8  # batch rows (requests decoded per step)
-    max_seq_len: int | None = None  # prompt + output tokens per request; None = min(context, 1024)
-    page_size: int = 16  # positions per KV page
-    kv_pages: int | None = None  # KV pages in the pool; None = enough for every row at max_seq_len
-    max_resident_deltas: int = 8  # device slots of the delta pool
-    max_deltas_per_step: int | None = None  # None = max_resident_deltas
-    host_cache_bytes: int = 4 << 30
-    max_overtakes: int | None = None  # None = max_batch
-    dtype: str | None = None  # activations and KV cache; None: bfloat16 on a GPU, else float32
-    implementation: str | None = None  # delta kernels (see dzjax.pallas_kernels)
-    mesh: object = None  # a jax.sharding.Mesh: tensor parallelism (None: one device)
-    tp_axis: str | None = None  # the mesh axis to split over (`sharding.as_tp_mesh`)
-    fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (`dzjax.models.fusion`)
-    # Dispatch decode step n+1 before reading step n's tokens. None: on an accelerator; off on a
-    # CPU, where host and "device" share the cores (measured: no gain, up to 10% lost).
-    pipeline_decode: bool | None = None
-    prefix_sharing: bool = True  # requests of one model share the KV pages of a common prefix
-    # Limits: what one request may ask, so that no request can slow the others down.
-    max_stop_strings: int = 16  # stop strings per request
-    max_stop_chars: int = 256  # characters per stop string
-    max_prompt_bytes: int | None = None  # a text prompt's UTF-8 bytes; None = 32 * max_seq_len
-    delta_read_timeout_s: float = 120.0  # a delta read from disk that takes longer fails
 
 
 class Engine(Steps, EngineLoop):
@@ -192,8 +167,10 @@ class Engine(Steps, EngineLoop):
         if pages > self.page_table.num_pages:
             raise RequestError(f"the prompt plus max_tokens need {pages} KV pages; the server "
                                f"has {self.page_table.num_pages} (kv_pages)")
-        if any(t >= vocab for t in sampling.stop_token_ids):
-            raise RequestError(f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
+        for name, ids in [("stop_token_ids", sampling.stop_token_ids),
+                          ("logit_bias", [t for t, _ in sampling.logit_bias])]:
+            if any(t >= vocab for t in ids):
+                raise RequestError(f"{name} token ids must lie in [0, {vocab})", param=name)
         if sampling.stop and self.base.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; the base has none", param="stop")
         if len(sampling.stop) > self.config.max_stop_strings:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import secrets
@@ -51,9 +50,9 @@ from starlette.routing import Route
 
 import dzjax.jsonsafe as jsonsafe
 from dzjax.errors import DzjaxError
-from dzjax.serving import metrics, openai_api
+from dzjax.serving import admin, openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
-from dzjax.serving.requests import Event, ModelNotFoundError, RequestError
+from dzjax.serving.requests import Event, RequestError
 from dzjax.serving.server import RequestHandle, Server
 
 log = logging.getLogger("dzjax.serving.http")
@@ -301,9 +300,8 @@ class _EventStream(StreamingResponse):
 class _Api:
     """The endpoints, over one `Server`."""
 
-    def __init__(self, server: Server, max_request_bytes: int, delta_dir: Path | None):
+    def __init__(self, server: Server, max_request_bytes: int):
         self.server, self.max_request_bytes = server, max_request_bytes
-        self.delta_dir = None if delta_dir is None else Path(delta_dir).resolve()
         self.created = int(time.time())
 
     async def health(self, request: Request) -> Response:
@@ -331,69 +329,6 @@ class _Api:
             raise HTTPError(404, f"model {name!r} is not served; served: {list(roots)}",
                             param="model", code="model_not_found")
         return JSONResponse(self._model_card(name, roots[name]))
-
-    async def metrics(self, request: Request) -> Response:
-        text = await run_in_threadpool(self.server.metrics_text)
-        return Response(text, media_type=metrics.CONTENT_TYPE)
-
-    def _managed(self) -> Path:
-        if self.delta_dir is None:
-            raise HTTPError(403, "loading and unloading deltas over HTTP is off: start the "
-                            "server with --delta-dir DIR (make_app(..., delta_dir=DIR)) to "
-                            "allow it for delta files in DIR", code="delta_management_off")
-        return self.delta_dir
-
-    async def load_delta(self, request: Request, names=("name", "path")) -> Response:
-        directory = self._managed()
-        body = await _json_object(request, self.max_request_bytes)
-        name_field, path_field = names
-        name = openai_api.typed(body, name_field, (str,), "a string")
-        where = openai_api.typed(body, path_field, (str,), "a string")
-        if not name:
-            raise invalid(name_field, f"{name_field} must name the delta to serve")
-        if not where:
-            raise invalid(path_field, f"{path_field} must be a delta file inside the delta "
-                          f"directory")
-        path = (directory / where).resolve()  # (an absolute path stays itself; links resolved)
-        if not path.is_relative_to(directory):
-            raise HTTPError(403, f"{path_field} {where!r} is not inside the delta directory "
-                            f"{directory}", param=path_field, code="outside_delta_dir")
-        if not path.is_file():
-            raise HTTPError(404, f"{path_field} {where!r}: no such delta file in {directory}",
-                            param=path_field, code="file_not_found")
-        if name in await run_in_threadpool(self.server.models):
-            raise invalid(name_field, f"a model named {name!r} is already served (unload it "
-                          f"first)")
-        try:
-            await run_in_threadpool(self.server.add_delta, name, path)
-        except RequestError:
-            raise
-        except DzjaxError as e:  # not a delta file of this base, damaged, another layout
-            raise invalid(path_field, str(e)) from None
-        log.info("delta %r loaded from %s", name, path)
-        return JSONResponse({"id": name, "object": "model", "status": "loaded",
-                             "root": str(path)})
-
-    async def unload_delta(self, request: Request, name_field="name") -> Response:
-        self._managed()
-        body = await _json_object(request, self.max_request_bytes)
-        name = openai_api.typed(body, name_field, (str,), "a string")
-        if not name:
-            raise invalid(name_field, f"{name_field} must name a served delta")
-        if name == self.server.base_name:
-            raise invalid(name_field, f"{name!r} is the base model: it cannot be unloaded")
-        if name not in await run_in_threadpool(self.server.models):
-            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
-                            code="model_not_found")
-        try:
-            await run_in_threadpool(self.server.remove_delta, name)
-        except (ModelNotFoundError, KeyError):
-            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
-                            code="model_not_found") from None
-        except DzjaxError as e:  # requests run on it
-            raise HTTPError(409, str(e), param=name_field, code="delta_in_use") from None
-        log.info("delta %r unloaded", name)
-        return JSONResponse({"id": name, "object": "model", "status": "unloaded"})
 
     async def completions(self, request: Request) -> Response:
         body = await _json_object(request, self.max_request_bytes)
@@ -481,7 +416,7 @@ def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES,
         raise DzjaxError("the API key must not be empty")
     if delta_dir is not None and not Path(delta_dir).is_dir():
         raise DzjaxError(f"delta directory {delta_dir}: no such directory")
-    api = _Api(server, max_request_bytes, delta_dir)
+    api = _Api(server, max_request_bytes)
     routes = [Route("/health", _openai_errors(api.health), methods=["GET"]),
               Route("/v1/models", _openai_errors(api.list_models), methods=["GET"]),
               Route("/v1/models/{model:path}", _openai_errors(api.get_model), methods=["GET"]),
@@ -490,60 +425,13 @@ def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES,
                     methods=["POST"]),
               Route("/tokenize", _openai_errors(api.tokenize), methods=["POST"]),
               Route("/detokenize", _openai_errors(api.detokenize), methods=["POST"]),
-              Route("/tokenizer_info", _openai_errors(api.tokenizer_info), methods=["GET"]),
-              Route("/metrics", _openai_errors(api.metrics), methods=["GET"])]
-    for path, load, unload in [
-            ("delta", api.load_delta, api.unload_delta),
-            ("lora_adapter", functools.partial(api.load_delta, names=("lora_name", "lora_path")),
-             functools.partial(api.unload_delta, name_field="lora_name"))]:
-        routes += [Route(f"/v1/load_{path}", _openai_errors(load), methods=["POST"]),
-                   Route(f"/v1/unload_{path}", _openai_errors(unload), methods=["POST"])]
+              Route("/tokenizer_info", _openai_errors(api.tokenizer_info), methods=["GET"])]
+    routes += [Route(path, _openai_errors(endpoint), methods=[method])
+               for path, method, endpoint in admin.Admin(
+                   server, delta_dir, functools.partial(_json_object,
+                                                        max_bytes=max_request_bytes)).routes()]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _starlette_error})
-    return _Guard(app, api_key, server.metrics)
-
-
-OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
-
-
-class _Guard:
-    """ASGI middleware: the API key (401 without it), and each response counted by route and
-    status (dzjax_http_responses_total)."""
-
-    def __init__(self, app, api_key: str | None, recorder: metrics.Metrics):
-        self.app, self.recorder = app, recorder
-        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = _route_label(scope["path"])
-
-        async def counted(message) -> None:
-            if message["type"] == "http.response.start":
-                self.recorder.http_response(route, message["status"])
-            await send(message)
-
-        if self.expected is not None and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = HTTPError(401, "a valid API key is required: send the header "
-                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
-                response = JSONResponse(error.payload(), status_code=401,
-                                        headers={"www-authenticate": "Bearer"})
-                return await response(scope, receive, counted)
-        await self.app(scope, receive, counted)
-
-
-_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-           "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_delta", "/v1/unload_delta",
-           "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-
-
-def _route_label(path: str) -> str:
-    """A bounded label of a request path: its route (a model's card as one), else "other"."""
-    if path in _ROUTES:
-        return path
-    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+    return admin.Guard(app, api_key, server.metrics)
 
 
 # -- running it --------------------------------------------------------------------------------

@@ -230,13 +230,6 @@ class Server:
             sampling = dict(sampling, logit_bias=tuple(sorted(tuple(e) for e in items)))
         params = SamplingParams(**{k: tuple(v) if k in ("stop", "stop_token_ids") else v
                                    for k, v in sampling.items() if v is not None})
-        vocab = self.base.config.vocab_size
-        for name, ids_asked in [("logit_bias", [t for t, _ in params.logit_bias]),
-                                ("stop_token_ids", params.stop_token_ids)]:
-            if any(t >= vocab for t in ids_asked):
-                raise RequestError(f"{name} names token ids beyond the vocabulary ({vocab}): "
-                                   f"{sorted(t for t in ids_asked if t >= vocab)[:5]}",
-                                   param=name)
         handle.request = self.engine.submit(ids, self._delta_name(model), params,
                                             listener or handle._events.put)
         return handle

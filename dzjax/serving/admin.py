@@ -1,0 +1,144 @@
+"""The server's operator endpoints: Prometheus metrics, deltas loaded and unloaded over HTTP
+(only from the directory the operator names), and the API key (see `dzjax.serving.http`)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dzjax.errors import DzjaxError
+from dzjax.serving import metrics, openai_api
+from dzjax.serving.openai_api import HTTPError, invalid
+from dzjax.serving.requests import ModelNotFoundError, RequestError
+
+log = logging.getLogger("dzjax.serving.http")
+
+
+class Admin:
+    """`/metrics` and the delta endpoints over one `Server`; read_json(request) reads a body."""
+
+    def __init__(self, server, delta_dir: str | Path | None, read_json):
+        self.server, self.read_json = server, read_json
+        self.delta_dir = None if delta_dir is None else Path(delta_dir).resolve()
+
+    def routes(self) -> list[tuple]:
+        """(path, method, endpoint): vLLM's LoRA endpoints are aliases of the delta ones."""
+        lora = (lambda r: self.load_delta(r, names=("lora_name", "lora_path")),
+                lambda r: self.unload_delta(r, name_field="lora_name"))
+        return [("/metrics", "GET", self.metrics),
+                ("/v1/load_delta", "POST", self.load_delta),
+                ("/v1/unload_delta", "POST", self.unload_delta),
+                ("/v1/load_lora_adapter", "POST", lora[0]),
+                ("/v1/unload_lora_adapter", "POST", lora[1])]
+
+    async def metrics(self, request: Request) -> Response:
+        text = await run_in_threadpool(self.server.metrics_text)
+        return Response(text, media_type=metrics.CONTENT_TYPE)
+
+    def _managed(self) -> Path:
+        if self.delta_dir is None:
+            raise HTTPError(403, "loading and unloading deltas over HTTP is off: start the "
+                            "server with --delta-dir DIR (make_app(..., delta_dir=DIR)) to "
+                            "allow it for delta files in DIR", code="delta_management_off")
+        return self.delta_dir
+
+    async def load_delta(self, request: Request, names=("name", "path")) -> Response:
+        directory = self._managed()
+        body = await self.read_json(request)
+        name_field, path_field = names
+        name = openai_api.typed(body, name_field, (str,), "a string")
+        where = openai_api.typed(body, path_field, (str,), "a string")
+        if not name:
+            raise invalid(name_field, f"{name_field} must name the delta to serve")
+        if not where:
+            raise invalid(path_field, f"{path_field} must be a delta file inside the delta "
+                          f"directory")
+        path = (directory / where).resolve()  # (an absolute path stays itself; links resolved)
+        if not path.is_relative_to(directory):
+            raise HTTPError(403, f"{path_field} {where!r} is not inside the delta directory "
+                            f"{directory}", param=path_field, code="outside_delta_dir")
+        if not path.is_file():
+            raise HTTPError(404, f"{path_field} {where!r}: no such delta file in {directory}",
+                            param=path_field, code="file_not_found")
+        if name in await run_in_threadpool(self.server.models):
+            raise invalid(name_field, f"a model named {name!r} is already served (unload it "
+                          f"first)")
+        try:
+            await run_in_threadpool(self.server.add_delta, name, path)
+        except RequestError:
+            raise
+        except DzjaxError as e:  # not a delta file of this base, damaged, another layout
+            raise invalid(path_field, str(e)) from None
+        log.info("delta %r loaded from %s", name, path)
+        return JSONResponse({"id": name, "object": "model", "status": "loaded",
+                             "root": str(path)})
+
+    async def unload_delta(self, request: Request, name_field="name") -> Response:
+        self._managed()
+        body = await self.read_json(request)
+        name = openai_api.typed(body, name_field, (str,), "a string")
+        if not name:
+            raise invalid(name_field, f"{name_field} must name a served delta")
+        if name == self.server.base_name:
+            raise invalid(name_field, f"{name!r} is the base model: it cannot be unloaded")
+        if name not in await run_in_threadpool(self.server.models):
+            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
+                            code="model_not_found")
+        try:
+            await run_in_threadpool(self.server.remove_delta, name)
+        except (ModelNotFoundError, KeyError):
+            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
+                            code="model_not_found") from None
+        except DzjaxError as e:  # requests run on it
+            raise HTTPError(409, str(e), param=name_field, code="delta_in_use") from None
+        log.info("delta %r unloaded", name)
+        return JSONResponse({"id": name, "object": "model", "status": "unloaded"})
+
+
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
+
+
+class Guard:
+    """ASGI middleware: the API key (401 without it), and each response counted by route and
+    status (dzjax_http_responses_total)."""
+
+    def __init__(self, app, api_key: str | None, recorder: metrics.Metrics):
+        self.app, self.recorder = app, recorder
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = route_label(scope["path"])
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.recorder.http_response(route, message["status"])
+            await send(message)
+
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = HTTPError(401, "a valid API key is required: send the header "
+                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
+                response = JSONResponse(error.payload(), status_code=401,
+                                        headers={"www-authenticate": "Bearer"})
+                return await response(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_delta", "/v1/unload_delta",
+           "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+
+def route_label(path: str) -> str:
+    """A bounded label of a request path: its route (a model's card as one), else "other"."""
+    if path in _ROUTES:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
