@@ -86,12 +86,49 @@ def test_params_cache_and_deltas_are_split_over_the_mesh(tp_model):
 
 
 def test_a_mesh_that_does_not_divide_the_model_is_refused_at_serve(tp_model):
-    base, _, paths = tp_model
     llama = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)  # 4 heads, 2 kv heads
-    with pytest.raises(dzjax.DzjaxError, match="does not divide the model's num_key_value_heads=2"):
-        dzjax.serve(llama, mesh=make_mesh(4))
+    with pytest.raises(dzjax.DzjaxError, match="does not divide the model's num_attention_heads=4"):
+        dzjax.serve(llama, mesh=make_mesh(8))
     with pytest.raises(dzjax.DzjaxError, match="only 8 are available"):
         make_mesh(16)
+
+
+def test_replicated_kv_heads_compute_the_same_logits(tmp_path):
+    """Each KV head's k/v columns repeated r times (dense base, compressed delta): the model
+    with r times the KV heads gives the same logits (what a mesh wider than the KV heads runs)."""
+    from dzjax.models import kv_heads
+    from dzjax.models.loading import Base
+
+    llama = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    delta = dzjax.load_delta(make_deltas(fixture_dir("llama"), tmp_path, 1)["ft0"]).params
+    ids = np.array([[1, 15, 27, 3, 99, 42]])
+    for r in (2,):  # (4 query heads: at most 4 KV heads)
+        config = kv_heads.replicated_config(llama.config, r)
+        assert config.num_kv_heads == 2 * r
+        wide = Base(config=config, params=kv_heads.replicate(llama.params, llama.config, r))
+        k = wide.params["model"]["layers_0"]["self_attn"]["k_proj"]["kernel"]
+        assert k.shape[1] == 2 * r * llama.config.head_dim
+        for d in (None, delta):
+            want = dzjax.logits(llama, ids, delta=d)
+            got = dzjax.logits(wide, ids, delta=kv_heads.replicate(d, llama.config, r))
+            assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+
+
+def test_a_mesh_wider_than_the_kv_heads_serves_what_one_device_does(tmp_path):
+    """2 KV heads on 4 devices (vLLM's replication): generate and serve equal one device."""
+    llama = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
+    paths = make_deltas(fixture_dir("llama"), tmp_path, 2)
+    prompts, names = [[5, 6, 7], [9, 8], [3, 1, 4, 1]], ["ft1", None, "ft0"]
+    alone = [dzjax.generate(llama, [p], max_tokens=4, stop_at_eos=False,
+                            delta=None if n is None else dzjax.load_delta(paths[n]))[0]
+             for p, n in zip(prompts, names)]
+    mesh = jax.make_mesh((4,), ("tp",))
+    assert dzjax.generate(llama, [prompts[0]], max_tokens=4, stop_at_eos=False, mesh=mesh,
+                          delta=dzjax.load_delta(paths["ft1"])) == [alone[0]]
+    with dzjax.serve(llama, paths, **OPTIONS, mesh=mesh) as server:
+        assert server.generate(prompts, model=names, max_tokens=4, ignore_eos=True) == alone
+        pages = server.engine.pages.k[0]
+        assert pages.shape[0] == 4 and {s.data.shape[0] for s in pages.addressable_shards} == {1}
 
 
 # Slow (CI time): 25 s; the mesh's serving and generation stay in the default run.

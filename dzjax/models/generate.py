@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.errors import DzjaxError
-from dzjax.models import sharding
+from dzjax.models import kv_heads, sharding
 from dzjax.models.forward import default_dtype, forward_cached, resolve_delta
 from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.llama import KVCache
@@ -76,13 +76,16 @@ def generate(base: Base, prompts: str | Sequence[str] | Sequence[Sequence[int]],
     padded = np.zeros((batch, bucket(int(lengths.max()), 16)), np.int32)
     for i, p in enumerate(token_lists):
         padded[i, :len(p)] = p
-    cache = KVCache.zeros(base.config, batch, bucket(int(lengths.max()) + max_tokens, 16),
-                          dtype)
-    params = base.params
-    if mesh is not None:
+    params, config = base.params, base.config
+    if mesh is not None:  # (more devices than KV heads: each KV head replicated, `kv_heads`)
         mesh = sharding.as_tp_mesh(mesh)
-        params, delta, cache = sharding.place(mesh, base.config, params, delta, cache)
-    step = functools.partial(forward_cached, params, delta=delta, config=base.config,
+        r = kv_heads.replicas(config, sharding.tp_size(mesh))
+        params, delta = (kv_heads.replicate(t, config, r) for t in (params, delta))
+        config = kv_heads.replicated_config(config, r)
+    cache = KVCache.zeros(config, batch, bucket(int(lengths.max()) + max_tokens, 16), dtype)
+    if mesh is not None:
+        params, delta, cache = sharding.place(mesh, config, params, delta, cache)
+    step = functools.partial(forward_cached, params, delta=delta, config=config,
                              dtype=dtype, kernels=KernelOptions.resolve(implementation, mesh))
     positions = np.broadcast_to(np.arange(padded.shape[1], dtype=np.int32), padded.shape)
     logits, cache = step(padded, positions, cache)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import time
@@ -35,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dzjax.errors import DzjaxError
-from dzjax.models import fusion, sharding
+from dzjax.models import kv_heads, sharding
 from dzjax.models.forward import TRACE_COUNTS, default_dtype
 from dzjax.models.generate import bucket
 from dzjax.models.kernel_options import KernelOptions
@@ -91,12 +90,15 @@ class Engine(Steps, EngineLoop):
             max_deltas_per_step=config.max_deltas_per_step or config.max_resident_deltas,
             max_overtakes=config.max_batch if config.max_overtakes is None
             else config.max_overtakes, read_ahead=config.max_resident_deltas)
+        # More devices than KV heads: each KV head replicated over the devices sharing it.
+        replicas = kv_heads.replicas(base.config, sharding.tp_size(config.mesh))
+        model = kv_heads.replicated_config(base.config, replicas)
         if config.mesh is not None:  # refuse a mesh that does not divide the model, before XLA does
-            sharding.check_mesh(config.mesh, base.config)
-        # The params as the model computes them: fused projections (each delta is fused the
-        # same way when the pool reads it), placed on the mesh.
-        prepare = (functools.partial(fusion.fuse, config=base.config, shards=self.kernels.shards)
-                   if config.fuse_projections else None)
+            sharding.check_mesh(config.mesh, model)
+        # The params as the model computes them: KV heads replicated, fused projections (each
+        # delta made the same way when the pool reads it), placed on the mesh.
+        prepare = kv_heads.preparation(base.config, replicas, self.kernels.shards,
+                                       config.fuse_projections)
         params = base.params
         if config.mesh is not None:  # fused on the host, then placed: no full copy on device 0
             params = jax.device_get(params)
@@ -105,8 +107,9 @@ class Engine(Steps, EngineLoop):
             self.params = sharding.shard_params(self.params, config.mesh)
         # The engine keeps its own params only: the base's are freed once nobody else holds
         # them (with fused projections, two copies of q/k/v and gate/up otherwise).
-        base = self.base = base.without_weights()
-        self.pool = DeltaPool(base, config.max_resident_deltas, config.host_cache_bytes,
+        as_converted = base.without_weights()  # (what deltas are checked against)
+        base = self.base = dataclasses.replace(as_converted, config=model)
+        self.pool = DeltaPool(as_converted, config.max_resident_deltas, config.host_cache_bytes,
                               mesh=config.mesh, read_timeout_s=config.delta_read_timeout_s,
                               prepare=prepare)
         self.max_prompt_bytes = config.max_prompt_bytes or 32 * self.max_seq_len
