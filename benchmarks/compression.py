@@ -264,8 +264,9 @@ def allocation(args) -> dict:
                 uniform[label] = rows[-1]["bits_per_weight"]
             low, mid, high = uniform["2bit g128"], uniform["3bit g128"], uniform["4bit g128"]
             # (to 2 decimals, so that the fine-tunes share labels; never above the uniform's)
-            for target in (round((low + mid) / 2, 2), int(mid * 100) / 100,
-                           int(uniform["4bit 2:4 g128"] * 100) / 100, round((mid + high) / 2, 2)):
+            for target in sorted({round((low + mid) / 2, 2), int(mid * 100) / 100,
+                                  int(uniform["4bit 2:4 g128"] * 100) / 100,
+                                  round((mid + high) / 2, 2)}):
                 rows.append(_quality_row(base, finetune, name, windows, ref,
                                          f"target_bits {target}", dict(target_bits=target),
                                          "obs", Path(tmp), args.n_samples))
