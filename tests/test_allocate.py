@@ -150,3 +150,24 @@ def test_the_hull_drops_dominated_options():
               m("e", 25, 6.0), m("f", 20, 7.0)]
     # e costs more than b for more error; c lies above the segment b-d; f is b's size, worse.
     assert [p.option for p in allocate._hull(points)] == ["a", "b", "d"]
+
+
+def test_an_option_a_shape_cannot_take_is_not_offered(monkeypatch, tmp_path):
+    """A format refused for a matrix (here: 2:4, as if its K could not hold it) is dropped from
+    that unit's options, not the end of target_bits; with no option left, the unit is named."""
+    real = allocate._rounding_error
+
+    def no_sparsity(w, h, obs, name):
+        if obs.sparsity is not None:
+            raise DzjaxError(f"{name}: 2:4 cannot hold this K")
+        return real(w, h, obs, name)
+    monkeypatch.setattr(allocate, "_rounding_error", no_sparsity)
+    delta = dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "a.dz",
+                          target_bits=TARGET, **FAST)
+    assert {sparsity for _, sparsity in _formats(delta).values()} == {None}
+    assert delta.metadata["report"]["bits_per_weight"] <= TARGET
+    monkeypatch.setattr(allocate, "_rounding_error",
+                        lambda w, h, obs, name: (_ for _ in ()).throw(DzjaxError(f"{name}: no")))
+    with pytest.raises(DzjaxError, match=r"model\.layers\.0\.self_attn\..*no allocation option"):
+        dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "b.dz",
+                      target_bits=TARGET, **FAST)

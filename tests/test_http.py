@@ -343,17 +343,19 @@ def test_sampling_fields_change_the_output_as_documented(served):
 
 def penalized_greedy(served, model, ids, n, repetition=1.0, frequency=0.0, presence=0.0,
                      bias=None) -> list[int]:
-    """The reference: greedy decoding on `dzjax.logits` with vLLM's penalty rules, in numpy."""
+    """The reference: greedy decoding on `dzjax.logits` with vLLM's penalty rules (and their
+    order: the bias first), in numpy."""
     out = []
-    for _ in range(n):
-        logits = np.asarray(dzjax.logits(served.base, [ids + out], delta=served.deltas.get(
-            model)))[0, -1].astype(np.float64)
+    for _ in range(n):  # one shape for every step (causal: the padding after does not count)
+        padded = ids + out + [0] * (n - len(out))
+        logits = np.asarray(dzjax.logits(served.base, [padded], delta=served.deltas.get(
+            model)))[0, len(ids) + len(out) - 1].astype(np.float64)
+        for t, b in (bias or {}).items():
+            logits[t] += b
         for t in set(ids + out):
             logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
         for t in set(out):
             logits[t] -= frequency * out.count(t) + presence
-        for t, b in (bias or {}).items():
-            logits[t] += b
         out.append(int(np.argmax(logits)))
     return out
 
@@ -376,7 +378,10 @@ def test_penalties_and_logit_bias_change_the_output_as_documented(served):
             ({"presence_penalty": 2.0, "frequency_penalty": 0.5},
              dict(presence=2.0, frequency=0.5)),
             ({"repetition_penalty": 1.8}, dict(repetition=1.8)),
-            ({"logit_bias": {str(plain[0]): -100, "7": 4.5}}, dict(bias={plain[0]: -100, 7: 4.5}))]:
+            ({"logit_bias": {str(plain[0]): -100, "7": 4.5}}, dict(bias={plain[0]: -100, 7: 4.5})),
+            # the bias comes before the repetition penalty (which scales the biased logit)
+            ({"logit_bias": {str(plain[1]): 6}, "repetition_penalty": 3.0},
+             dict(bias={plain[1]: 6}, repetition=3.0))]:
         want = penalized_greedy(served, "ft2", ids, 10, **reference)
         assert want != plain, fields  # (the reference itself moved)
         assert answer(**fields) == decode(want), fields
@@ -441,6 +446,11 @@ def test_malformed_body_is_400(served, body):
     ("/v1/completions", "logit_bias", {"x": 1}),
     ("/v1/completions", "logit_bias", {"100000": 1}),  # beyond the vocabulary
     ("/v1/completions", "logit_bias", [5, 3]),
+    ("/v1/completions", "logit_bias", {"\u00b2": 1}),  # a digit to str.isdigit, not an id
+    ("/v1/completions", "logit_bias", {"\u0663": 1}),  # a decimal to int(), not ASCII
+    ("/v1/completions", "logit_bias", {"1" * 5000: 1}),  # past int()'s digit limit
+    ("/v1/completions", "logit_bias", {"1": 1, "01": 2}),  # one id twice
+    ("/v1/completions", "logit_bias", {"1": 1, "01": "x"}),
     ("/v1/completions", "logprobs", 21),
     ("/v1/completions", "logprobs", True),
     ("/v1/completions", "echo", "yes"),
@@ -650,6 +660,7 @@ def test_metrics_parse_as_prometheus_text_and_move_with_requests(served):
     assert r.usage.completion_tokens == 5
     status, _ = post(served, "/v1/completions", {"model": "ft3", "prompt": "x", "temperature": -1})
     assert status == 400
+    wait_idle(served)  # (the gauges come from the engine's latest snapshot)
     after = metrics(served)
     assert moved(before, after, "dzjax_requests_total", model="ft3", outcome="length") == 1
     assert moved(before, after, "dzjax_generation_tokens_total", model="ft3") == 5
@@ -670,6 +681,28 @@ def test_metrics_parse_as_prometheus_text_and_move_with_requests(served):
     assert gauges["dzjax_requests_running"] == gauges["dzjax_requests_waiting"] == 0
     assert gauges["dzjax_kv_pages"] > 0 and gauges["dzjax_kv_bytes"] > 0
     assert gauges["dzjax_delta_pool_slots"] == 4 and 1 <= gauges["dzjax_delta_pool_resident"] <= 4
+
+
+def test_metrics_and_models_answer_while_the_engine_is_busy(served):
+    """A scrape or a model list never waits for the engine thread (a step compiling or
+    hung): both answer while it is held in a call, and the scrape says the engine is up."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        held.set()
+        release.wait(60)
+    blocker = threading.Thread(target=served.server.engine.call, args=(hold,))
+    blocker.start()
+    try:
+        assert held.wait(30)
+        scrape = httpx2.get(served.url + "/metrics", timeout=10)  # (well before the release)
+        assert scrape.status_code == 200 and "\ndzjax_engine_up 1.0\n" in scrape.text
+        models = httpx2.get(served.url + "/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == ["base"] + DELTAS
+        assert not release.is_set() and blocker.is_alive()  # (still held throughout)
+    finally:
+        release.set()
+        blocker.join(30)
 
 
 def test_models_cards_have_root_parent_and_max_model_len(served):
@@ -718,9 +751,11 @@ def test_a_delta_is_loaded_and_unloaded_over_http(served, managed, tmp_path):
     assert status == 409 and answer["error"]["code"] == "delta_in_use"
     stream.close()
     wait_idle(served)
+    assert ("dzjax_generation_tokens_total", (("model", "new"),)) in metrics(served)
     status, answer = admin(managed.url, "/v1/unload_lora_adapter", {"lora_name": "new"})
     assert status == 200, answer
     assert "new" not in [m.id for m in managed.client.models.list().data]
+    assert not [k for k in metrics(served) if ("model", "new") in k[1]]  # its series dropped
     with pytest.raises(openai.NotFoundError):
         managed.client.completions.create(model="new", prompt="x", max_tokens=1)
     # Loaded again under the name it had: served again.
@@ -741,7 +776,8 @@ def test_delta_management_refusals_name_the_problem(served, managed, tmp_path):
              ({"name": "ft0", "path": "junk.dz"}, 400, "already served"),
              ({"name": "base", "path": "junk.dz"}, 400, "already served"),
              ({"path": "junk.dz"}, 400, "name must name the delta"),
-             ({"name": "x", "path": 3}, 400, "path must be a string")]
+             ({"name": "x", "path": 3}, 400, "path must be a string"),
+             ({"name": "x", "path": "a\0b.dz"}, 400, "NUL")]
     for body, status, message in cases:
         got, answer = admin(managed.url, "/v1/load_delta", body)
         assert got == status and message in answer["error"]["message"], (body, answer)

@@ -181,16 +181,16 @@ def test_penalties_match_a_numpy_reference():
     got = np.asarray(penalize(jnp.asarray(logits), history, output_start, extra, repetition,
                               frequency, presence, bias_ids, bias_values))
     want = logits.astype(np.float64).copy()
-    for i in range(b):
+    for i in range(b):  # vLLM's order: the bias, then repetition, then frequency and presence
         context = [int(t) for t in history[i, :lengths[i]]]
         output = context[output_start[i]:] + ([int(extra[i])] if extra[i] >= 0 else [])
+        for t, bias in zip(bias_ids[i], bias_values[i]):
+            if t >= 0:
+                want[i, t] += bias
         for t in set(context) | set(output):
             want[i, t] = want[i, t] / repetition[i] if want[i, t] > 0 else want[i, t] * repetition[i]
         for t in set(output):
             want[i, t] -= frequency[i] * output.count(t) + presence[i]
-        for t, bias in zip(bias_ids[i], bias_values[i]):
-            if t >= 0:
-                want[i, t] += bias
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-6
     assert np.max(np.abs(got - logits)) > 1  # it did something
 

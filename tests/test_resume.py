@@ -54,6 +54,29 @@ def test_a_resumed_convert_writes_the_same_bytes(tmp_path, monkeypatch, capsys):
     assert delta.metadata["report"]["seconds"] >= 0  # timings are returned, not stored
 
 
+def test_a_resumed_target_bits_convert_keeps_its_measured_allocation(tmp_path, monkeypatch):
+    """The sensitivity pass runs once: a resumed convert takes the allocation the killed one
+    chose (saved with its progress) instead of measuring again."""
+    from dzjax.compress import allocate
+
+    measured, real = [], allocate.measure
+    monkeypatch.setattr(allocate, "measure", lambda *a: measured.append(1) or real(*a))
+    options = dict(n_samples=4, seq_len=32, progress=False, group_size=32, target_bits=3.5,
+                   checkpoint_every=0)
+    out = tmp_path / "d.dz"
+    with monkeypatch.context() as m:
+        _counting_layers(m, fail_at=1)
+        with pytest.raises(KeyboardInterrupt):
+            dzjax.convert(BASE, FT, out, **options)
+    assert measured == [1]
+    done = _counting_layers(monkeypatch)
+    delta = dzjax.convert(BASE, FT, out, **options)
+    assert done == [1] and measured == [1]  # layer 0 and the allocation from the checkpoint
+    allocation = delta.metadata["settings"]["allocation"]
+    assert set(allocation) == {n for unit in allocate.units(2) for n in unit}
+    assert delta.metadata["report"]["bits_per_weight"] <= 3.5
+
+
 # Slow (CI time, ~40 s: two fresh processes); the resume itself is in the default run above.
 @pytest.mark.slow
 def test_a_convert_killed_by_sigkill_resumes(tmp_path):

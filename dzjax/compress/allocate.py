@@ -239,16 +239,23 @@ def measure(run, tokens) -> tuple[dict, int]:
         for module, names in STAGES:
             h = hessian(lambda xs: forward(delta, xs, capture=(module, names[0]))[1], x)
             unit = tuple(f"model.layers.{i}.{module}.{p}.weight" for p in names)
-            options = []
+            options, refusals = [], []
             for option in OPTIONS:
                 nbytes = error = 0
-                for proj, name in zip(names, unit):
-                    w = delta[module][proj]["kernel"]
-                    obs = dataclasses.replace(cfg.obs_config(w.shape[0]), bits=option[0],
-                                              sparsity=option[1])
-                    b, e = _rounding_error(w, h, obs, name)
-                    nbytes, error = nbytes + b, error + e
+                try:
+                    for proj, name in zip(names, unit):
+                        w = delta[module][proj]["kernel"]
+                        obs = dataclasses.replace(cfg.obs_config(w.shape[0]), bits=option[0],
+                                                  sparsity=option[1])
+                        b, e = _rounding_error(w, h, obs, name)
+                        nbytes, error = nbytes + b, error + e
+                except DzjaxError as e:  # an option this shape cannot take: not offered
+                    refusals.append(str(e))
+                    continue
                 options.append(Measured(option, nbytes, error))
+            if not options:
+                raise DzjaxError(f"{', '.join(unit)}: no allocation option fits: "
+                                 + "; ".join(refusals))
             measured[unit] = options
         matrices = {(module, proj, "kernel") for module, names in STAGES for proj in names}
         fixed += sum(exact_nbytes(leaf) for keys, leaf in flatten_params(delta).items()

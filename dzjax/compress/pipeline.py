@@ -393,9 +393,6 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
     if cfg.allocation is not None:
         cfg = dataclasses.replace(cfg, allocation=allocate.check(
             allocate.read(cfg.allocation), config.num_layers))
-    elif cfg.target_bits is not None:
-        cfg = allocate.allocated(cfg, _Run(config, cfg, reader, kernels), tokens, progress)
-    run = _Run(config, cfg, reader, kernels, devices)
     base_digest = checkpoint_digest(base_dir, config)
     key = None if checkpoint_every is None else resume.conversion_key(
         base=base_digest, finetune=checkpoint_digest(ft_dir, config), settings=cfg.settings(),
@@ -403,8 +400,12 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
         kernels=kernels.implementation, sources=[str(base_dir), str(ft_dir)],
         **resume.environment())
     checkpoints = resume.Checkpoints(out, key, every=checkpoint_every)
-    meter = _Progress(config.num_layers + 2, progress)
     restored = checkpoints.restore()
+    if cfg.target_bits is not None:  # measured once: a resumed convert takes the saved choice
+        cfg = allocate.allocated(cfg, _Run(config, cfg, reader, kernels), tokens, progress) \
+            if restored is None else dataclasses.replace(cfg, allocation=restored[2]["allocation"])
+    run = _Run(config, cfg, reader, kernels, devices)
+    meter = _Progress(config.num_layers + 2, progress)
     if restored is None:
         first = 0
         x = run.embedding(tokens)
@@ -417,8 +418,8 @@ def convert(base, finetune, out, bits: int = 2, sparsity=None, group_size: int |
         x, layer_error = run.layer(i, x)
         meter.step(f"layer {i}", layer_error)
         if i + 1 < config.num_layers:
-            checkpoints.maybe_save(i + 1, run.stored,
-                                   {"errors": run.errors, "refined": run.refined}, x)
+            checkpoints.maybe_save(i + 1, run.stored, {"errors": run.errors, "refined":
+                                                       run.refined, "allocation": cfg.allocation}, x)
     run.head(x)
     meter.step("norm, lm_head", run.errors.get("lm_head.weight", 0.0))
     stored, errors = run.stored, run.errors

@@ -63,14 +63,15 @@ sample_jit = jax.jit(sample)
 
 def penalize(logits, history, output_start, extra, repetition, frequency, presence, bias_ids,
              bias_values) -> jax.Array:
-    """Logits [B, V] with the penalties and biases of each row applied, as vLLM applies them
+    """Logits [B, V] with the biases and penalties of each row applied, in vLLM's order
     (before temperature and the sampling filters; greedy rows too):
 
+      logit_bias: a value added to the logit of each listed token (first: the penalties below
+        see the biased logits);
       repetition_penalty r: a token seen in the prompt or the output so far has its logit
         divided by r where positive, multiplied by r where negative (1: off);
       frequency_penalty f, presence_penalty p: logit - f * (times the token is in the output)
-        - p * (whether it is), output tokens only (0: off);
-      logit_bias: a value added to the logit of each listed token.
+        - p * (whether it is), output tokens only (0: off).
 
     Args:
       history: int32 [B, L], each row's context known on the host (prompt, then output; -1:
@@ -89,9 +90,8 @@ def penalize(logits, history, output_start, extra, repetition, frequency, presen
     counts = jnp.zeros((b, v), jnp.int32).at[rows, tokens].add(outputs)
     counts = counts.at[jnp.arange(b), jnp.maximum(extra, 0)].add((extra >= 0).astype(jnp.int32))
     seen = jnp.zeros((b, v), bool).at[rows, tokens].max(real) | (counts > 0)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32).at[rows, jnp.maximum(bias_ids, 0)].add(
+        jnp.where(bias_ids >= 0, bias_values, 0.0))
     r = repetition[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
-    logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
-    return logits.at[rows, jnp.maximum(bias_ids, 0)].add(jnp.where(bias_ids >= 0, bias_values,
-                                                                   0.0))
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)

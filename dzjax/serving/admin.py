@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from dzjax.errors import DzjaxError
 from dzjax.serving import metrics, openai_api
 from dzjax.serving.openai_api import HTTPError, invalid
-from dzjax.serving.requests import ModelNotFoundError, RequestError
+from dzjax.serving.requests import ModelNotFoundError, RequestError, ServerClosedError
 
 log = logging.getLogger("dzjax.serving.http")
 
@@ -25,6 +26,9 @@ class Admin:
     def __init__(self, server, delta_dir: str | Path | None, read_json):
         self.server, self.read_json = server, read_json
         self.delta_dir = None if delta_dir is None else Path(delta_dir).resolve()
+        # Loads run one at a time: each reads and checks a whole file on the host, and many at
+        # once would hold that many files in memory. Later ones wait their turn.
+        self._loading = asyncio.Lock()
 
     def routes(self) -> list[tuple]:
         """(path, method, endpoint): vLLM's LoRA endpoints are aliases of the delta ones."""
@@ -37,7 +41,7 @@ class Admin:
                 ("/v1/unload_lora_adapter", "POST", lora[1])]
 
     async def metrics(self, request: Request) -> Response:
-        text = await run_in_threadpool(self.server.metrics_text)
+        text = self.server.metrics_text()  # from the engine's latest snapshot: never waits
         return Response(text, media_type=metrics.CONTENT_TYPE)
 
     def _managed(self) -> Path:
@@ -58,6 +62,8 @@ class Admin:
         if not where:
             raise invalid(path_field, f"{path_field} must be a delta file inside the delta "
                           f"directory")
+        if "\0" in where:
+            raise invalid(path_field, f"{path_field} must not contain a NUL byte")
         path = (directory / where).resolve()  # (an absolute path stays itself; links resolved)
         if not path.is_relative_to(directory):
             raise HTTPError(403, f"{path_field} {where!r} is not inside the delta directory "
@@ -65,15 +71,19 @@ class Admin:
         if not path.is_file():
             raise HTTPError(404, f"{path_field} {where!r}: no such delta file in {directory}",
                             param=path_field, code="file_not_found")
-        if name in await run_in_threadpool(self.server.models):
-            raise invalid(name_field, f"a model named {name!r} is already served (unload it "
-                          f"first)")
-        try:
-            await run_in_threadpool(self.server.add_delta, name, path)
-        except RequestError:
-            raise
-        except DzjaxError as e:  # not a delta file of this base, damaged, another layout
-            raise invalid(path_field, str(e)) from None
+        taken = lambda: invalid(name_field, f"a model named {name!r} is already served "
+                                f"(unload it first)")
+        if name in self.server.models():
+            raise taken()
+        async with self._loading:
+            try:
+                await run_in_threadpool(self.server.add_delta, name, path)
+            except (RequestError, ServerClosedError):
+                raise  # answered by their kind (400, 503)
+            except DzjaxError as e:
+                if name in self.server.models():  # another load of this name won the race
+                    raise taken() from None
+                raise invalid(path_field, str(e)) from None  # not a delta of this base, damaged
         log.info("delta %r loaded from %s", name, path)
         return JSONResponse({"id": name, "object": "model", "status": "loaded",
                              "root": str(path)})
@@ -86,14 +96,16 @@ class Admin:
             raise invalid(name_field, f"{name_field} must name a served delta")
         if name == self.server.base_name:
             raise invalid(name_field, f"{name!r} is the base model: it cannot be unloaded")
-        if name not in await run_in_threadpool(self.server.models):
-            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
-                            code="model_not_found")
+        missing = lambda: HTTPError(404, f"no delta named {name!r} is served",
+                                    param=name_field, code="model_not_found")
+        if name not in self.server.models():
+            raise missing()
         try:
             await run_in_threadpool(self.server.remove_delta, name)
-        except (ModelNotFoundError, KeyError):
-            raise HTTPError(404, f"no delta named {name!r} is served", param=name_field,
-                            code="model_not_found") from None
+        except ModelNotFoundError:  # unloaded meanwhile by another request
+            raise missing() from None
+        except ServerClosedError:
+            raise  # 503
         except DzjaxError as e:  # requests run on it
             raise HTTPError(409, str(e), param=name_field, code="delta_in_use") from None
         log.info("delta %r unloaded", name)

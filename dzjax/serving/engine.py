@@ -147,6 +147,7 @@ class Engine(Steps, EngineLoop):
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
         self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
+        self._published = self._stats()  # see latest_stats
         self.start()
 
     # -- other threads -------------------------------------------------------------------------
@@ -208,13 +209,15 @@ class Engine(Steps, EngineLoop):
             raise DzjaxError(f"delta {name!r} is in use by {started} preempted requests")
         self.pool.remove(name)
         self.page_table.forget(name)  # a delta added again under this name has other weights
+        self.metrics.forget(name)
 
     def delta_names(self) -> list[str]:
         return self.pool.names()
 
     def delta_paths(self) -> dict[str, Path | None]:
         """{name: its file} of the served deltas (None: given as an object)."""
-        return self.call(lambda: {n: self.pool.entries[n].path for n in self.pool.names()})
+        entries = list(self.pool.entries.items())  # one read: safe from any thread
+        return {name: entry.path for name, entry in sorted(entries, key=lambda e: e[0])}
 
     def close(self, timeout: float | None = None) -> None:
         super().close(timeout)
@@ -458,7 +461,19 @@ class Engine(Steps, EngineLoop):
 
     def stats(self) -> dict:
         """Counts, occupancy, traces and the pool's state: a snapshot, taken between steps."""
-        return self.call(self._stats)
+        return self.call(self._between_steps)
+
+    def latest_stats(self) -> dict:
+        """The snapshot the engine thread published after its latest step (when idle, at most
+        ~0.05 s old), or by the latest `stats()`: never waits for the engine, so a scraper is
+        answered while a step compiles or hangs. Raises ServerClosedError once it has stopped."""
+        if not self.alive:
+            raise ServerClosedError("the serving engine has stopped")
+        return self._published
+
+    def _between_steps(self) -> dict:
+        self._published = self._stats()
+        return self._published
 
     def _stats(self) -> dict:
         c = self.counts

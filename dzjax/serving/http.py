@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import logging
 import secrets
@@ -318,13 +319,13 @@ class _Api:
                 "max_model_len": self.server.max_seq_len}
 
     async def list_models(self, request: Request) -> Response:
-        roots = await run_in_threadpool(self.server.model_roots)
+        roots = self.server.model_roots()  # never waits for the engine
         return JSONResponse({"object": "list",
                              "data": [self._model_card(n, r) for n, r in roots.items()]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        roots = await run_in_threadpool(self.server.model_roots)
+        roots = self.server.model_roots()  # never waits for the engine
         if name not in roots:
             raise HTTPError(404, f"model {name!r} is not served; served: {list(roots)}",
                             param="model", code="model_not_found")
@@ -460,6 +461,9 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
 
     # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: let both
     # arrive here as KeyboardInterrupt (not a kill, for SIGTERM), so that the engine is closed.
+    if delta_dir is not None and api_key is None and not _loopback(host):
+        log.warning("deltas can be loaded over HTTP (--delta-dir) by anyone who reaches %s:%d: "
+                    "set --api-key (or $DZJAX_API_KEY), or listen on 127.0.0.1", host, port)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         app = make_app(server, max_request_bytes=max_request_bytes, api_key=api_key,
@@ -473,6 +477,13 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.close(timeout=shutdown_timeout_s)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _interrupt(signum, frame) -> None:

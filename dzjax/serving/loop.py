@@ -44,6 +44,9 @@ class EngineLoop:
     def _fail_all(self, error: Exception, pending: list) -> None:  # fail running, waiting, pending
         raise NotImplementedError
 
+    def _between_steps(self) -> None:  # after each turn of the loop (a step or an idle wait)
+        pass
+
     # -- other threads -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -118,6 +121,7 @@ class EngineLoop:
                 except Exception as e:  # fail the running requests, keep serving the others
                     log.exception("serving step failed")
                     self._recover(e)
+                self._between_steps()
         finally:  # however the thread ends, nobody waits for it forever
             self._fail_everything(self._abort or ServerClosedError("the serving engine has stopped"))
 

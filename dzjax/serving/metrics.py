@@ -16,7 +16,9 @@ Read from the engine's stats when scraped (a snapshot taken between steps):
     (a hit: a request admitted with its delta already on the device; a miss: it had to be
     loaded), dzjax_decode_steps_total, dzjax_preemptions_total, dzjax_prefix_cache_hits_total
     (KV pages shared instead of computed), dzjax_engine_up (0 once the engine has stopped).
-Each server has its own registry: two servers in one process do not mix their counts.
+Each server has its own registry: two servers in one process do not mix their counts. An
+unloaded delta's series are dropped. A request with n choices counts as n requests here (each
+choice is a sequence the engine prefills and decodes), where vLLM counts it once.
 """
 
 from __future__ import annotations
@@ -83,12 +85,28 @@ class Metrics:
         self.requests.labels(model, outcome).inc()
         self.latency.labels(model).observe(latency)
 
+    def forget(self, model: str) -> None:
+        """Drop a model's series (a delta unloaded: its name may come back with other weights,
+        and a server that loads many deltas over time must not keep a series for each)."""
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl,
+                       self.latency):
+            _remove(metric, model)
+        for outcome in ("stop", "length", "cancelled", "error"):
+            _remove(self.requests, model, outcome)
+
     def watch(self, stats: Callable[[], dict]) -> None:
         """Export the gauges of `stats()` (the engine's snapshot) at each scrape."""
         self.registry.register(_Snapshot(stats))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # (never recorded)
+        pass
 
 
 class _Snapshot:

@@ -227,12 +227,15 @@ def _logit_bias(body: dict) -> list | None:
     bias = typed(body, "logit_bias", (dict,), "an object of token ids to biases")
     if not bias:
         return None
-    entries = []
+    entries = {}
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdigit()):
-            raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
-        entries.append((int(key), value))
-    return sorted(entries)
+        # ASCII digits only ("²" and "٣" are digits to Python), and short enough for a token id
+        if not (key.isascii() and key.isdecimal() and len(key) <= 10):
+            raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key[:40]!r}")
+        if int(key) in entries:  # "1" and "01"
+            raise invalid("logit_bias", f"logit_bias lists token id {int(key)} twice")
+        entries[int(key)] = value
+    return list(entries.items())  # (the engine sorts them)
 
 
 def choices_per_prompt(body: dict) -> int:

@@ -37,6 +37,7 @@ from dzjax.models import delta_stacks, sharding
 from dzjax.models.forward import check_delta
 from dzjax.models.loading import Base
 from dzjax.serving import scheduler
+from dzjax.serving.requests import ModelNotFoundError
 
 log = logging.getLogger("dzjax.serving")
 MAX_STAGED = 2  # deltas uploaded ahead of their load (device memory for this many more deltas)
@@ -141,7 +142,7 @@ class DeltaPool:
 
     def remove(self, name: str) -> None:
         if name not in self.entries:
-            raise DzjaxError(f"no delta named {name!r} is served")
+            raise ModelNotFoundError(f"no delta named {name!r} is served")
         slot = self.slot_of(name)
         if slot is not None and self.users[slot]:
             raise DzjaxError(f"delta {name!r} is in use by {self.users[slot]} running requests")

@@ -120,6 +120,8 @@ class SamplingParams:
         for param, ok, message in checks:
             if not ok:
                 raise RequestError(message, param=param)
+        # one form whatever order the entries came in (checked above: distinct integer ids)
+        object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,7 +109,7 @@ class Server:
         self.base_name = base_name
         self.metrics = Metrics(base_name)  # Prometheus (`metrics_text`, HTTP `/metrics`)
         self.engine = Engine(base, EngineConfig(**options), self.metrics)
-        self.metrics.watch(self.engine.stats)
+        self.metrics.watch(self.engine.latest_stats)  # a scrape never waits for a step
         self.base = self.engine.base  # without weights: the engine holds its own params
         try:
             for name, source in (deltas or {}).items():
@@ -227,7 +227,8 @@ class Server:
         bias = sampling.get("logit_bias")
         if isinstance(bias, (dict, list)):  # {token id: bias}, as OpenAI's, or its items
             items = bias.items() if isinstance(bias, dict) else bias
-            sampling = dict(sampling, logit_bias=tuple(sorted(tuple(e) for e in items)))
+            sampling = dict(sampling, logit_bias=tuple(
+                tuple(e) if isinstance(e, (tuple, list)) else e for e in items))
         params = SamplingParams(**{k: tuple(v) if k in ("stop", "stop_token_ids") else v
                                    for k, v in sampling.items() if v is not None})
         handle.request = self.engine.submit(ids, self._delta_name(model), params,
