@@ -41,7 +41,7 @@ from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.kv_cache import KVPages, pallas_attention_unsupported
 from dzjax.models.loading import Base
 from dzjax.models.text import eos_ids
-from dzjax.serving import scheduler
+from dzjax.serving import scheduler, snapshot
 from dzjax.serving.detokenize import TextStream
 from dzjax.serving.engine_config import EngineConfig
 from dzjax.serving.kv_pages import PageTable
@@ -476,34 +476,4 @@ class Engine(Steps, EngineLoop):
         return self._published
 
     def _stats(self) -> dict:
-        c = self.counts
-        elapsed = time.perf_counter() - self.started
-        return {
-            "uptime_s": elapsed,
-            "requests": c["requests"],
-            "finished": {k.removeprefix("finished_"): v for k, v in c.items()
-                         if k.startswith("finished_")},
-            "running": sum(r is not None for r in self.rows),
-            "max_batch": self.config.max_batch,
-            "waiting": len(self.waiting),
-            "generated_tokens": c["tokens"],
-            "decode_steps": c["steps"],
-            # dispatched before the step before them was read (the host did not wait)
-            "overlapped_steps": c["overlapped_steps"],
-            "prefill_calls": c["prefill_calls"],
-            "mean_batch_rows": c["decode_rows"] / max(c["steps"], 1),
-            "mean_active_deltas": c["active_deltas"] / max(c["steps"], 1),
-            "max_active_deltas": c["max_active_deltas"],
-            # admissions of delta requests: with the delta on the device, or loaded for them
-            "delta_hits": c["delta_hits"], "delta_misses": c["delta_misses"],
-            # Compilations since this engine started (programs of the same shapes are shared).
-            "traces": {k.removeprefix("serve_"): TRACE_COUNTS[k] - v
-                       for k, v in self._traces_at_start.items()},
-            "pool": self.pool.stats(),
-            "kv": {"pages": self.page_table.num_pages, "page_size": self.page_table.page_size,
-                   "pages_in_use": self.page_table.in_use,
-                   # pages taken from the prefix index instead of computed; held by no request
-                   "prefix_hits": self.page_table.hits, "cached_pages": self.page_table.cached,
-                   "bytes": self.pages.nbytes, "preemptions": c["preemptions"],
-                   "max_running": c["max_running"]},
-        }
+        return snapshot.take(self)
