@@ -10,7 +10,7 @@ export JAX_PLATFORMS ?= cpu
 # (pytest-xdist), each test module on one worker so its fixtures are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all test-ray venv clean
 
 venv: $(VENV)/.installed
 
@@ -35,3 +35,7 @@ test-all: venv  # includes the tests marked slow, many more fuzzing examples, th
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+test-ray: venv  # the Ray Serve replicas on a local cluster (slow; installs the ray extra)
+	$(PY) -m pip install -q -e '.[ray,test]'
+	$(PY) -m pytest -q -m slow tests/test_ray_serve.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -194,6 +195,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a delta read from disk that takes longer fails (default: 120)")
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--replicas", type=int, default=None, metavar="N",
+                        help="serve with N replicas on Ray Serve, each request routed to a "
+                        "replica holding its delta (needs dzjax[ray]; default: one process)")
+    parser.add_argument("--autoscaling-config", type=json.loads, default=None, metavar="JSON",
+                        help="Ray Serve autoscaling settings, passed as they are (instead of "
+                        "--replicas), e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
 
 
 def serve_options(args: argparse.Namespace) -> dict:
@@ -222,12 +229,36 @@ def _serve(args) -> None:
     deltas = dict(args.delta)
     if len(deltas) != len(args.delta):
         raise DzjaxError("two --delta options give the same name")
+    if args.replicas is not None or args.autoscaling_config is not None:
+        return _serve_replicas(args, deltas)
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     server = serve(base, deltas, **serve_options(args))
     run_server(server, host=args.host, port=args.port, log_level=args.log_level,
                max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
                api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
                delta_dir=args.delta_dir)
+
+
+def _serve_replicas(args, deltas: dict) -> None:
+    """`dzjax serve --replicas N`: the same server as N replicas on Ray Serve."""
+    from dzjax.errors import DzjaxError
+
+    unsupported = [flag for flag, given in [
+        ("--delta-dir", args.delta_dir is not None), ("--tensor-parallel", args.tensor_parallel),
+        ("--api-key", args.api_key or os.environ.get("DZJAX_API_KEY"))] if given]
+    if unsupported:  # (each replica would need its own; not built yet)
+        raise DzjaxError(f"{', '.join(unsupported)} cannot be used with --replicas or "
+                         f"--autoscaling-config")
+    if args.replicas is not None and args.autoscaling_config is not None:
+        raise DzjaxError("give --replicas or --autoscaling-config, not both")
+    from dzjax.serving import ray_serve
+
+    app = ray_serve.application(
+        args.base, deltas, num_replicas=args.replicas,
+        autoscaling_config=args.autoscaling_config, weights_dtype=args.weights_dtype,
+        max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
+        **serve_options(args))
+    ray_serve.run(app, host=args.host, port=args.port)
 
 
 def _terminate(signum, frame) -> None:

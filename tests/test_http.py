@@ -4,6 +4,7 @@ answer, chat goes through the template, errors have OpenAI's shape and status, m
 requests over several deltas are all answered right, and a client that goes away frees its slot
 without disturbing the others."""
 
+import asyncio
 import concurrent.futures
 import functools
 import json
@@ -23,6 +24,7 @@ import uvicorn
 
 import dzjax
 from conftest import fixture_dir, make_deltas
+from dzjax.serving import in_process
 from dzjax.serving.http import make_app
 
 # Roles by their initial: chat prompts stay short (one compiled prompt-length bucket).
@@ -805,3 +807,33 @@ def test_the_api_key_is_required_except_for_health_and_metrics(served, managed):
     assert r.choices[0].text == served.expected("ft0", PROMPTS[2], 4)
     assert httpx2.get(managed.url + "/health").status_code == 200
     assert metrics(served, managed.url)[("dzjax_engine_up", ())] == 1
+
+
+def test_a_request_run_in_process_gets_the_http_answer(served):
+    """`in_process.request` (how a Ray Serve replica answers what its ingress forwards) gives
+    the socket's answers: a completion, a stream, a refusal, and the body's model is read."""
+    app = make_app(served.server)
+
+    def run(body: dict) -> tuple[int, dict, bytes]:
+        async def collect():
+            out = [m async for m in in_process.request(
+                app, "POST", "/v1/completions", b"", [(b"content-type", b"application/json")],
+                json.dumps(body).encode())]
+            return out[0][1], {k.decode(): v.decode() for k, v in out[0][2]}, \
+                b"".join(m[1] for m in out[1:])
+        return asyncio.run(collect())
+
+    ask = {"model": "ft1", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0}
+    status, headers, body = run(ask)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(body)["choices"][0]["text"] == served.expected("ft1", PROMPTS[1], 6)
+    status, headers, body = run(dict(ask, stream=True))
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in body.decode().splitlines()
+              if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == served.expected("ft1",
+                                                                               PROMPTS[1], 6)
+    status, _, body = run(dict(ask, temperature=-1))
+    assert status == 400 and json.loads(body)["error"]["param"] == "temperature"
+    assert in_process.model_of(json.dumps(ask).encode()) == "ft1"
+    assert [in_process.model_of(b) for b in (b"", b"{bad", b"[1]", b'{"model": 3}')] == [""] * 4

@@ -1,0 +1,246 @@
+"""dzjax on Ray Serve: replicas that each hold the base and their own delta pool, with requests
+routed to a replica that already has their delta (Ray Serve's model multiplexing, keyed on the
+delta name). Needs the optional extra `dzjax[ray]`.
+
+    app = dzjax.serving.ray_serve.application("base/", {"math": "math.dz"}, num_replicas=2)
+    ray.serve.run(app)        # or `dzjax serve base/ --delta math=math.dz --replicas 2`
+
+The deployment graph:
+  Ingress   (one, or more behind Ray Serve's proxy): takes the OpenAI-compatible HTTP requests,
+            reads the body's `model` and sends the request on with it as the multiplexed model
+            id; a request whose replica died before answering is sent again (another replica
+            or the restarted one), up to `max_retries` times. GET /v1/ray/stats: the routing
+            counts (requests, resident hits and misses, retries, answers by replica).
+  Replica   (num_replicas, or autoscaled): a `dzjax.serve` server over the base and every
+            delta (registered as files: read when first asked for), and dzjax's own HTTP app,
+            which answers the forwarded request as a single server would (the same fields,
+            errors and streams). Its multiplexed model set has max_resident_deltas entries
+            (the device slots of its pool), so Ray's routing follows what is on the device.
+
+A hit is a request whose delta was in its replica's multiplexed set when it arrived; a miss
+made the replica take the delta on (its pool then reads the file, or finds it in host memory).
+"""
+
+from __future__ import annotations
+
+import collections
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from dzjax.errors import DzjaxError
+from dzjax.serving import in_process
+
+MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
+REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+_HOP_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connection"}
+
+
+def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int | None = 2,
+                autoscaling_config: dict | None = None, max_retries: int = MAX_RETRIES,
+                ray_actor_options: dict | None = None, weights_dtype: str | None = None,
+                max_request_bytes: int | None = None, shutdown_timeout_s: float = 30.0,
+                **options):
+    """The Ray Serve application of `base` (a checkpoint directory) and `deltas` ({name: delta
+    file}), for `ray.serve.run`.
+
+    num_replicas: replicas (each a whole `dzjax.serve` server); None with autoscaling_config,
+      which is passed to Ray Serve as it is (min_replicas, max_replicas,
+      target_ongoing_requests, ...). ray_actor_options: each replica's resources (e.g.
+      {"num_gpus": 1}; default: none reserved). weights_dtype: of the base's weights (default:
+      `load_base`'s). max_request_bytes: `make_app`'s. shutdown_timeout_s: how long a stopping
+      replica lets its requests finish. options: `dzjax.serve`'s, for every replica.
+    """
+    from pathlib import Path
+
+    if not (Path(base) / "config.json").is_file():
+        raise DzjaxError(f"{base}: not a checkpoint directory (no config.json)")
+    deltas = {str(k): str(Path(v).resolve()) for k, v in (deltas or {}).items()}
+    missing = [f"{name}={path}" for name, path in deltas.items() if not Path(path).is_file()]
+    if missing:
+        raise DzjaxError(f"no such delta file: {', '.join(missing)}")
+    if (num_replicas is None) == (autoscaling_config is None):
+        raise DzjaxError("give num_replicas or autoscaling_config (not both)")
+    if num_replicas is not None and (not isinstance(num_replicas, int) or num_replicas < 1):
+        raise DzjaxError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise DzjaxError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    resident = options.get("max_resident_deltas", 8)
+    scale = {"num_replicas": num_replicas} if autoscaling_config is None \
+        else {"autoscaling_config": autoscaling_config}
+    replica = _replica_class(resident).options(
+        ray_actor_options=ray_actor_options or {"num_cpus": 0},
+        graceful_shutdown_timeout_s=shutdown_timeout_s, **scale)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0})
+    http = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
+    loading = {} if weights_dtype is None else {"dtype": weights_dtype}
+    return ingress.bind(replica.bind(str(Path(base).resolve()), deltas, options, loading,
+                                     http), max_retries)
+
+
+def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve `app` on Ray Serve at host:port until interrupted (a local Ray cluster, or the
+    one $RAY_ADDRESS names), then shut Serve down."""
+    import signal
+    import time
+
+    import ray
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="dzjax", route_prefix="/")
+    # A stop, as Ctrl-C: Serve is shut down (set after ray.init, which installs its own).
+    signal.signal(signal.SIGTERM, interrupt)
+    print(f"dzjax: serving on Ray Serve at http://{host}:{port}/v1", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+
+
+def app_builder(args: dict):
+    """For Ray's own CLI and config files: `serve run dzjax.serving.ray_serve:app_builder
+    base=DIR deltas=NAME=PATH,NAME=PATH num_replicas=2` (a config file's `args` may give
+    `deltas` as a mapping, `autoscaling_config` and `options` (`dzjax.serve`'s) as mappings)."""
+    args = dict(args)
+    unknown = set(args) - {"base", "deltas", "num_replicas", "autoscaling_config", "options",
+                           "weights_dtype", "max_retries"}
+    if unknown or "base" not in args:
+        raise DzjaxError(f"app_builder takes base, deltas, num_replicas, autoscaling_config, "
+                         f"options, weights_dtype, max_retries; got {sorted(args)}")
+    deltas = args.get("deltas") or {}
+    if isinstance(deltas, str):
+        pairs = [item.split("=", 1) for item in deltas.split(",") if item]
+        if any(len(p) != 2 for p in pairs):
+            raise DzjaxError(f"deltas must be NAME=PATH,NAME=PATH, got {deltas!r}")
+        deltas = dict(pairs)
+    autoscaling = args.get("autoscaling_config")
+    replicas = args.get("num_replicas", None if autoscaling else 2)
+    return application(args["base"], deltas,
+                       num_replicas=None if replicas is None else int(replicas),
+                       autoscaling_config=autoscaling, weights_dtype=args.get("weights_dtype"),
+                       max_retries=int(args.get("max_retries", MAX_RETRIES)),
+                       **(args.get("options") or {}))
+
+
+def _replica_class(resident: int):
+    """The replica deployment, its multiplexed set as large as its device pool."""
+
+    @serve.deployment(name="DeltaReplica")
+    class DeltaReplica:
+        def __init__(self, base: str, deltas: dict[str, str], options: dict, loading: dict,
+                     http: dict):
+            import jax.numpy as jnp
+
+            from dzjax.models.loading import load_base
+            from dzjax.serving.http import make_app
+            from dzjax.serving.server import serve as dzjax_serve
+
+            if "dtype" in loading:
+                loading = dict(loading, dtype=jnp.dtype(loading["dtype"]))
+            self.server = dzjax_serve(load_base(base, **loading), deltas, **options)
+            self.app = make_app(self.server, **http)
+            self.id = serve.get_replica_context().replica_id.unique_id
+            self.taken_on = collections.Counter()  # multiplexed loads, by model
+
+        @serve.multiplexed(max_num_models_per_replica=resident)
+        async def take_on(self, model: str) -> str:
+            """Ray's record that this replica holds `model` (its pool does the loading)."""
+            self.taken_on[model] += 1
+            return model
+
+        async def forward(self, method: str, path: str, query: bytes, headers: list,
+                          body: bytes):
+            """Answer one HTTP request with dzjax's app: ("start", status, headers, hit), then
+            the body's chunks."""
+            model = serve.get_multiplexed_model_id()
+            hit = None
+            if model and model != self.server.base_name and model in self.server.models():
+                before = self.taken_on[model]
+                await self.take_on(model)
+                hit = self.taken_on[model] == before
+            async for kind, *rest in in_process.request(self.app, method, path, query, headers, body):
+                if kind == "start":
+                    status, out_headers = rest
+                    yield ("start", status, out_headers + [(b"x-dzjax-replica",
+                                                            self.id.encode())], hit)
+                else:
+                    yield ("body", rest[0])
+
+        def __del__(self):
+            server = getattr(self, "server", None)
+            if server is not None:
+                server.close(timeout=10)
+
+    return DeltaReplica
+
+
+@serve.deployment(name="Ingress")
+class Ingress:
+    """The HTTP entry: each request to a replica that has its delta, retried if it died."""
+
+    def __init__(self, replicas, max_retries: int = MAX_RETRIES):
+        self.replicas, self.max_retries = replicas, max_retries
+        self.counts = collections.Counter()
+        self.by_replica = collections.Counter()
+
+    async def __call__(self, request: Request) -> Response:
+        if request.url.path == "/v1/ray/stats":
+            return JSONResponse(self.stats())
+        body = await request.body()
+        model = in_process.model_of(body)
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS]
+        self.counts["requests"] += 1
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self._forward(request, model, headers, body)
+            except REPLICA_GONE:
+                if attempt == self.max_retries:
+                    self.counts["failed"] += 1
+                    return JSONResponse({"error": {
+                        "message": f"no replica answered after {attempt + 1} tries",
+                        "type": "server_error", "param": None, "code": "replica_unavailable"}},
+                        status_code=503)
+                self.counts["retries"] += 1
+
+    async def _forward(self, request: Request, model: str, headers: list, body: bytes):
+        handle = self.replicas.options(stream=True, multiplexed_model_id=model)
+        stream = handle.forward.remote(request.method, request.url.path,
+                                       request.url.query.encode(), headers, body)
+        _, status, out_headers, hit = await stream.__anext__()
+        out = {k.decode(): v.decode() for k, v in out_headers}
+        replica = out.get("x-dzjax-replica", "?")
+        if out.get("content-type", "").startswith("text/event-stream"):
+            first = await stream.__anext__()  # (a replica gone before any token: retried)
+            self._count(hit, replica)
+            return StreamingResponse(_rest(first[1], stream), status_code=status,
+                                     headers=out)
+        chunks = [chunk async for _, chunk in stream]  # whole before answering: retryable
+        self._count(hit, replica)
+        return Response(b"".join(chunks), status_code=status, headers=out)
+
+    def _count(self, hit, replica: str) -> None:
+        self.by_replica[replica] += 1
+        if hit is not None:
+            self.counts["hits" if hit else "misses"] += 1
+
+    def stats(self) -> dict:
+        c = self.counts
+        routed = c["hits"] + c["misses"]
+        return {"requests": c["requests"], "retries": c["retries"], "failed": c["failed"],
+                "hits": c["hits"], "misses": c["misses"],
+                "hit_rate": c["hits"] / routed if routed else None,
+                "by_replica": dict(self.by_replica)}
+
+
+async def _rest(first: bytes, stream):
+    yield first
+    async for _, chunk in stream:
+        yield chunk
