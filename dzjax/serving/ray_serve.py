@@ -34,6 +34,7 @@ from dzjax.errors import DzjaxError
 from dzjax.serving import in_process
 
 MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
+INGRESS_MAX_ONGOING = 10_000  # requests the ingress holds at once (Ray Serve's default: 5)
 REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 _HOP_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connection"}
 
@@ -70,10 +71,14 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
     resident = options.get("max_resident_deltas", 8)
     scale = {"num_replicas": num_replicas} if autoscaling_config is None \
         else {"autoscaling_config": autoscaling_config}
+    # Ray Serve lets a replica take 5 requests at a time unless told: a replica takes twice
+    # its batch (a full batch and the next one queued in its engine), the ingress any number.
+    batch = options.get("max_batch", 8)
     replica = _replica_class(resident).options(
         ray_actor_options=ray_actor_options or {"num_cpus": 0},
-        graceful_shutdown_timeout_s=shutdown_timeout_s, **scale)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0})
+        max_ongoing_requests=2 * batch, graceful_shutdown_timeout_s=shutdown_timeout_s, **scale)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0},
+                              max_ongoing_requests=INGRESS_MAX_ONGOING)
     http = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
     loading = {} if weights_dtype is None else {"dtype": weights_dtype}
     return ingress.bind(replica.bind(str(Path(base).resolve()), deltas, options, loading,

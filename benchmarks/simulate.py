@@ -1,0 +1,213 @@
+"""The planning simulator against a real run: measure a replica's costs on this machine, predict
+a workload on R replicas with `dzjax.bench.simulate`, serve the same workload on R real
+replicas (Ray Serve, `dzjax.serving.ray_serve`), and compare throughput, TTFT, latency and SLO
+attainment.
+
+  PYTHONPATH=. python benchmarks/simulate.py [--replicas 2] [--rate 6] [--requests 120]
+  (needs the ray extra: pip install -e '.[ray]')
+
+The costs are measured on one in-process server before Ray starts (`measure_costs`): decode
+steps by rows and active deltas, prefills by rows, a delta's load from disk and from host
+memory; the router's and HTTP's time per request is measured on the deployment itself with a
+few sequential one-token requests (not the workload). The workload then runs twice on the
+replicas, the first pass to compile every shape on each, the second measured.
+Results: benchmarks/results/simulate-<backend>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import pathlib
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+ROWS, ACTIVE, TOKENS = (1, 2, 4), (0, 1, 2), 33
+
+
+def _timed(server, requests: list[tuple[str, list[int], int]]) -> float:
+    """Seconds from submitting `requests` (model, prompt, max_tokens) together (one admission)
+    to the last one's end."""
+    start = time.perf_counter()
+    handles = server.engine.call(lambda: [server.submit(p, m, max_tokens=n, ignore_eos=True)
+                                          for m, p, n in requests])
+    for h in handles:
+        h.result()
+    return time.perf_counter() - start
+
+
+def measure_costs(base_dir, deltas: dict, *, max_batch: int, max_resident: int,
+                  prompt_len: int, repeats: int = 3, **options):
+    """A replica's `Costs`, measured on one in-process server (route_s left 0)."""
+    import dzjax
+    from dzjax.bench.simulate import Costs
+
+    names = sorted(deltas)
+    prompt = list(range(1, prompt_len + 1))
+    server = dzjax.serve(base_dir, deltas, max_batch=max_batch,
+                         max_resident_deltas=max_resident, **options)
+    try:
+        def case(rows, active, tokens):
+            models = ["base"] * rows if active == 0 else [names[i % active] for i in range(rows)]
+            return [(m, prompt, tokens) for m in models]
+        for rows in ROWS:  # compile every shape (and put the first deltas on the device)
+            for active in ACTIVE:
+                if active <= rows:
+                    _timed(server, case(rows, active, TOKENS))
+        decode, prefill = {}, {}
+        for rows in ROWS:
+            for active in ACTIVE:
+                if active > rows:
+                    continue
+                whole = statistics.median(_timed(server, case(rows, active, TOKENS))
+                                          for _ in range(repeats))
+                first = statistics.median(_timed(server, case(rows, active, 1))
+                                          for _ in range(repeats))
+                decode[(rows, active)] = (whole - first) / (TOKENS - 1)
+                if active == min(rows, 1):
+                    prefill[rows] = first
+        resident = statistics.median(_timed(server, [(names[0], prompt, 1)])
+                                     for _ in range(repeats))
+        disk = [_timed(server, [(name, prompt, 1)]) - resident for name in names[max_resident:]]
+        host = [_timed(server, [(name, prompt, 1)]) - resident for name in names[:max_resident]]
+    finally:
+        server.close()
+    return Costs(decode_s=decode, prefill_s=prefill,
+                 load_s={"disk": statistics.median(disk), "host": statistics.median(host)})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_real(url: str, workload, *, ignore_first: bool = False) -> list:
+    """Send `workload` at its arrival times (streaming completions); the outcomes."""
+    import openai
+
+    from dzjax.bench.metrics import Outcome
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def one(r, start):
+        time.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+        sent = time.perf_counter()
+        first, tokens = None, 0
+        for chunk in client.completions.create(model=r.model, prompt=list(r.prompt),
+                                               max_tokens=r.max_tokens, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True}):
+            if chunk.choices and first is None:
+                first = time.perf_counter()
+            tokens += 1
+        end = time.perf_counter()
+        return Outcome(r.index, r.model, sent - start, first - start, end - start,
+                       r.max_tokens)
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        start = time.perf_counter() + 0.5
+        outcomes = list(pool.map(lambda r: one(r, start), workload))
+    client.close()
+    return outcomes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--deltas", type=int, default=4)
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--max-resident", type=int, default=2)
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--rate", type=float, default=6.0, help="requests/s (Poisson)")
+    p.add_argument("--popularity", default="zipf")
+    p.add_argument("--prompt-len", default="16:32")
+    p.add_argument("--output-len", default="8:32")
+    p.add_argument("--slo", type=float, default=5.0, help="latency SLO, seconds")
+    p.add_argument("--cache-dir", type=pathlib.Path,
+                   default=pathlib.Path(tempfile.gettempdir()) / "dzjax-bench")
+    p.add_argument("--out", type=pathlib.Path, default=None)
+    args = p.parse_args()
+
+    import jax
+    import ray
+    from ray import serve
+
+    from dzjax.bench.metrics import summarize
+    from dzjax.bench.models import SyntheticConfig, build_synthetic
+    from dzjax.bench.simulate import Deployment, simulate
+    from dzjax.bench.workload import Lengths, WorkloadConfig, make_workload
+    from dzjax.serving import ray_serve
+
+    synthetic = SyntheticConfig(layers=2, hidden=256, intermediate=688, vocab=4096, heads=4,
+                                context=512, deltas=args.deltas, weights_dtype="float32")
+    models = build_synthetic(synthetic, args.cache_dir)
+    options = dict(max_seq_len=128, dtype="float32")
+    lengths = Lengths.parse(args.prompt_len)
+    costs = measure_costs(models.base_dir, models.deltas, max_batch=args.max_batch,
+                          max_resident=args.max_resident,
+                          prompt_len=(lengths.low + lengths.high) // 2, **options)
+    print("measured costs:", json.dumps(costs.to_json()), flush=True)
+
+    workload = make_workload(WorkloadConfig(
+        models=tuple(sorted(models.deltas)), vocab_size=synthetic.vocab,
+        num_requests=args.requests, rate=args.rate, popularity=args.popularity,
+        prompt_len=lengths, output_len=Lengths.parse(args.output_len), seed=0))
+
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"JAX_PLATFORMS": jax.default_backend()}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(ray_serve.application(models.base_dir, models.deltas,
+                                    num_replicas=args.replicas, max_batch=args.max_batch,
+                                    max_resident_deltas=args.max_resident,
+                                    weights_dtype="float32", **options),
+              name="dzjax", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        run_real(url, workload)  # compile every shape on every replica
+        hop = [o.finished - o.arrival for o in run_real(url, [
+            dataclasses.replace(r, arrival=i * 0.3, max_tokens=1)
+            for i, r in enumerate(workload[:8])])]
+        costs = dataclasses.replace(costs, route_s=max(
+            0.0, statistics.median(hop) - costs.prefill(1)))
+        real = summarize(run_real(url, workload), len(workload), args.slo)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    deployment = Deployment(replicas=args.replicas, max_batch=args.max_batch,
+                            max_resident_deltas=args.max_resident)
+    predicted = simulate(workload, deployment, costs, slo_s=args.slo)
+
+    def error(key, sub=None):
+        want = real[key] if sub is None else real[key][sub]
+        got = predicted[key] if sub is None else predicted[key][sub]
+        return {"real": want, "predicted": got, "error": (got - want) / want if want else None}
+    comparison = {"throughput_tokens_per_s": error("throughput_tokens_per_s"),
+                  "ttft_p50_s": error("ttft_s", "p50"), "ttft_p99_s": error("ttft_s", "p99"),
+                  "latency_p50_s": error("latency_s", "p50"),
+                  "latency_p99_s": error("latency_s", "p99"),
+                  "slo_attainment": error("slo_attainment")}
+    for name, c in comparison.items():
+        print(f"{name:26s} real {c['real']:9.3f}  predicted {c['predicted']:9.3f}  "
+              f"error {100 * c['error']:+6.1f}%" if c["error"] is not None else name)
+    backend = jax.default_backend()
+    out = args.out or pathlib.Path(__file__).parent / "results" / (
+        f"simulate-{backend}-{datetime.date.today()}.json")
+    for summary in (real, predicted):
+        summary.pop("per_request")
+    out.write_text(json.dumps({
+        "command": "PYTHONPATH=. python benchmarks/simulate.py " + " ".join(sys.argv[1:]),
+        "backend": backend, "date": str(datetime.date.today()), "config": vars(args) | {
+            "cache_dir": None, "out": None, "model": dataclasses.asdict(synthetic)},
+        "costs": costs.to_json(), "real": real, "predicted": predicted,
+        "comparison": comparison}, indent=2, default=str) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The planning simulator (`dzjax.bench.simulate`) against outcomes worked out by hand from its
+documented rules: batching, prefill and decode costs, loads by tier, affinity routing."""
+
+import pytest
+
+from dzjax.bench.simulate import Costs, Deployment, simulate
+from dzjax.bench.workload import BenchRequest
+from dzjax.errors import DzjaxError
+
+# decode(rows, active) = 0.010 + 0.002 * rows + 0.005 * active on the measured points
+COSTS = Costs(decode_s={(r, a): 0.010 + 0.002 * r + 0.005 * a for r in (1, 4) for a in (0, 2)},
+              prefill_s={1: 0.030, 4: 0.060}, load_s={"host": 0.1, "disk": 0.5}, route_s=0.004)
+
+
+def request(i: int, arrival: float, model: str, tokens: int) -> BenchRequest:
+    return BenchRequest(i, arrival, model, (1, 2, 3), tokens)
+
+
+def test_costs_interpolate_between_and_beyond_the_measured_points():
+    assert COSTS.decode(2, 1) == pytest.approx(0.010 + 0.004 + 0.005)
+    assert COSTS.decode(8, 3) == pytest.approx(0.010 + 0.016 + 0.015)  # extended
+    assert COSTS.prefill(2) == pytest.approx(0.040)
+
+
+def test_one_request_waits_for_its_route_load_prefill_and_decode_steps():
+    out = simulate([request(0, 1.0, "a", 5)], Deployment(replicas=1), COSTS)
+    ttft = 0.004 + 0.5 + 0.030  # routed, read from disk, prefilled (the first token)
+    latency = ttft + 4 * COSTS.decode(1, 1)
+    row = out["per_request"][0]
+    assert row[3] == pytest.approx(ttft, abs=1e-4) and row[4] == pytest.approx(latency, abs=1e-4)
+    assert out["router"] == {"hits": 0, "misses": 1, "hit_rate": 0.0}
+
+
+def test_requests_arriving_together_are_prefilled_and_decoded_as_one_batch():
+    work = [request(0, 0.0, "a", 3), request(1, 0.0, "base", 2)]
+    out = simulate(work, Deployment(replicas=1), COSTS)
+    first = 0.004 + 0.5 + COSTS.prefill(2)
+    step = COSTS.decode(2, 1)  # two rows, one delta among them
+    (a, b) = out["per_request"]
+    assert a[3] == b[3] == pytest.approx(first, abs=1e-4)
+    assert b[4] == pytest.approx(first + step, abs=1e-4)
+    assert a[4] == pytest.approx(first + step + COSTS.decode(1, 1), abs=1e-4)
+    assert out["generated_tokens"] == 5 and out["router"]["misses"] == 1  # base: not counted
+
+
+def test_a_delta_evicted_comes_back_from_host_memory():
+    work = [request(0, 0.0, "a", 1), request(1, 10.0, "b", 1), request(2, 20.0, "a", 1)]
+    out = simulate(work, Deployment(replicas=1, max_resident_deltas=1), COSTS)
+    ttfts = [row[3] for row in out["per_request"]]
+    assert ttfts == pytest.approx([0.004 + 0.5 + 0.03, 0.004 + 0.5 + 0.03, 0.004 + 0.1 + 0.03],
+                                  abs=1e-4)
+    assert out["router"]["misses"] == 3  # (one slot: the router's set forgets a for b)
+
+
+def test_the_router_sends_a_delta_where_it_already_is():
+    # Two replicas: a and b are both taken on by the first (idle, first in order), then a
+    # stream of c keeps the first busy; later a and b still go to the first (their holder).
+    work = [request(0, 0.0, "a", 1), request(1, 5.0, "b", 1), request(2, 10.0, "a", 1),
+            request(3, 15.0, "b", 1)]
+    out = simulate(work, Deployment(replicas=2, max_resident_deltas=2), COSTS)
+    assert out["router"] == {"hits": 2, "misses": 2, "hit_rate": 0.5}
+    assert [row[3] for row in out["per_request"]][2:] == pytest.approx([0.034, 0.034], abs=1e-4)
+    # The busy holder is still preferred over an idle replica without the delta (affinity).
+    busy = [request(0, 0.0, "a", 50), request(1, 0.01, "a", 1)]
+    out = simulate(busy, Deployment(replicas=2), COSTS)
+    assert out["router"]["hits"] == 1
+
+
+def test_requests_past_max_ongoing_wait_at_the_router():
+    work = [request(0, 0.0, "a", 3), request(1, 0.0, "a", 1)]
+    out = simulate(work, Deployment(replicas=1, max_batch=1, max_ongoing=1), COSTS)
+    first_done = 0.004 + 0.5 + 0.030 + 2 * COSTS.decode(1, 1)
+    (a, b) = out["per_request"]
+    assert a[4] == pytest.approx(first_done, abs=1e-4)
+    assert b[3] == pytest.approx(first_done + 0.030, abs=1e-4)  # admitted at the next step
+
+
+def test_a_deployment_is_validated():
+    with pytest.raises(DzjaxError, match="replicas"):
+        Deployment(replicas=0)
