@@ -8,9 +8,13 @@ attainment.
 
 The costs are measured on one in-process server before Ray starts (`measure_costs`): decode
 steps by rows and active deltas, prefills by rows, a delta's load from disk and from host
-memory; the router's and HTTP's time per request is measured on the deployment itself with a
-few sequential one-token requests (not the workload). The workload then runs twice on the
-replicas, the first pass to compile every shape on each, the second measured.
+memory; the router's and HTTP's time per request, and the time to stream a token on, are
+measured on the deployment itself with a few sequential requests (not the workload), and the
+replicas' contention for shared cores from a closed loop that keeps every replica's batch full
+(the step time then against one replica's alone). The workload then runs twice on the
+replicas, the first pass to compile every shape on each, the second measured. Every request
+asks for logprobs=0, in the calibration too: the synthetic model has no tokenizer, and a stream
+without text carries a chunk per token only with its log-probability.
 Results: benchmarks/results/simulate-<backend>-<date>.json.
 """
 
@@ -35,8 +39,8 @@ def _timed(server, requests: list[tuple[str, list[int], int]]) -> float:
     """Seconds from submitting `requests` (model, prompt, max_tokens) together (one admission)
     to the last one's end."""
     start = time.perf_counter()
-    handles = server.engine.call(lambda: [server.submit(p, m, max_tokens=n, ignore_eos=True)
-                                          for m, p, n in requests])
+    handles = server.engine.call(lambda: [server.submit(p, m, max_tokens=n, ignore_eos=True,
+                                                        logprobs=0) for m, p, n in requests])
     for h in handles:
         h.result()
     return time.perf_counter() - start
@@ -102,7 +106,8 @@ def run_real(url: str, workload, *, ignore_first: bool = False) -> list:
         first, tokens = None, 0
         for chunk in client.completions.create(model=r.model, prompt=list(r.prompt),
                                                max_tokens=r.max_tokens, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True}):
+                                               stream=True, logprobs=0,
+                                               extra_body={"ignore_eos": True}):
             if chunk.choices and first is None:
                 first = time.perf_counter()
             tokens += 1
@@ -114,6 +119,37 @@ def run_real(url: str, workload, *, ignore_first: bool = False) -> list:
         outcomes = list(pool.map(lambda r: one(r, start), workload))
     client.close()
     return outcomes
+
+
+def closed_loop(url: str, workload, concurrency: int, seconds: float) -> float:
+    """Tokens/s of `concurrency` clients each sending the workload's requests one after
+    another for `seconds` (the shapes the warm-up compiled)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    deadline = time.perf_counter() + seconds
+
+    def worker(k):
+        tokens = 0
+        for r in workload[k::concurrency] * 100:
+            if time.perf_counter() > deadline:
+                break
+            client.completions.create(model=r.model, prompt=list(r.prompt),
+                                      max_tokens=r.max_tokens, temperature=0, logprobs=0,
+                                      extra_body={"ignore_eos": True})  # (as the workload)
+            tokens += r.max_tokens
+        return tokens
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        total = sum(pool.map(worker, range(concurrency)))
+    client.close()
+    return total / (time.perf_counter() - start)
+
+
+def _routing(url: str) -> dict:
+    import httpx2
+
+    return httpx2.get(url + "/v1/ray/stats", timeout=30).json()
 
 
 def main() -> None:
@@ -170,12 +206,30 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         run_real(url, workload)  # compile every shape on every replica
-        hop = [o.finished - o.arrival for o in run_real(url, [
-            dataclasses.replace(r, arrival=i * 0.3, max_tokens=1)
-            for i, r in enumerate(workload[:8])])]
-        costs = dataclasses.replace(costs, route_s=max(
-            0.0, statistics.median(hop) - costs.prefill(1)))
+        # The deployment's own costs, from sequential requests (one at a time, so one row):
+        # the hop per request, and the time to stream each token on.
+        def sequential(max_tokens):
+            return statistics.median(o.finished - o.arrival for o in run_real(url, [
+                dataclasses.replace(r, arrival=i * 0.5, max_tokens=max_tokens)
+                for i, r in enumerate(workload[:6])]))
+        longest = max(r.max_tokens for r in workload)  # (a shape the warm-up compiled)
+        one, whole = sequential(1), sequential(longest)
+        costs = dataclasses.replace(
+            costs, route_s=max(0.0, one - costs.prefill(1)),
+            token_s=max(0.0, (whole - one) / (longest - 1) - costs.decode(1, 1)))
+        # Every replica busy with a full batch (closed loop): the step time then, against the
+        # step time of one busy replica, is the contention of replicas sharing the cores.
+        rows = args.replicas * args.max_batch
+        step = rows / closed_loop(url, workload, rows, seconds=8.0)
+        alone = costs.decode(args.max_batch, min(args.max_batch, args.max_resident)) \
+            + costs.token_s * args.max_batch
+        costs = dataclasses.replace(costs, contention={args.replicas: max(1.0, step / alone)})
+        before = _routing(url)
         real = summarize(run_real(url, workload), len(workload), args.slo)
+        after = _routing(url)
+        real["router"] = {k: after[k] - before[k] for k in ("hits", "misses")}
+        real["router"]["hit_rate"] = real["router"]["hits"] / max(
+            1, real["router"]["hits"] + real["router"]["misses"])
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -192,6 +246,9 @@ def main() -> None:
                   "latency_p50_s": error("latency_s", "p50"),
                   "latency_p99_s": error("latency_s", "p99"),
                   "slo_attainment": error("slo_attainment")}
+    print(f"router hit rate: real {real['router']['hit_rate']:.3f}, predicted "
+          f"{predicted['router']['hit_rate']:.3f}")
+    print("costs on the deployment:", json.dumps(costs.to_json()))
     for name, c in comparison.items():
         print(f"{name:26s} real {c['real']:9.3f}  predicted {c['predicted']:9.3f}  "
               f"error {100 * c['error']:+6.1f}%" if c["error"] is not None else name)

@@ -40,12 +40,20 @@ class Costs:
     prefill_s: {rows: one prefill of that many admitted requests together}, interpolated.
     load_s: {"host": a delta from host memory to the device, "disk": read from its file too}.
     route_s: the router's and HTTP's time per request (added before it reaches a replica).
+    token_s: the serving process's time to send one row's token on (the stream through the
+      router and HTTP), added to each decode step per row: on the replica it shares the
+      interpreter with the engine's loop.
+    contention: {replicas busy at once: factor on a step's time}, interpolated (1 where not
+      given): replicas that share a machine's cores (as on a CPU host) slow each other down;
+      replicas on their own devices have none.
     """
 
     decode_s: dict
     prefill_s: dict
     load_s: dict
     route_s: float = 0.0
+    token_s: float = 0.0
+    contention: dict = dataclasses.field(default_factory=dict)
 
     def decode(self, rows: int, active: int) -> float:
         by_active = collections.defaultdict(dict)
@@ -54,13 +62,17 @@ class Costs:
         per_active = {a: _interpolate(table, rows) for a, table in by_active.items()}
         return max(_interpolate(per_active, active), 0.0)
 
+    def slowdown(self, busy: int) -> float:
+        return max(_interpolate({1: 1.0, **self.contention}, busy), 1.0)
+
     def prefill(self, rows: int) -> float:
         return max(_interpolate(self.prefill_s, rows), 0.0)
 
     def to_json(self) -> dict:
         return {"decode_s": [[r, a, s] for (r, a), s in sorted(self.decode_s.items())],
                 "prefill_s": [[r, s] for r, s in sorted(self.prefill_s.items())],
-                "load_s": dict(self.load_s), "route_s": self.route_s}
+                "load_s": dict(self.load_s), "route_s": self.route_s, "token_s": self.token_s,
+                "contention": [[k, v] for k, v in sorted(self.contention.items())]}
 
 
 def _interpolate(table: dict, x: float) -> float:
@@ -125,8 +137,9 @@ class _Replica:
         self.read.add(model)
         return costs.load_s[tier]
 
-    def step(self, now: float, costs: Costs, done: list) -> tuple[float, bool]:
-        """One engine step starting at `now`: its seconds, and whether it did anything."""
+    def step(self, now: float, costs: Costs, done: list, busy: int = 1) -> tuple[float, bool]:
+        """One engine step starting at `now` while `busy` replicas (this one included) have
+        work: its seconds, and whether it did anything."""
         spent, admitted = 0.0, []
         while self.queue and len(self.running) + len(admitted) < self.d.max_batch:
             load = self._place(self.queue[0].model, costs)
@@ -139,7 +152,8 @@ class _Replica:
         decoding = [row for row in self.running if row[1] > 0]
         if decoding:
             active = len({r.model for r, _, _ in decoding} - {self.d.base_name})
-            spent += costs.decode(len(decoding), active)
+            spent += costs.decode(len(decoding), active) + costs.token_s * len(decoding)
+        spent *= costs.slowdown(busy)
         end = now + spent
         for row in decoding:
             row[1] -= 1
@@ -190,7 +204,8 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
             held.append(payload)
         else:
             replica = payload
-            spent, progressed = replica.step(now, costs, done)
+            busy = sum(bool(r.queue or r.running) for r in replicas)
+            spent, progressed = replica.step(now, costs, done, busy)
             replica.free_at = now + spent
             if progressed and (replica.queue or replica.running):
                 heapq.heappush(events, (now + spent, order, "step", replica))
