@@ -106,6 +106,18 @@ def test_loads_run_one_at_a_time(tmp_path):
     responses = asyncio.run(both())
     assert [r.status_code for r in responses] == [200, 200]
     assert server.names == ["ft", "a", "b"] and server.most_busy == 1
+    # A second load of one name waits its turn, then is refused without reading the file.
+    server = Changing(seconds=0.2)
+    admin = Admin(server, tmp_path, read)
+
+    async def same():
+        return await asyncio.gather(admin.load_delta({"name": "a", "path": "d.dz"}),
+                                    admin.load_delta({"name": "a", "path": "d.dz"}),
+                                    return_exceptions=True)
+    first, second = asyncio.run(same())
+    assert first.status_code == 200 and isinstance(second, HTTPError)
+    assert second.status == 400 and "already served" in str(second)
+    assert server.names == ["ft", "a"] and server.most_busy == 1
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("[::1]", True),
@@ -113,3 +125,21 @@ def test_loads_run_one_at_a_time(tmp_path):
                                              ("10.1.2.3", False), ("example.org", False)])
 def test_an_unguarded_delta_dir_is_warned_of_off_loopback(host, loopback):
     assert http._loopback(host) is loopback
+
+
+def test_an_unloaded_deltas_series_stay_gone_until_it_is_served_again():
+    """Its queued requests fail after the unload: they must not bring its series back."""
+    from dzjax.serving.metrics import Metrics
+
+    m = Metrics()
+    series = lambda: {s.labels.get("model") for f in m.registry.collect() for s in f.samples}
+    m.admitted("x", 5)
+    m.finished("x", "stop", 0.5)
+    assert "x" in series()
+    m.forget("x")
+    m.finished("x", "error", 0.1)  # a queued request failing later
+    m.token("x", None)
+    assert "x" not in series()
+    m.served("x")
+    m.finished("x", "stop", 0.2)
+    assert "x" in series()

@@ -779,7 +779,8 @@ def test_delta_management_refusals_name_the_problem(served, managed, tmp_path):
              ({"name": "base", "path": "junk.dz"}, 400, "already served"),
              ({"path": "junk.dz"}, 400, "name must name the delta"),
              ({"name": "x", "path": 3}, 400, "path must be a string"),
-             ({"name": "x", "path": "a\0b.dz"}, 400, "NUL")]
+             ({"name": "x", "path": "a\0b.dz"}, 400, "NUL"),
+             ({"name": "x", "path": "a" * 300}, 400, "File name too long")]
     for body, status, message in cases:
         got, answer = admin(managed.url, "/v1/load_delta", body)
         assert got == status and message in answer["error"]["message"], (body, answer)

@@ -32,15 +32,32 @@ def test_one_request_waits_for_its_route_load_prefill_and_decode_steps():
 
 
 def test_requests_arriving_together_are_prefilled_and_decoded_as_one_batch():
-    work = [request(0, 0.0, "a", 3), request(1, 0.0, "base", 2)]
+    work = [request(0, 0.0, "base", 3), request(1, 0.0, "base", 2)]
     out = simulate(work, Deployment(replicas=1), COSTS)
-    first = 0.004 + 0.5 + COSTS.prefill(2)
-    step = COSTS.decode(2, 1)  # two rows, one delta among them
+    first = 0.004 + COSTS.prefill(2)
+    step = COSTS.decode(2, 0)  # two rows, no delta; the admitted rows decode in that step too
     (a, b) = out["per_request"]
     assert a[3] == b[3] == pytest.approx(first, abs=1e-4)
     assert b[4] == pytest.approx(first + step, abs=1e-4)
-    assert a[4] == pytest.approx(first + step + COSTS.decode(1, 1), abs=1e-4)
-    assert out["generated_tokens"] == 5 and out["router"]["misses"] == 1  # base: not counted
+    assert a[4] == pytest.approx(first + step + COSTS.decode(1, 0), abs=1e-4)
+    assert out["generated_tokens"] == 5 and out["router"]["misses"] == 0  # base: not counted
+
+
+def test_a_read_from_disk_runs_in_the_background_while_others_go_on():
+    work = [request(0, 0.0, "a", 3), request(1, 0.0, "base", 2)]
+    out = simulate(work, Deployment(replicas=1), COSTS)
+    (a, b) = out["per_request"]
+    assert b[3] == pytest.approx(0.004 + 0.030, abs=1e-4)  # not held behind a's read
+    read_done = 0.004 + (0.5 - 0.1)  # then written into its slot from host memory
+    assert a[3] == pytest.approx(read_done + 0.1 + 0.030, abs=1e-4)
+    assert a[4] == pytest.approx(a[3] + 2 * COSTS.decode(1, 1), abs=1e-4)
+
+
+def test_a_slot_in_use_is_never_taken_by_another_delta():
+    work = [request(0, 0.0, "a", 4), request(1, 0.0, "b", 2)]
+    out = simulate(work, Deployment(replicas=1, max_resident_deltas=1), COSTS)
+    (a, b) = out["per_request"]
+    assert b[3] > a[4]  # b waits until a has finished with the one slot
 
 
 def test_a_delta_evicted_comes_back_from_host_memory():
@@ -53,8 +70,8 @@ def test_a_delta_evicted_comes_back_from_host_memory():
 
 
 def test_the_router_sends_a_delta_where_it_already_is():
-    # Two replicas: a and b are both taken on by the first (idle, first in order), then a
-    # stream of c keeps the first busy; later a and b still go to the first (their holder).
+    # Two replicas: a and b are both taken on by the first (idle, first in order); later a
+    # and b go to the first again (their holder).
     work = [request(0, 0.0, "a", 1), request(1, 5.0, "b", 1), request(2, 10.0, "a", 1),
             request(3, 15.0, "b", 1)]
     out = simulate(work, Deployment(replicas=2, max_resident_deltas=2), COSTS)

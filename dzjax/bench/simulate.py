@@ -3,16 +3,22 @@ router, fed with measured costs, that predicts throughput, TTFT, latency and SLO
 a workload (`dzjax.bench.workload`: D deltas, a popularity skew, Poisson arrivals).
 
 What it models, as the engine and `dzjax.serving.ray_serve` run:
-  router   each request, `route_s` after it arrives, goes to the least busy replica whose
-           multiplexed set holds its delta, or else to the least busy replica (which adds the
-           delta to its set, least recently used out); base-only requests to the least busy.
-  replica  the engine's loop: a step admits queued requests first come first served while a
-           batch row is free and their delta is on the device or can be put there (a slot whose
-           delta no running request uses, least recently used first); each delta put there
-           costs a load (`load_s`: from host memory once read, from disk the first time), the
-           admitted requests are prefilled together (their first token), then every running
-           request decodes one token in one step whose cost depends on the rows and on how
+  router   each request, `route_s` after it arrives, goes to the least busy replica (below its
+           `max_ongoing`) whose multiplexed set holds its delta, or else to the least busy one
+           (which adds the delta to its set, least recently used out); base-only requests to
+           the least busy; while every replica is at its limit, requests wait at the router.
+  replica  the engine's loop, admitting with the engine's own scheduler
+           (`dzjax.serving.scheduler.schedule`: first come first served with bounded
+           overtaking, device slots reused least recently used first, reads from disk in the
+           background while the others go on, read-ahead): a delta written into a slot from
+           host memory costs `load_s["host"]` in the step; a read from disk ends
+           `load_s["disk"] - load_s["host"]` after it starts. The admitted requests are
+           prefilled together (their first token), then every row, the just admitted ones
+           included, decodes one token in one step whose cost depends on the rows and on how
            many distinct deltas they use. Requests arriving during a step wait for the next.
+  Not modelled: KV pages (the pool is taken as large enough: no page waits, no preemption),
+  prefix sharing, the decode pipeline of accelerators, stop strings and EOS (every request
+  generates its max_tokens).
 
 The costs (`Costs`) come from measurements on the machine to plan for (see
 `benchmarks/simulate.py`, which measures them and checks a prediction against a real run).
@@ -29,6 +35,7 @@ import numpy as np
 from dzjax.bench.metrics import Outcome, summarize
 from dzjax.bench.workload import BenchRequest
 from dzjax.errors import DzjaxError
+from dzjax.serving import scheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,64 +112,95 @@ class Deployment:
 
 
 class _Replica:
+    """One replica's engine: its queue and batch rows, and its pool's device slots, admitted by
+    the engine's own scheduler (`dzjax.serving.scheduler.schedule`)."""
+
     def __init__(self, deployment: Deployment):
         self.d = deployment
-        self.queue: collections.deque = collections.deque()
-        self.running: list[list] = []  # [request, tokens still to generate, first token time]
-        self.device: collections.OrderedDict = collections.OrderedDict()  # LRU, device slots
+        self.queue: list = []  # routed here, waiting, in arrival order
+        self.overtaken: dict[int, int] = {}
+        self.rows: list = [None] * deployment.max_batch  # [request, tokens left, first, slot]
+        self.slots = [scheduler.Slot(None)] * deployment.max_resident_deltas
+        self.clock = 0  # the slots' recency
+        self.on_host: set = set()  # deltas read from disk (then cached in host memory)
+        self.reading: dict[str, float] = {}  # delta -> when its background read ends
         self.routed: collections.OrderedDict = collections.OrderedDict()  # the router's view
-        self.read: set = set()  # deltas read from disk once (then cached in host memory)
         self.stepping = False
         self.free_at = 0.0
+
+    @property
+    def running(self) -> list:
+        return [row for row in self.rows if row is not None]
 
     @property
     def ongoing(self) -> int:
         return len(self.queue) + len(self.running)
 
-    def _place(self, model: str, costs: Costs) -> float | None:
-        """Seconds to have `model` on the device (0 if there), None if no slot can be freed."""
-        if model == self.d.base_name:
-            return 0.0
-        if model in self.device:
-            self.device.move_to_end(model)
-            return 0.0
-        if len(self.device) >= self.d.max_resident_deltas:
-            used = {r.model for r, _, _ in self.running}
-            victim = next((m for m in self.device if m not in used), None)
-            if victim is None:
-                return None
-            del self.device[victim]
-        self.device[model] = True
-        tier = "host" if model in self.read else "disk"
-        self.read.add(model)
-        return costs.load_s[tier]
+    def _state(self, name: str) -> str:
+        if any(s.name == name for s in self.slots):
+            return scheduler.RESIDENT
+        if name in self.on_host:
+            return scheduler.ON_HOST
+        return scheduler.READING if name in self.reading else scheduler.ON_DISK
+
+    def wake(self) -> float | None:
+        """When a background read ends (the next time a waiting request may run), if any."""
+        return min(self.reading.values(), default=None)
 
     def step(self, now: float, costs: Costs, done: list, busy: int = 1) -> tuple[float, bool]:
         """One engine step starting at `now` while `busy` replicas (this one included) have
         work: its seconds, and whether it did anything."""
+        for name, ready in list(self.reading.items()):  # reads that ended are on the host
+            if ready <= now:
+                del self.reading[name]
+                self.on_host.add(name)
+        base = self.d.base_name
+        deltas = {r.model for r in self.queue} | {row[0].model for row in self.running}
+        users = collections.Counter(row[3] for row in self.running if row[3] >= 0)
+        slots = [dataclasses.replace(s, users=users[i]) for i, s in enumerate(self.slots)]
+        plan = scheduler.schedule(
+            [scheduler.Waiting(r.index, None if r.model == base else r.model,
+                               self.overtaken.get(r.index, 0)) for r in self.queue],
+            [i for i, row in enumerate(self.rows) if row is None],
+            {row[0].model for row in self.running if row[0].model != base},
+            scheduler.PoolView(tuple(slots), {n: self._state(n) for n in deltas - {base}}),
+            scheduler.Limits(max_deltas_per_step=self.d.max_resident_deltas,
+                             max_overtakes=self.d.max_batch,
+                             read_ahead=self.d.max_resident_deltas))
+        upload = costs.load_s["host"]
+        for name in plan.read:  # in the background: the others go on
+            self.reading[name] = now + max(costs.load_s["disk"] - upload, 0.0)
+        self.overtaken.update(plan.overtaken)
+        by_id = {r.index: r for r in self.queue}
         spent, admitted = 0.0, []
-        while self.queue and len(self.running) + len(admitted) < self.d.max_batch:
-            load = self._place(self.queue[0].model, costs)
-            if load is None:
-                break  # the head waits for a slot (as the engine's first come, first served)
-            spent += load
-            admitted.append(self.queue.popleft())
-        if admitted:
+        for a in plan.admit:
+            r = by_id[a.request]
+            self.queue.remove(r)
+            if a.load is not None:  # written from host memory into its slot
+                spent += upload
+            if a.slot >= 0:
+                self.clock += 1
+                self.slots[a.slot] = scheduler.Slot(r.model, 0, self.clock)
+            self.rows[a.row] = [r, r.max_tokens - 1, None, a.slot]
+            admitted.append(self.rows[a.row])
+        if admitted:  # the prefill gives each its first token
             spent += costs.prefill(len(admitted))
-        decoding = [row for row in self.running if row[1] > 0]
+            first = now + spent * costs.slowdown(busy)
+            for row in admitted:
+                row[2] = first
+        decoding = [row for row in self.running if row[1] > 0]  # (the admitted ones too)
         if decoding:
-            active = len({r.model for r, _, _ in decoding} - {self.d.base_name})
+            active = len({row[0].model for row in decoding} - {base})
             spent += costs.decode(len(decoding), active) + costs.token_s * len(decoding)
         spent *= costs.slowdown(busy)
         end = now + spent
         for row in decoding:
             row[1] -= 1
-        for r in admitted:
-            self.running.append([r, r.max_tokens - 1, end])
-        for row in [row for row in self.running if row[1] == 0]:
-            self.running.remove(row)
-            r, _, first = row
-            done.append(Outcome(r.index, r.model, r.arrival, first, end, r.max_tokens))
+        for i, row in enumerate(self.rows):
+            if row is not None and row[1] == 0:
+                self.rows[i] = None
+                r = row[0]
+                done.append(Outcome(r.index, r.model, r.arrival, row[2], end, r.max_tokens))
         return spent, bool(admitted or decoding)
 
 
@@ -207,12 +245,15 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
             busy = sum(bool(r.queue or r.running) for r in replicas)
             spent, progressed = replica.step(now, costs, done, busy)
             replica.free_at = now + spent
+            wake = replica.wake()
             if progressed and (replica.queue or replica.running):
                 heapq.heappush(events, (now + spent, order, "step", replica))
                 order += 1
+            elif replica.queue and wake is not None:  # waiting for a read to end
+                heapq.heappush(events, (max(wake, now + spent), order, "step", replica))
+                order += 1
             elif replica.queue or replica.running:
-                raise DzjaxError("the simulated replica cannot make progress: a request's "
-                                 "delta never fits (max_resident_deltas too small?)")
+                raise DzjaxError("the simulated replica cannot make progress")
             else:
                 replica.stepping = False
         while held:  # the router sends on what it holds, as replicas take requests

@@ -64,11 +64,16 @@ class Admin:
                           f"directory")
         if "\0" in where:
             raise invalid(path_field, f"{path_field} must not contain a NUL byte")
-        path = (directory / where).resolve()  # (an absolute path stays itself; links resolved)
-        if not path.is_relative_to(directory):
+        try:
+            path = (directory / where).resolve()  # (an absolute path stays itself; links too)
+            inside = path.is_relative_to(directory)
+            exists = inside and path.is_file()
+        except OSError as e:  # a name too long, a directory it may not read
+            raise invalid(path_field, f"{path_field} {where[:200]!r}: {e.strerror}") from None
+        if not inside:
             raise HTTPError(403, f"{path_field} {where!r} is not inside the delta directory "
                             f"{directory}", param=path_field, code="outside_delta_dir")
-        if not path.is_file():
+        if not exists:
             raise HTTPError(404, f"{path_field} {where!r}: no such delta file in {directory}",
                             param=path_field, code="file_not_found")
         taken = lambda: invalid(name_field, f"a model named {name!r} is already served "
@@ -76,6 +81,8 @@ class Admin:
         if name in self.server.models():
             raise taken()
         async with self._loading:
+            if name in self.server.models():  # loaded while this one waited its turn
+                raise taken()
             try:
                 await run_in_threadpool(self.server.add_delta, name, path)
             except (RequestError, ServerClosedError):

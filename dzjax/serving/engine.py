@@ -196,7 +196,8 @@ class Engine(Steps, EngineLoop):
     def add_delta(self, name: str, source) -> None:
         """Serve another delta (a `Delta` or a file path): read and checked on the caller's
         thread, registered between steps."""
-        self.call(self.pool.add, self.pool.validate(name, source))
+        entry = self.pool.validate(name, source)
+        self.call(lambda: (self.pool.add(entry), self.metrics.served(name)))
 
     def remove_delta(self, name: str) -> None:
         """Stop serving a delta; refused while requests run on it (preempted ones included:

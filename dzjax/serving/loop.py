@@ -121,7 +121,10 @@ class EngineLoop:
                 except Exception as e:  # fail the running requests, keep serving the others
                     log.exception("serving step failed")
                     self._recover(e)
-                self._between_steps()
+                try:
+                    self._between_steps()
+                except Exception:  # (bookkeeping: it must not stop the engine)
+                    log.exception("publishing the engine's state failed")
         finally:  # however the thread ends, nobody waits for it forever
             self._fail_everything(self._abort or ServerClosedError("the serving engine has stopped"))
 

@@ -60,6 +60,7 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.http = Counter("dzjax_http_responses", "HTTP responses, by route and status",
                             ["route", "status"], registry=r)
+        self.gone: set[str] = set()  # unloaded deltas: what their last requests do is not kept
 
     def http_response(self, route: str, status: int) -> None:
         self.http.labels(route, str(status)).inc()
@@ -68,26 +69,38 @@ class Metrics:
         return self.base_name if model is None else model
 
     def admitted(self, model: str | None, prompt_tokens: int) -> None:
-        self.prompt_tokens.labels(self.label(model)).inc(prompt_tokens)
+        if model not in self.gone:
+            self.prompt_tokens.labels(self.label(model)).inc(prompt_tokens)
 
     def first_token(self, model: str | None, since_arrival: float) -> None:
-        self.ttft.labels(self.label(model)).observe(since_arrival)
+        if model not in self.gone:
+            self.ttft.labels(self.label(model)).observe(since_arrival)
 
     def token(self, model: str | None, gap: float | None) -> None:
         """One generated token, `gap` seconds after the request's previous one (None: first)."""
+        if model in self.gone:
+            return
         model = self.label(model)
         self.generation_tokens.labels(model).inc()
         if gap is not None:
             self.itl.labels(model).observe(gap)
 
     def finished(self, model: str | None, outcome: str, latency: float) -> None:
+        if model in self.gone:  # (its queued requests fail after the unload)
+            return
         model = self.label(model)
         self.requests.labels(model, outcome).inc()
         self.latency.labels(model).observe(latency)
 
+    def served(self, model: str) -> None:
+        """A delta (again) served under `model`: its series start over."""
+        self.gone.discard(model)
+
     def forget(self, model: str) -> None:
         """Drop a model's series (a delta unloaded: its name may come back with other weights,
-        and a server that loads many deltas over time must not keep a series for each)."""
+        and a server that loads many deltas over time must not keep a series for each); what
+        its requests still queued do until `served(model)` is not recorded."""
+        self.gone.add(model)
         for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl,
                        self.latency):
             _remove(metric, model)

@@ -24,6 +24,7 @@ made the replica take the delta on (its pool then reads the file, or finds it in
 from __future__ import annotations
 
 import collections
+import json
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -32,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dzjax.errors import DzjaxError
 from dzjax.serving import in_process
+from dzjax.serving.http import MAX_REQUEST_BYTES  # a request body at most (413 beyond)
 
 MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
 INGRESS_MAX_ONGOING = 10_000  # requests the ingress holds at once (Ray Serve's default: 5)
@@ -79,10 +81,11 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
         max_ongoing_requests=2 * batch, graceful_shutdown_timeout_s=shutdown_timeout_s, **scale)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0},
                               max_ongoing_requests=INGRESS_MAX_ONGOING)
-    http = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
+    limit = MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes
     loading = {} if weights_dtype is None else {"dtype": weights_dtype}
     return ingress.bind(replica.bind(str(Path(base).resolve()), deltas, options, loading,
-                                     http), max_retries)
+                                     {"max_request_bytes": limit}, shutdown_timeout_s),
+                        max_retries, sorted(deltas), limit)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -141,7 +144,7 @@ def _replica_class(resident: int):
     @serve.deployment(name="DeltaReplica")
     class DeltaReplica:
         def __init__(self, base: str, deltas: dict[str, str], options: dict, loading: dict,
-                     http: dict):
+                     http: dict, shutdown_timeout_s: float):
             import jax.numpy as jnp
 
             from dzjax.models.loading import load_base
@@ -154,6 +157,7 @@ def _replica_class(resident: int):
             self.app = make_app(self.server, **http)
             self.id = serve.get_replica_context().replica_id.unique_id
             self.taken_on = collections.Counter()  # multiplexed loads, by model
+            self.shutdown_timeout_s = shutdown_timeout_s
 
         @serve.multiplexed(max_num_models_per_replica=resident)
         async def take_on(self, model: str) -> str:
@@ -182,7 +186,7 @@ def _replica_class(resident: int):
         def __del__(self):
             server = getattr(self, "server", None)
             if server is not None:
-                server.close(timeout=10)
+                server.close(timeout=self.shutdown_timeout_s)
 
     return DeltaReplica
 
@@ -191,16 +195,28 @@ def _replica_class(resident: int):
 class Ingress:
     """The HTTP entry: each request to a replica that has its delta, retried if it died."""
 
-    def __init__(self, replicas, max_retries: int = MAX_RETRIES):
+    def __init__(self, replicas, max_retries: int = MAX_RETRIES, deltas=(),
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
         self.replicas, self.max_retries = replicas, max_retries
+        self.deltas, self.max_request_bytes = frozenset(deltas), max_request_bytes
         self.counts = collections.Counter()
         self.by_replica = collections.Counter()
 
     async def __call__(self, request: Request) -> Response:
         if request.url.path == "/v1/ray/stats":
             return JSONResponse(self.stats())
-        body = await request.body()
+        body = bytearray()
+        async for piece in request.stream():  # bounded before anything is parsed
+            body += piece
+            if len(body) > self.max_request_bytes:
+                return JSONResponse({"error": {
+                    "message": f"the request body is over {self.max_request_bytes} bytes",
+                    "type": "invalid_request_error", "param": None,
+                    "code": "request_too_large"}}, status_code=413)
+        body = bytes(body)
         model = in_process.model_of(body)
+        if model not in self.deltas:  # the base, or a name no replica serves (it answers 404)
+            model = ""
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS]
         self.counts["requests"] += 1
         for attempt in range(self.max_retries + 1):
@@ -223,10 +239,16 @@ class Ingress:
         out = {k.decode(): v.decode() for k, v in out_headers}
         replica = out.get("x-dzjax-replica", "?")
         if out.get("content-type", "").startswith("text/event-stream"):
-            first = await stream.__anext__()  # (a replica gone before any token: retried)
+            # Retryable until the first generated token is here (a chat stream's first event
+            # is its role, sent before any generation).
+            first = []
+            for _ in range(2 if request.url.path.endswith("/chat/completions") else 1):
+                try:
+                    first.append((await stream.__anext__())[1])
+                except StopAsyncIteration:
+                    break
             self._count(hit, replica)
-            return StreamingResponse(_rest(first[1], stream), status_code=status,
-                                     headers=out)
+            return StreamingResponse(_rest(first, stream), status_code=status, headers=out)
         chunks = [chunk async for _, chunk in stream]  # whole before answering: retryable
         self._count(hit, replica)
         return Response(b"".join(chunks), status_code=status, headers=out)
@@ -245,7 +267,16 @@ class Ingress:
                 "by_replica": dict(self.by_replica)}
 
 
-async def _rest(first: bytes, stream):
-    yield first
-    async for _, chunk in stream:
+async def _rest(first: list[bytes], stream):
+    """The rest of a stream; a replica gone midway ends it with an error event and [DONE]
+    (what was sent cannot be taken back, so it is not retried)."""
+    for chunk in first:
         yield chunk
+    try:
+        async for _, chunk in stream:
+            yield chunk
+    except REPLICA_GONE as e:
+        error = {"error": {"message": f"the replica serving this stream stopped: {e}"[:500],
+                           "type": "server_error", "param": None,
+                           "code": "replica_unavailable"}}
+        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
