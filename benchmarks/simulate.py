@@ -235,7 +235,8 @@ def main() -> None:
         ray.shutdown()
     deployment = Deployment(replicas=args.replicas, max_batch=args.max_batch,
                             max_resident_deltas=args.max_resident)
-    predicted = simulate(workload, deployment, costs, slo_s=args.slo)
+    # (warm as the real replicas were: they served the workload once before the measured run)
+    predicted = simulate(workload, deployment, costs, slo_s=args.slo, warm=workload)
 
     def error(key, sub=None):
         want = real[key] if sub is None else real[key][sub]
@@ -258,7 +259,7 @@ def main() -> None:
     for summary in (real, predicted):
         summary.pop("per_request")
     out.write_text(json.dumps({
-        "command": "PYTHONPATH=. python benchmarks/simulate.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["PYTHONPATH=. python benchmarks/simulate.py", *sys.argv[1:]]),
         "backend": backend, "date": str(datetime.date.today()), "config": vars(args) | {
             "cache_dir": None, "out": None, "model": dataclasses.asdict(synthetic)},
         "costs": costs.to_json(), "real": real, "predicted": predicted,

@@ -95,3 +95,14 @@ def test_requests_past_max_ongoing_wait_at_the_router():
 def test_a_deployment_is_validated():
     with pytest.raises(DzjaxError, match="replicas"):
         Deployment(replicas=0)
+
+
+def test_a_warm_start_finds_the_deltas_where_the_warm_up_left_them():
+    work = [request(0, 0.0, "a", 2), request(1, 0.0, "b", 2)]
+    cold = simulate(work, Deployment(replicas=2), COSTS)
+    warm = simulate(work, Deployment(replicas=2), COSTS, warm=work)
+    assert cold["router"]["misses"] == 2 and warm["router"] == {"hits": 2, "misses": 0,
+                                                                 "hit_rate": 1.0}
+    # no disk read, no upload: the route, the prefill, one decode step
+    assert [row[3] for row in warm["per_request"]] == pytest.approx([0.034, 0.034], abs=1e-4)
+    assert warm["generated_tokens"] == 4 and len(warm["per_request"]) == 2

@@ -176,6 +176,7 @@ class _Replica:
         for a in plan.admit:
             r = by_id[a.request]
             self.queue.remove(r)
+            self.overtaken.pop(r.index, None)
             if a.load is not None:  # written from host memory into its slot
                 spent += upload
             if a.slot >= 0:
@@ -225,13 +226,32 @@ def _route(replicas: list[_Replica], model: str, base_name: str):
 
 
 def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs, *,
-             slo_s: float = 10.0) -> dict:
+             slo_s: float = 10.0, warm: list[BenchRequest] = ()) -> dict:
     """Predicted outcome of serving `workload` on `deployment`: `dzjax.bench.metrics`'
     summary (throughput, TTFT and latency percentiles, SLO attainment, per request), and the
-    router's resident hits and misses."""
+    router's resident hits and misses. `warm`: requests served first (not counted), so that
+    the workload meets replicas in the state they leave (as a real run after a warm-up)."""
     replicas = [_Replica(deployment) for _ in range(deployment.replicas)]
-    events, order, done = [], 0, []
+    start = 0.0
+    if warm:
+        start = max(o.finished for o in _serve(replicas, list(warm), deployment, costs,
+                                               collections.Counter())) + 1.0
     counts = collections.Counter()
+    shifted = [dataclasses.replace(r, arrival=r.arrival + start) for r in workload]
+    done = [dataclasses.replace(o, arrival=o.arrival - start, first_token=o.first_token - start,
+                                finished=o.finished - start)
+            for o in _serve(replicas, shifted, deployment, costs, counts)]
+    summary = summarize(sorted(done, key=lambda o: o.index), len(workload), slo_s)
+    routed = counts["hits"] + counts["misses"]
+    summary["router"] = {"hits": counts["hits"], "misses": counts["misses"],
+                         "hit_rate": counts["hits"] / routed if routed else None}
+    return summary
+
+
+def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: Deployment,
+           costs: Costs, counts: collections.Counter) -> list[Outcome]:
+    """Run `workload` through the router and `replicas` (as they are) to the end."""
+    events, order, done = [], 0, []
     for r in workload:
         heapq.heappush(events, (r.arrival + costs.route_s, order, "arrive", r))
         order += 1
@@ -268,8 +288,4 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
                 replica.stepping = True
                 heapq.heappush(events, (max(now, replica.free_at), order, "step", replica))
                 order += 1
-    summary = summarize(sorted(done, key=lambda o: o.index), len(workload), slo_s)
-    routed = counts["hits"] + counts["misses"]
-    summary["router"] = {"hits": counts["hits"], "misses": counts["misses"],
-                         "hit_rate": counts["hits"] / routed if routed else None}
-    return summary
+    return done
