@@ -78,10 +78,8 @@ class Admin:
                             param=path_field, code="file_not_found")
         taken = lambda: invalid(name_field, f"a model named {name!r} is already served "
                                 f"(unload it first)")
-        if name in self.server.models():
-            raise taken()
         async with self._loading:
-            if name in self.server.models():  # loaded while this one waited its turn
+            if name in self.server.models():  # (checked in turn: one loaded meanwhile counts)
                 raise taken()
             try:
                 await run_in_threadpool(self.server.add_delta, name, path)

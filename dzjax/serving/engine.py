@@ -147,7 +147,7 @@ class Engine(Steps, EngineLoop):
         self.counts = collections.Counter()  # steps, decode_rows, tokens, requests, ...
         self.started = time.perf_counter()
         self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
-        self._published = self._stats()  # see latest_stats
+        self._published = snapshot.take(self)  # see latest_stats
         self.start()
 
     # -- other threads -------------------------------------------------------------------------
@@ -473,8 +473,5 @@ class Engine(Steps, EngineLoop):
         return self._published
 
     def _between_steps(self) -> dict:
-        self._published = self._stats()
+        self._published = snapshot.take(self)
         return self._published
-
-    def _stats(self) -> dict:
-        return snapshot.take(self)

@@ -464,7 +464,7 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
     if delta_dir is not None and api_key is None and not _loopback(host):
         log.warning("deltas can be loaded over HTTP (--delta-dir) by anyone who reaches %s:%d: "
                     "set --api-key (or $DZJAX_API_KEY), or listen on 127.0.0.1", host, port)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         app = make_app(server, max_request_bytes=max_request_bytes, api_key=api_key,
                        delta_dir=delta_dir)
@@ -486,5 +486,6 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _interrupt(signum, frame) -> None:
+def interrupt(signum, frame) -> None:
+    """A SIGTERM handler: stop as Ctrl-C does (the server is closed on the way out)."""
     raise KeyboardInterrupt

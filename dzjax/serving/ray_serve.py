@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -32,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dzjax.errors import DzjaxError
-from dzjax.serving import in_process
+from dzjax.serving import http, in_process
 from dzjax.serving.http import MAX_REQUEST_BYTES  # a request body at most (413 beyond)
 
 MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
@@ -56,8 +57,6 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
       `load_base`'s). max_request_bytes: `make_app`'s. shutdown_timeout_s: how long a stopping
       replica lets its requests finish. options: `dzjax.serve`'s, for every replica.
     """
-    from pathlib import Path
-
     if not (Path(base) / "config.json").is_file():
         raise DzjaxError(f"{base}: not a checkpoint directory (no config.json)")
     deltas = {str(k): str(Path(v).resolve()) for k, v in (deltas or {}).items()}
@@ -96,13 +95,11 @@ def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
 
     import ray
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
     ray.init()
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="dzjax", route_prefix="/")
     # A stop, as Ctrl-C: Serve is shut down (set after ray.init, which installs its own).
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, http.interrupt)
     print(f"dzjax: serving on Ray Serve at http://{host}:{port}/v1", flush=True)
     try:
         while True:
@@ -144,17 +141,16 @@ def _replica_class(resident: int):
     @serve.deployment(name="DeltaReplica")
     class DeltaReplica:
         def __init__(self, base: str, deltas: dict[str, str], options: dict, loading: dict,
-                     http: dict, shutdown_timeout_s: float):
+                     http_options: dict, shutdown_timeout_s: float):
             import jax.numpy as jnp
 
             from dzjax.models.loading import load_base
-            from dzjax.serving.http import make_app
             from dzjax.serving.server import serve as dzjax_serve
 
             if "dtype" in loading:
                 loading = dict(loading, dtype=jnp.dtype(loading["dtype"]))
             self.server = dzjax_serve(load_base(base, **loading), deltas, **options)
-            self.app = make_app(self.server, **http)
+            self.app = http.make_app(self.server, **http_options)
             self.id = serve.get_replica_context().replica_id.unique_id
             self.taken_on = collections.Counter()  # multiplexed loads, by model
             self.shutdown_timeout_s = shutdown_timeout_s
