@@ -105,6 +105,19 @@ def test_no_retrace_as_requests_and_resident_deltas_change(models):
     assert stats["traces"]["prefill"] <= 6
 
 
+def test_compile_decode_builds_the_programs_serving_runs(models):
+    """After `compile_decode`, a request reading every bucket of KV pages compiles no decode
+    step (the benchmarks' warm-up relies on it: it once built programs serving never used)."""
+    base, paths, merged = models("llama")
+    with dzjax.serve(base, paths, **OPTIONS) as server:
+        server.engine.call(server.engine.compile_decode)
+        before = server.stats()["traces"]["decode"]
+        prompt = prompts_for(1, seed=7)[0][:8]
+        got = server.generate([prompt], model="ft1", max_tokens=50, ignore_eos=True)  # 4 pages
+        assert server.stats()["traces"]["decode"] == before
+    assert got == [alone(base, merged, prompt, "ft1", 50)]
+
+
 def test_evicted_and_reloaded_delta_gives_the_same_output(models):
     base, paths, _ = models("llama")
     prompt = prompts_for(1, seed=5)[0]

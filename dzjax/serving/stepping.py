@@ -184,11 +184,8 @@ class Steps:
         num_pages = bucket(max(pt.held(r.batch_row) for r in live), 1, pt.max_pages)
         rows = [r if r is not None and r.id in ids else None for r in self.rows]
         logprobs = any(r.sampling.logprobs is not None for r in live)
-        out, self.pages = steps.decode(
-            self.params, self.pool.stacks, self.pages, tables, tokens, positions, slots,
-            self._sampling(rows, ahead), self._penalties(rows, ahead),
-            config=self.base.config, dtype=self.dtype,
-            kernels=self.kernels, num_pages=num_pages, logprobs=logprobs)
+        out = self._run_decode(tables, tokens, positions, slots, self._sampling(rows, ahead),
+                               self._penalties(rows, ahead), num_pages, logprobs)
         out, scored = (out[0], out[1:]) if logprobs else (out, None)
         self._inflight = InFlight(out, [(r, r.batch_row) for r in live], scored)
         self.counts["steps"] += 1
@@ -225,19 +222,28 @@ class Steps:
                 self._emit(r, int(tokens[row]),
                            None if k is None else token_logprob(scored, row, k))
 
+    def _run_decode(self, tables, tokens, positions, slots, sampling, penalties,
+                    num_pages: int, logprobs: bool):
+        """Launch one decode step (the pages are donated and replaced); returns its output.
+        Serving and `compile_decode` both call it, so that they build the same program: jit
+        keys its cache on how the arguments are passed, not only on their shapes."""
+        out, self.pages = steps.decode(
+            self.params, self.pool.stacks, self.pages, tables, tokens, positions, slots,
+            sampling, penalties, config=self.base.config, dtype=self.dtype,
+            kernels=self.kernels, num_pages=num_pages, logprobs=logprobs)
+        return out
+
     def compile_decode(self) -> None:
         """Compile the decode step for every bucket of pages read, on idle rows (nothing is
-        written), so that no compilation happens later while serving (benchmarks)."""
+        written), so that no compilation happens later while serving (benchmarks). The plain
+        variant: a step with logprobs or penalties is another program, compiled at first use."""
         b, pt = self.config.max_batch, self.page_table
         n = 1
         while True:
             idle = np.full((b, pt.max_pages), pt.num_pages, np.int32)
             zeros = np.zeros(b, np.int32)
-            _, self.pages = steps.decode(
-                self.params, self.pool.stacks, self.pages, idle, self._placed_tokens(zeros),
-                zeros, np.full(b, -1, np.int32), self._sampling([None] * b),
-                config=self.base.config, dtype=self.dtype, kernels=self.kernels,
-                num_pages=min(n, pt.max_pages))
+            self._run_decode(idle, self._placed_tokens(zeros), zeros, np.full(b, -1, np.int32),
+                             self._sampling([None] * b), None, min(n, pt.max_pages), False)
             if n >= pt.max_pages:
                 return
             n *= 2
