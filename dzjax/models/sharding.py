@@ -125,6 +125,15 @@ def _put(a, where: NamedSharding):
     return jax.device_put(np.asarray(a), where)
 
 
+def put(a, where: NamedSharding) -> jax.Array:
+    """A host array placed as `where` says, from this process's copy alone: no collective, so
+    that one process may place arrays while another is busy (`jax.device_put` first checks
+    that every process passes the same value, a collective, on a mesh over several processes).
+    """
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, where, lambda index: a[index])
+
+
 def shard_params(params, mesh: Mesh):
     """The base params placed on the mesh."""
     return jax.tree_util.tree_map_with_path(

@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,7 +42,7 @@ from dzjax.models.kernel_options import KernelOptions
 from dzjax.models.kv_cache import KVPages, pallas_attention_unsupported
 from dzjax.models.loading import Base
 from dzjax.models.text import eos_ids
-from dzjax.serving import scheduler, snapshot
+from dzjax.serving import multihost, scheduler, snapshot
 from dzjax.serving.detokenize import TextStream
 from dzjax.serving.engine_config import EngineConfig
 from dzjax.serving.kv_pages import PageTable
@@ -148,7 +149,15 @@ class Engine(Steps, EngineLoop):
         self.started = time.perf_counter()
         self._traces_at_start = {k: TRACE_COUNTS[k] for k in ("serve_decode", "serve_prefill")}
         self._published = snapshot.take(self)  # see latest_stats
-        self.start()
+        # A mesh over several processes: process 0 runs this engine and sends each device call
+        # to the others (`multihost`), whose engines are never started and only replay them.
+        self.following = multihost.spans_processes(config.mesh) and jax.process_index() != 0
+        if multihost.spans_processes(config.mesh) and not self.following:
+            self.multihost = multihost.Leader(config.mesh, config.worker_timeout_s)
+        if not self.following:
+            self.start()
+        if self.multihost is not None:
+            self.multihost.watch(self._lost_process)
 
     # -- other threads -------------------------------------------------------------------------
 
@@ -197,7 +206,15 @@ class Engine(Steps, EngineLoop):
         """Serve another delta (a `Delta` or a file path): read and checked on the caller's
         thread, registered between steps."""
         entry = self.pool.validate(name, source)
-        self.call(lambda: (self.pool.add(entry), self.metrics.served(name)))
+        if self.multihost is not None and entry.path is None:
+            raise DzjaxError(f"delta {name!r}: on a mesh over several processes, deltas are "
+                             f"given as files (the same path on every host), not as objects")
+        self.call(self._add_delta, entry)
+
+    def _add_delta(self, entry) -> None:
+        self.pool.add(entry)
+        self._mirror("add", name=entry.name, path=str(entry.path))
+        self.metrics.served(entry.name)
 
     def remove_delta(self, name: str) -> None:
         """Stop serving a delta; refused while requests run on it (preempted ones included:
@@ -209,6 +226,7 @@ class Engine(Steps, EngineLoop):
         if started:
             raise DzjaxError(f"delta {name!r} is in use by {started} preempted requests")
         self.pool.remove(name)
+        self._mirror("remove", name=name)
         self.page_table.forget(name)  # a delta added again under this name has other weights
         self.metrics.forget(name)
 
@@ -230,6 +248,10 @@ class Engine(Steps, EngineLoop):
         return any(self.rows) or bool(self.waiting) or self._inflight is not None
 
     def _recover(self, error: Exception) -> None:
+        if self.multihost is not None:  # the processes' states may differ now: stop them all
+            self.multihost.fail(f"a step failed on the mesh over {len(self.multihost.followers) + 1}"
+                                f" processes ({type(error).__name__}: {error}); the server stops")
+            return  # (the loop ends at its next turn and fails every request)
         self._inflight = None  # its rows fail below
         for r in [r for r in self.rows if r is not None]:
             self._finish(r, "error", error)
@@ -245,6 +267,19 @@ class Engine(Steps, EngineLoop):
         for r in [r for r in self.rows if r is not None] + list(self.waiting) + pending:
             self._finish(r, "error", error)
         self.waiting.clear()
+        if self.multihost is not None:
+            self.multihost.close()
+
+    def _lost_process(self, message: str) -> None:
+        """A follower or a step failed (`multihost.Leader`, its watch thread or the engine's):
+        stop, failing every request with `message`, also if a step hangs in a collective."""
+        self._abort = ServerClosedError(message)
+        self._wake()
+        if threading.current_thread() is self._thread:  # (from _recover: the loop ends next)
+            return
+        self._thread.join(2.0)
+        if self._thread.is_alive():  # waiting in a collective for the lost process
+            self._fail_everything(self._abort)
 
     def _accept(self, request: Request) -> None:
         if request.model is not None and request.model not in self.pool.entries:
@@ -323,6 +358,7 @@ class Engine(Steps, EngineLoop):
             if a.load is not None:
                 try:
                     self.pool.load(a.load, a.slot)
+                    self._mirror("load", name=a.load, slot=a.slot)
                 except Exception as e:  # this delta cannot be loaded now: this request fails
                     log.exception("loading delta %r failed", a.load)
                     self._leave_queue(r, "error", DeltaUnavailableError(

@@ -29,3 +29,5 @@ class EngineConfig:
     max_stop_chars: int = 256  # characters per stop string
     max_prompt_bytes: int | None = None  # a text prompt's UTF-8 bytes; None = 32 * max_seq_len
     delta_read_timeout_s: float = 120.0  # a delta read from disk that takes longer fails
+    # A mesh over several processes (`multihost`): a process silent this long stops the server.
+    worker_timeout_s: float = 10.0

@@ -200,6 +200,15 @@ class DeltaPool:
             entry.loading = self._reader.submit(self._read_again, entry)
             entry.loading_since = time.monotonic()
 
+    def read_now(self, name: str) -> None:
+        """Put a delta on the host now, on this thread, reading it if it left the host cache
+        (a follower of `multihost`, which loads a delta when process 0 did)."""
+        entry = self.entries[name]
+        if entry.host is None:
+            entry.host = self._read_again(entry)
+            self.counts["disk_reads"] += 1
+            self._touch_host(name)
+
     def _read_again(self, entry: Entry) -> Delta:
         """Read a delta that left the host cache, checked again as when it was added: the file
         may have been damaged or replaced since (its hashes, its digest, base and layout)."""
@@ -257,8 +266,10 @@ class DeltaPool:
 
     def _upload(self, params):
         """A delta's params on the device, placed as one slot of the stacks (uploader thread)."""
-        where = None if self.mesh is None else sharding.slot_shardings(params, self.mesh)
-        return jax.block_until_ready(jax.device_put(params, where))
+        if self.mesh is None:
+            return jax.block_until_ready(jax.device_put(params))
+        where = sharding.slot_shardings(params, self.mesh)
+        return jax.block_until_ready(jax.tree.map(sharding.put, params, where))
 
     def forget_failure(self, name: str) -> None:
         """The requests that waited for a failed read were failed: the next one tries again."""
@@ -294,6 +305,8 @@ class DeltaPool:
                 self.counts["staged_loads"] += 1
             except Exception:  # noqa: BLE001 - the host copy is still there: upload it here
                 log.exception("uploading delta %r ahead failed; loading it from the host", name)
+        if params is entry.host.params and self.mesh is not None:  # placed as a slot first:
+            params = self._upload(params)  # (a mesh over several processes takes no host arrays)
         self.stacks = delta_stacks.write_slot(self.stacks, slot, params)
         self.slot_names[slot] = name
         self.counts["device_loads"] += 1

@@ -14,11 +14,13 @@ import dataclasses
 import queue
 from typing import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from dzjax.errors import DzjaxError
 from dzjax.models.loading import Base, load_base
 from dzjax.models.text import check_text, encode_prompt
+from dzjax.serving import multihost
 from dzjax.serving.engine import Engine, EngineConfig
 from dzjax.serving.metrics import Metrics
 from dzjax.serving.requests import (Event, ModelNotFoundError, Request, RequestError,
@@ -100,21 +102,19 @@ class Server:
 
     def __init__(self, base: Base, deltas: dict | None = None, *, base_name: str = "base",
                  **options):
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = set(options) - fields
-        if unknown:
-            raise DzjaxError(f"unknown serve options {sorted(unknown)}; known: {sorted(fields)}")
-        if options.get("dtype") is not None:
-            options["dtype"] = jnp.dtype(options["dtype"]).name
         self.base_name = base_name
         self.metrics = Metrics(base_name)  # Prometheus (`metrics_text`, HTTP `/metrics`)
-        self.engine = Engine(base, EngineConfig(**options), self.metrics)
+        self.engine = Engine(base, engine_config(options), self.metrics)
         self.metrics.watch(self.engine.latest_stats)  # a scrape never waits for a step
         self.base = self.engine.base  # without weights: the engine holds its own params
         try:
+            if self.engine.multihost is not None:  # the other processes check they agree
+                self.engine.multihost.send(**multihost.hello(self.engine, deltas or {}))
             for name, source in (deltas or {}).items():
                 self.add_delta(name, source)
-        except Exception:
+        except Exception as e:
+            if self.engine.multihost is not None:
+                self.engine.multihost.fail(f"process 0 could not start serving: {e}")
             self.engine.close()
             raise
 
@@ -341,6 +341,17 @@ class Server:
         self.close()
 
 
+def engine_config(options: dict) -> EngineConfig:
+    """The engine's settings from `serve`'s options; unknown ones refused by name."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = set(options) - fields
+    if unknown:
+        raise DzjaxError(f"unknown serve options {sorted(unknown)}; known: {sorted(fields)}")
+    if options.get("dtype") is not None:
+        options = dict(options, dtype=jnp.dtype(options["dtype"]).name)
+    return EngineConfig(**options)
+
+
 def _prompts_and_models(prompts, model) -> tuple[list, list]:
     """One prompt (a text or token ids) or a list, and one model for all or one per prompt."""
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
@@ -361,7 +372,17 @@ def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
     pipeline_decode (None: on an accelerator, off on a CPU), prefix_sharing (True), mesh (None:
     one device; any `jax.sharding.Mesh`, see `sharding.as_tp_mesh`), tp_axis, the limits
     of `EngineConfig`, base_name ("base": the model name of base-only requests).
+
+    A mesh over the devices of several processes (`jax.distributed`): call `serve` with the
+    same arguments on every process (deltas as files every process reads at the same path).
+    Process 0 gets the server; the others follow it (`dzjax.serving.multihost`), return None
+    once it closes, and raise if it fails.
     """
     if isinstance(base, str) or hasattr(base, "__fspath__"):
         base = load_base(base)
+    if multihost.spans_processes(options.get("mesh")) and jax.process_index() != 0:
+        options.pop("base_name", None)  # (process 0's concern)
+        engine = Engine(base, engine_config(options))  # not started: it replays process 0's
+        multihost.follow(engine, deltas or {})
+        return None
     return Server(base, deltas, **options)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dzjax.models.generate import bucket
+from dzjax.models.sharding import put, to_host
 from dzjax.serving import steps
 from dzjax.models.scoring import MAX_TOP_LOGPROBS
 from dzjax.serving.requests import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Request, TokenLogprob
@@ -46,6 +47,10 @@ def token_logprob(scored, i: int, k: int) -> TokenLogprob:
 
 
 class Steps:
+    multihost = None  # on a mesh over several processes: process 0's `multihost.Leader`
+    following = False  # ... and on the other processes (which replay process 0's calls)
+    _last_tokens = None  # the last decode step's tokens, on the device
+
     def _sampling(self, requests: list[Request | None], ahead=frozenset()):
         """(seeds, counters, temperature, top_p, top_k, min_p, suppress) for rows of requests
         (None: an idle row); the requests in `ahead` (ids) have one token more than they hold
@@ -122,14 +127,11 @@ class Steps:
                     if r.sampling.prompt_logprobs is not None and r.prompt_logprobs is None]
             top = prompt_top(max(want)) if want else None
             rows = group + [None] * (n - len(group))
-            out = steps.prefill(
-                self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots,
-                self._sampling(rows), self._penalties(rows), config=self.base.config,
-                dtype=self.dtype, kernels=self.kernels, logprobs=logprobs, prompt_top=top)
-            tokens, extras, self.pages = out if len(out) == 3 else (out[0], {}, out[1])
+            tokens, extras = self._run_prefill(ids, lengths, tables, slots, self._sampling(rows),
+                                               self._penalties(rows), logprobs, top)
             self.counts["prefill_calls"] += 1
-            tokens = np.asarray(tokens)
-            extras = jax.tree.map(np.asarray, extras)
+            tokens = to_host(tokens)
+            extras = jax.tree.map(to_host, extras)
             for i, r in enumerate(group):
                 if self.config.prefix_sharing:  # its full pages now hold its context
                     pt.register(r.batch_row, r.model, self._prefix_keys(r))
@@ -180,7 +182,6 @@ class Steps:
                 tokens[r.batch_row] = r.output_ids[-1]
         else:  # every live request was in the step in flight (nothing is admitted meanwhile)
             tokens = prev.tokens
-        tokens = self._placed_tokens(tokens)
         num_pages = bucket(max(pt.held(r.batch_row) for r in live), 1, pt.max_pages)
         rows = [r if r is not None and r.id in ids else None for r in self.rows]
         logprobs = any(r.sampling.logprobs is not None for r in live)
@@ -205,7 +206,18 @@ class Steps:
         the step before (on a mesh: replicated), so that both are one compiled program."""
         if self.kernels.mesh is None:
             return tokens
-        return jax.device_put(tokens, NamedSharding(self.kernels.mesh, P()))
+        where = NamedSharding(self.kernels.mesh, P())
+        return jax.device_put(tokens, where) if isinstance(tokens, jax.Array) else put(tokens,
+                                                                                       where)
+
+    def _host_args(self, *args):
+        """A step's host arrays as they are; on a mesh over several processes, each placed
+        (replicated) from this process's copy: jit would first check that every process passes
+        the same value, a collective of its own."""
+        if self.multihost is None and not self.following:
+            return args
+        where = NamedSharding(self.kernels.mesh, P())
+        return jax.tree.map(lambda a: put(a, where) if isinstance(a, np.ndarray) else a, args)
 
     def _read_inflight(self) -> None:
         inflight, self._inflight = self._inflight, None
@@ -214,23 +226,53 @@ class Steps:
     def _read(self, step: InFlight) -> None:
         """Report a decode step's tokens (waiting for the device); a request that ended or left
         its row since the step was dispatched gets none."""
-        tokens = np.asarray(step.tokens)
-        scored = None if step.scored is None else tuple(np.asarray(a) for a in step.scored)
+        tokens = to_host(step.tokens)
+        scored = None if step.scored is None else tuple(to_host(a) for a in step.scored)
         for r, row in step.rows:
             if r.finish_reason is None and r.batch_row == row:
                 k = r.sampling.logprobs
                 self._emit(r, int(tokens[row]),
                            None if k is None else token_logprob(scored, row, k))
 
+    def _mirror(self, kind: str, **fields) -> None:
+        """On a mesh over several processes, hand this device call to the other processes
+        first (`multihost`), so that they make it too."""
+        if self.multihost is not None:
+            self.multihost.send(kind, **fields)
+
+    def _run_prefill(self, ids, lengths, tables, slots, sampling, penalties, logprobs: bool,
+                     top: int | None):
+        """Launch one prefill (the pages are donated and replaced); returns (tokens, extras)."""
+        self._mirror("prefill", ids=ids, lengths=lengths, tables=tables, slots=slots,
+                     sampling=sampling, penalties=penalties, logprobs=logprobs, top=top)
+        ids, lengths, tables, slots, sampling, penalties = self._host_args(
+            ids, lengths, tables, slots, sampling, penalties)
+        out = steps.prefill(
+            self.params, self.pool.stacks, self.pages, ids, lengths, tables, slots, sampling,
+            penalties, config=self.base.config, dtype=self.dtype, kernels=self.kernels,
+            logprobs=logprobs, prompt_top=top)
+        tokens, extras, self.pages = out if len(out) == 3 else (out[0], {}, out[1])
+        return tokens, extras
+
     def _run_decode(self, tables, tokens, positions, slots, sampling, penalties,
                     num_pages: int, logprobs: bool):
         """Launch one decode step (the pages are donated and replaced); returns its output.
         Serving and `compile_decode` both call it, so that they build the same program: jit
-        keys its cache on how the arguments are passed, not only on their shapes."""
+        keys its cache on how the arguments are passed, not only on their shapes. `tokens`:
+        host ids, or the step before's output, still on the device (which a follower of
+        `multihost` receives as None: its own step before's)."""
+        on_device = isinstance(tokens, jax.Array)
+        self._mirror("decode", tables=tables, tokens=None if on_device else tokens,
+                     positions=positions, slots=slots, sampling=sampling, penalties=penalties,
+                     num_pages=num_pages, logprobs=logprobs)
+        tokens = self._placed_tokens(self._last_tokens if tokens is None else tokens)
+        tables, positions, slots, sampling, penalties = self._host_args(
+            tables, positions, slots, sampling, penalties)
         out, self.pages = steps.decode(
             self.params, self.pool.stacks, self.pages, tables, tokens, positions, slots,
             sampling, penalties, config=self.base.config, dtype=self.dtype,
             kernels=self.kernels, num_pages=num_pages, logprobs=logprobs)
+        self._last_tokens = out[0] if logprobs else out
         return out
 
     def compile_decode(self) -> None:
@@ -242,7 +284,7 @@ class Steps:
         while True:
             idle = np.full((b, pt.max_pages), pt.num_pages, np.int32)
             zeros = np.zeros(b, np.int32)
-            self._run_decode(idle, self._placed_tokens(zeros), zeros, np.full(b, -1, np.int32),
+            self._run_decode(idle, zeros, zeros, np.full(b, -1, np.int32),
                              self._sampling([None] * b), None, min(n, pt.max_pages), False)
             if n >= pt.max_pages:
                 return
