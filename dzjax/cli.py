@@ -187,6 +187,15 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype the base weights are held in")
     parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                         help="split the model over the first N devices (a tensor-parallel mesh)")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="serve one model over the devices of several processes "
+                        "(jax.distributed; with --num-processes and --process-id): process 0 "
+                        "serves HTTP, the others follow it (default: one process)")
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N")
+    parser.add_argument("--process-id", type=int, default=None, metavar="I")
+    parser.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --coordinator: a process silent this long stops the server "
+                        "(default: 10)")
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20,
                         help="largest request body; larger ones get 413 (default: 8 MiB)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -210,8 +219,12 @@ def serve_options(args: argparse.Namespace) -> dict:
                "dtype": args.dtype, "delta_read_timeout_s": args.delta_read_timeout,
                "page_size": args.page_size, "kv_pages": args.kv_pages,
                "fuse_projections": args.fuse_projections,
-               "pipeline_decode": args.pipeline_decode, "prefix_sharing": args.prefix_sharing}
-    if args.tensor_parallel:
+               "pipeline_decode": args.pipeline_decode, "prefix_sharing": args.prefix_sharing,
+               "worker_timeout_s": getattr(args, "worker_timeout", None)}
+    if getattr(args, "coordinator", None) is not None:  # every device of every process
+        from dzjax.models.sharding import make_mesh
+        options["mesh"] = make_mesh(args.tensor_parallel)
+    elif args.tensor_parallel:
         from dzjax.models.sharding import make_mesh
         options["mesh"] = make_mesh(args.tensor_parallel)
     return {k: v for k, v in options.items() if v is not None}
@@ -231,12 +244,56 @@ def _serve(args) -> None:
         raise DzjaxError("two --delta options give the same name")
     if args.replicas is not None or args.autoscaling_config is not None:
         return _serve_replicas(args, deltas)
+    if args.coordinator is not None or args.num_processes is not None \
+            or args.process_id is not None:
+        return _serve_processes(args, deltas)
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     server = serve(base, deltas, **serve_options(args))
     run_server(server, host=args.host, port=args.port, log_level=args.log_level,
                max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
                api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
                delta_dir=args.delta_dir)
+
+
+def _serve_processes(args, deltas: dict) -> None:
+    """`dzjax serve --coordinator H:P --num-processes N --process-id I`: one model over the
+    devices of N processes; process 0 serves HTTP, the others follow it until it stops."""
+    import jax
+    import jax.numpy as jnp
+
+    from dzjax.errors import DzjaxError
+    from dzjax.models.loading import load_base
+    from dzjax.serving.http import run_server
+    from dzjax.serving.server import serve
+
+    if None in (args.coordinator, args.num_processes, args.process_id):
+        raise DzjaxError("--coordinator, --num-processes and --process-id go together")
+    if args.replicas is not None or args.autoscaling_config is not None:
+        raise DzjaxError("--replicas and --coordinator cannot be combined")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (CPU devices; no effect
+    # on GPUs, whose collectives are NCCL's)
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+    try:
+        options = serve_options(args)
+        processes = {d.process_index for d in options["mesh"].devices.flat}
+        if len(processes) != args.num_processes:
+            raise DzjaxError(f"the mesh of --tensor-parallel {args.tensor_parallel} devices "
+                             f"spans {len(processes)} of the {args.num_processes} processes; "
+                             f"it must span them all")
+        base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
+        server = serve(base, deltas, **options)
+        if server is not None:  # process 0
+            run_server(server, host=args.host, port=args.port, log_level=args.log_level,
+                       max_request_bytes=args.max_request_bytes,
+                       shutdown_timeout_s=args.shutdown_timeout,
+                       api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
+                       delta_dir=args.delta_dir)
+    except DzjaxError as e:  # a process lost: jax.distributed's shutdown would wait for it
+        print(f"dzjax serve: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    jax.distributed.shutdown()
 
 
 def _serve_replicas(args, deltas: dict) -> None:

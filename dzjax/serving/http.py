@@ -53,7 +53,7 @@ import dzjax.jsonsafe as jsonsafe
 from dzjax.errors import DzjaxError
 from dzjax.serving import admin, openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
-from dzjax.serving.requests import Event, RequestError
+from dzjax.serving.requests import Event, RequestError, ServerClosedError
 from dzjax.serving.server import RequestHandle, Server
 
 log = logging.getLogger("dzjax.serving.http")
@@ -437,8 +437,9 @@ def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES,
 
 # -- running it --------------------------------------------------------------------------------
 
-async def _serve_and_announce(http, server: Server) -> None:
-    """Run uvicorn; print the URL once it listens (with port 0, the port it got)."""
+async def _serve_and_announce(http, server: Server) -> Exception | None:
+    """Run uvicorn; print the URL once it listens (with port 0, the port it got). Stops when
+    the engine stops by itself (a process of a multi-process mesh was lost); returns why."""
     task = asyncio.create_task(http.serve())
     while not http.started and not task.done():
         await asyncio.sleep(0.05)
@@ -447,7 +448,14 @@ async def _serve_and_announce(http, server: Server) -> None:
         host = f"[{host}]" if ":" in host else host
         print(f"dzjax: serving {', '.join(server.models())} at http://{host}:{port}/v1",
               flush=True)
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if not server.engine.alive and not task.done():
+            http.should_exit = True  # (the requests still open get its error first)
+            await task
+            return server.engine.stopped_by or ServerClosedError("the engine stopped")
     await task
+    return None
 
 
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
@@ -471,12 +479,14 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
         config = uvicorn.Config(app,
                                 host=host, port=port, log_level=log_level,
                                 timeout_graceful_shutdown=shutdown_timeout_s)
-        asyncio.run(_serve_and_announce(uvicorn.Server(config), server))
+        stopped = asyncio.run(_serve_and_announce(uvicorn.Server(config), server))
     except KeyboardInterrupt:
-        pass
+        stopped = None
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.close(timeout=shutdown_timeout_s)
+    if stopped is not None:
+        raise DzjaxError(f"the serving engine stopped: {stopped}")
 
 
 def _loopback(host: str) -> bool:

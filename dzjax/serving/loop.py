@@ -24,6 +24,7 @@ class EngineLoop:
         self._inbox: queue.Queue = queue.Queue()
         self._closing = False
         self._abort: Exception | None = None  # set by close() when its timeout runs out
+        self.stopped_by: Exception | None = None  # what the requests still there failed with
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -131,6 +132,8 @@ class EngineLoop:
     def _fail_everything(self, error: Exception) -> None:
         with self._lock:
             self._closing = True
+            if self.stopped_by is None:
+                self.stopped_by = error
         pending = []
         while True:
             try:
