@@ -356,10 +356,12 @@ class Engine(Steps, EngineLoop):
             if pt.cost(pages, shared) > pt.free - growth:  # an admission before took the cached
                 continue  # prefix pages this one counted on: it waits for the next step
             if a.load is not None:
-                try:
+                self._mirror("load", name=a.load, slot=a.slot)  # (before: it may hold a
+                try:                                             # collective)
                     self.pool.load(a.load, a.slot)
-                    self._mirror("load", name=a.load, slot=a.slot)
                 except Exception as e:  # this delta cannot be loaded now: this request fails
+                    if self.multihost is not None:  # the processes' slots may differ now
+                        raise
                     log.exception("loading delta %r failed", a.load)
                     self._leave_queue(r, "error", DeltaUnavailableError(
                         f"delta {a.load!r} could not be loaded: {e}"))
@@ -396,36 +398,6 @@ class Engine(Steps, EngineLoop):
         if not r.prefix_keys or r.prefix_keys[0] != length:
             r.prefix_keys = (length, self.page_table.keys(r.model, r.prompt_ids + r.output_ids))
         return r.prefix_keys[1]
-
-    def _grow_or_preempt(self, live: list[Request], position: dict[int, int],
-                         may_preempt: bool) -> list[Request] | None:
-        """Before a decode step: each request of `live` whose next token (at `position`) starts a
-        page gets one; when too few are free, the scheduler picks requests to preempt (they give
-        their pages back and wait at the front of the queue to recompute their context).
-        Returns the requests that stay, or None (nothing changed) when some would have to be
-        preempted and `may_preempt` is False."""
-        pt = self.page_table
-        if not may_preempt and sum(pt.needs_page(r.batch_row, position[r.id])
-                                   for r in live) > pt.free:
-            return None
-        # What preempting frees, newest first as the scheduler preempts (shared pages counted
-        # for the last of their holders).
-        newest_first = sorted(live, key=lambda r: -r.order)
-        freed = dict(zip((r.id for r in newest_first),
-                         pt.freed_by_releasing([r.batch_row for r in newest_first])))
-        victims = set(scheduler.preempt(
-            [scheduler.Running(r.id, r.order, freed[r.id],
-                               int(pt.needs_page(r.batch_row, position[r.id]))) for r in live],
-            pt.free))
-        for r in sorted((r for r in live if r.id in victims), key=lambda r: -r.order):
-            self._vacate(r)
-            self.waiting.appendleft(r)  # the newest first, so the oldest ends up in front
-            self.counts["preemptions"] += 1
-        stay = [r for r in live if r.id not in victims]
-        for r in stay:
-            if pt.needs_page(r.batch_row, position[r.id]):
-                pt.grow(r.batch_row)
-        return stay
 
     def _vacate(self, r: Request) -> None:
         """Free r's batch row, its KV pages and its delta slot."""

@@ -53,7 +53,7 @@ import dzjax.jsonsafe as jsonsafe
 from dzjax.errors import DzjaxError
 from dzjax.serving import admin, openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
-from dzjax.serving.requests import Event, RequestError, ServerClosedError
+from dzjax.serving.requests import Event, RequestError
 from dzjax.serving.server import RequestHandle, Server
 
 log = logging.getLogger("dzjax.serving.http")
@@ -448,14 +448,11 @@ async def _serve_and_announce(http, server: Server) -> Exception | None:
         host = f"[{host}]" if ":" in host else host
         print(f"dzjax: serving {', '.join(server.models())} at http://{host}:{port}/v1",
               flush=True)
-    while not task.done():
+    while not task.done():  # (the requests still open got the engine's error)
         await asyncio.wait([task], timeout=0.5)
-        if not server.engine.alive and not task.done():
-            http.should_exit = True  # (the requests still open get its error first)
-            await task
-            return server.engine.stopped_by or ServerClosedError("the engine stopped")
+        http.should_exit = http.should_exit or not server.engine.alive
     await task
-    return None
+    return None if server.engine.alive else server.engine.stopped_by
 
 
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from dzjax.models.generate import bucket
 from dzjax.models.sharding import put, to_host
-from dzjax.serving import steps
+from dzjax.serving import scheduler, steps
 from dzjax.models.scoring import MAX_TOP_LOGPROBS
 from dzjax.serving.requests import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Request, TokenLogprob
 
@@ -200,6 +200,36 @@ class Steps:
             self._read(prev)
         if not self.pipeline:
             self._read_inflight()
+
+    def _grow_or_preempt(self, live: list[Request], position: dict[int, int],
+                         may_preempt: bool) -> list[Request] | None:
+        """Before a decode step: each request of `live` whose next token (at `position`) starts a
+        page gets one; when too few are free, the scheduler picks requests to preempt (they give
+        their pages back and wait at the front of the queue to recompute their context).
+        Returns the requests that stay, or None (nothing changed) when some would have to be
+        preempted and `may_preempt` is False."""
+        pt = self.page_table
+        if not may_preempt and sum(pt.needs_page(r.batch_row, position[r.id])
+                                   for r in live) > pt.free:
+            return None
+        # What preempting frees, newest first as the scheduler preempts (shared pages counted
+        # for the last of their holders).
+        newest_first = sorted(live, key=lambda r: -r.order)
+        freed = dict(zip((r.id for r in newest_first),
+                         pt.freed_by_releasing([r.batch_row for r in newest_first])))
+        victims = set(scheduler.preempt(
+            [scheduler.Running(r.id, r.order, freed[r.id],
+                               int(pt.needs_page(r.batch_row, position[r.id]))) for r in live],
+            pt.free))
+        for r in sorted((r for r in live if r.id in victims), key=lambda r: -r.order):
+            self._vacate(r)
+            self.waiting.appendleft(r)  # the newest first, so the oldest ends up in front
+            self.counts["preemptions"] += 1
+        stay = [r for r in live if r.id not in victims]
+        for r in stay:
+            if pt.needs_page(r.batch_row, position[r.id]):
+                pt.grow(r.batch_row)
+        return stay
 
     def _placed_tokens(self, tokens):
         """The decode step's input tokens placed alike whether they come from the host or from
