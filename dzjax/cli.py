@@ -242,11 +242,13 @@ def _serve(args) -> None:
     deltas = dict(args.delta)
     if len(deltas) != len(args.delta):
         raise DzjaxError("two --delta options give the same name")
-    if args.replicas is not None or args.autoscaling_config is not None:
-        return _serve_replicas(args, deltas)
     if args.coordinator is not None or args.num_processes is not None \
             or args.process_id is not None:
         return _serve_processes(args, deltas)
+    if args.worker_timeout is not None:
+        raise DzjaxError("--worker-timeout goes with --coordinator (several processes)")
+    if args.replicas is not None or args.autoscaling_config is not None:
+        return _serve_replicas(args, deltas)
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
     server = serve(base, deltas, **serve_options(args))
     run_server(server, host=args.host, port=args.port, log_level=args.log_level,
@@ -282,6 +284,9 @@ def _serve_processes(args, deltas: dict) -> None:
                              f"spans {len(processes)} of the {args.num_processes} processes; "
                              f"it must span them all")
         base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
+        if args.process_id != 0:  # a follower stops when process 0 does (which drains first)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server = serve(base, deltas, **options)
         if server is not None:  # process 0
             run_server(server, host=args.host, port=args.port, log_level=args.log_level,

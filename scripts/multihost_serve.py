@@ -39,7 +39,8 @@ def worker(args) -> None:
     mesh = make_mesh()  # every device of every process
     base = dzjax.load_base(args.base, dtype=jnp.float32)
     deltas = dict(d.split("=", 1) for d in args.delta)
-    server = dzjax.serve(base, deltas, mesh=mesh, max_batch=4, max_seq_len=64,
+    max_batch = args.follower_max_batch if args.process_id and args.follower_max_batch else 4
+    server = dzjax.serve(base, deltas, mesh=mesh, max_batch=max_batch, max_seq_len=64,
                          max_resident_deltas=args.slots, worker_timeout_s=args.worker_timeout)
     if server is None:  # a follower: process 0 closed its server
         print(f"process {jax.process_index()}: followed to the end", flush=True)
@@ -105,6 +106,8 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=2, help="max_resident_deltas")
     p.add_argument("--out", default=None)
     p.add_argument("--worker-timeout", type=float, default=10.0, help="worker_timeout_s")
+    p.add_argument("--follower-max-batch", type=int, default=None,
+                   help="start process 1 with this max_batch (to see it refused)")
     p.add_argument("--kill-follower", action="store_true",
                    help="once the requests are answered, kill process 1 and report how process "
                    "0's server stops")

@@ -19,7 +19,6 @@ import pytest
 from conftest import fixture_dir, make_deltas
 
 import dzjax
-from dzjax.errors import DzjaxError
 from dzjax.models.sharding import make_mesh
 from dzjax.serving import multihost
 from dzjax.serving.engine_config import EngineConfig
@@ -48,17 +47,32 @@ def test_a_steps_arguments_go_through_a_message_unchanged():
     assert got["nested"][:2] == [1.5, "x"]
 
 
-def test_a_process_started_with_other_options_is_refused_by_name():
+def test_a_process_started_with_other_options_is_refused_by_name(tmp_path):
     base = dzjax.load_base(fixture_dir("llama"), dtype=jnp.float32)
-    engine = lambda **o: types.SimpleNamespace(base=base, config=EngineConfig(
-        mesh=make_mesh(1), **o))
-    leader = multihost.hello(engine(max_batch=4), {"a": "/d/a.dz.safetensors"})
-    multihost.check_hello(leader, engine(max_batch=4), {"a": "/d/a.dz.safetensors"})  # agrees
-    with pytest.raises(DzjaxError, match=r"other options .*'max_batch'"):
-        multihost.check_hello(leader, engine(max_batch=8), {"a": "/d/a.dz.safetensors"})
-    with pytest.raises(DzjaxError, match=r"other deltas .*'a'"):
-        multihost.check_hello(leader, engine(max_batch=4), {"a": "/elsewhere.dz.safetensors"})
+    config = lambda **o: EngineConfig(mesh=make_mesh(1), **o)
+    delta = {"a": tmp_path / "a.dz.safetensors"}
+    leader = multihost.hello(base, config(max_batch=4), delta)
+    assert multihost.difference(leader, multihost.hello(base, config(max_batch=4), delta)) is None
+    assert re.search(r"other options .*'max_batch'", multihost.difference(
+        leader, multihost.hello(base, config(max_batch=8), delta)))
+    assert re.search(r"other deltas .*'a'", multihost.difference(
+        leader, multihost.hello(base, config(max_batch=4), {"a": tmp_path / "b.dz"})))
     assert not multihost.spans_processes(make_mesh(1)) and not multihost.spans_processes(None)
+
+
+def test_two_processes_started_differently_both_refuse_before_serving(tmp_path):
+    """Process 1 with another max_batch: both processes stop with the difference named,
+    before anything is placed on the mesh (a collective of mismatched shapes would abort)."""
+    paths = make_deltas(fixture_dir("llama"), tmp_path, 1)
+    (tmp_path / "requests.json").write_text("[]")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(fixture_dir("llama")), "--processes", "2",
+         f"--delta=ft0={paths['ft0']}", "--requests", str(tmp_path / "requests.json"),
+         "--follower-max-batch", "8"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    assert done.returncode != 0
+    message = "process 1 was started with other options than process 0 (differing: ['max_batch'])"
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]  # raised on both processes
 
 
 def test_two_processes_serve_what_one_does_and_stop_when_one_is_lost(tmp_path):
@@ -146,3 +160,15 @@ def test_dzjax_serve_over_two_processes_answers_on_process_0_and_exits_when_one_
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id go"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0",
+      "--replicas", "2"], "--replicas and --coordinator cannot be combined"),
+    (["--worker-timeout", "5"], "--worker-timeout goes with --coordinator"),
+])
+def test_serve_flags_that_do_not_go_together_are_refused_by_name(flags, message, capsys):
+    from dzjax.cli import main
+    assert main(["serve", str(fixture_dir("trained") / "base"), *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -62,8 +62,12 @@ class Engine(Steps, EngineLoop):
     threads call `submit`, `cancel`, `add_delta`, `remove_delta`, `delta_names`, `stats`, `call`
     and `close`; every change of state happens on the engine thread."""
 
-    def __init__(self, base: Base, config: EngineConfig, metrics: Metrics | None = None):
+    def __init__(self, base: Base, config: EngineConfig, metrics: Metrics | None = None,
+                 role: multihost.Leader | multihost.Follower | None = None):
         super().__init__()
+        if multihost.spans_processes(config.mesh) and role is None:
+            raise DzjaxError("a mesh over several processes is served by calling dzjax.serve on "
+                             "every process")
         if config.mesh is not None:  # any user's mesh, as the one-axis mesh dzjax computes on
             config = dataclasses.replace(config, mesh=sharding.as_tp_mesh(config.mesh,
                                                                           config.tp_axis))
@@ -151,9 +155,9 @@ class Engine(Steps, EngineLoop):
         self._published = snapshot.take(self)  # see latest_stats
         # A mesh over several processes: process 0 runs this engine and sends each device call
         # to the others (`multihost`), whose engines are never started and only replay them.
-        self.following = multihost.spans_processes(config.mesh) and jax.process_index() != 0
-        if multihost.spans_processes(config.mesh) and not self.following:
-            self.multihost = multihost.Leader(config.mesh, config.worker_timeout_s)
+        self.following = isinstance(role, multihost.Follower)
+        if isinstance(role, multihost.Leader):
+            self.multihost = role
         if not self.following:
             self.start()
         if self.multihost is not None:
@@ -213,7 +217,8 @@ class Engine(Steps, EngineLoop):
 
     def _add_delta(self, entry) -> None:
         self.pool.add(entry)
-        self._mirror("add", name=entry.name, path=str(entry.path))
+        if self.multihost is not None:  # (files only: see add_delta)
+            self._mirror("add", name=entry.name, path=str(entry.path.resolve()))
         self.metrics.served(entry.name)
 
     def remove_delta(self, name: str) -> None:
@@ -239,8 +244,15 @@ class Engine(Steps, EngineLoop):
         return {name: entry.path for name, entry in sorted(entries, key=lambda e: e[0])}
 
     def close(self, timeout: float | None = None) -> None:
+        if self.multihost is not None and self.multihost.failure is not None:
+            timeout = 2.0 if timeout is None else min(timeout, 2.0)  # (a step may hang)
         super().close(timeout)
         self.pool.close()
+
+    @property
+    def failed(self) -> Exception | None:
+        """Why the engine stopped by itself (a lost process), or None (running, or closed)."""
+        return None if self._close_called else self.stopped_by
 
     # -- the engine thread ---------------------------------------------------------------------
 

@@ -450,9 +450,9 @@ async def _serve_and_announce(http, server: Server) -> Exception | None:
               flush=True)
     while not task.done():  # (the requests still open got the engine's error)
         await asyncio.wait([task], timeout=0.5)
-        http.should_exit = http.should_exit or not server.engine.alive
+        http.should_exit = http.should_exit or server.engine.failed is not None
     await task
-    return None if server.engine.alive else server.engine.stopped_by
+    return server.engine.failed
 
 
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,

@@ -25,6 +25,7 @@ class EngineLoop:
         self._closing = False
         self._abort: Exception | None = None  # set by close() when its timeout runs out
         self.stopped_by: Exception | None = None  # what the requests still there failed with
+        self._close_called = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -93,7 +94,7 @@ class EngineLoop:
         timeout, the requests still unfinished after it end with ServerClosedError, and close
         returns within about timeout + 1 s even if a step hangs (the thread is then abandoned)."""
         with self._lock:
-            self._closing = True
+            self._closing = self._close_called = True
             self._wake()
         self._thread.join(timeout)
         if self._thread.is_alive():

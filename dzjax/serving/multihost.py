@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,9 +34,10 @@ from dzjax.serving.requests import ServerClosedError
 log = logging.getLogger("dzjax.serving")
 
 PREFIX = "dzjax/serve"
-WINDOW = 4096  # sent calls kept in the store (the followers are at most a step or two behind)
-HEARTBEAT_S = 1.0  # how often a follower says it is alive
+HEARTBEAT_S = 1.0  # how often a follower says it is alive (and which calls it has taken)
 WORKER_TIMEOUT_S = 10.0  # default: a follower silent this long is taken for dead
+START_TIMEOUT_S = 600  # how long the processes wait for each other to start serving
+_sessions = itertools.count()  # servers started in this process (each has its own keys)
 
 
 def spans_processes(mesh) -> bool:
@@ -100,21 +103,83 @@ def decode(data: bytes):
     return walk(head)
 
 
+# -- the start: every process agrees, before any collective -------------------------------------
+
+def start(base, config, deltas: dict):
+    """This process's part in serving on `config.mesh` (over several processes): process 0's
+    `Leader` or another's `Follower`, once every process has checked that it was started as
+    process 0 was (model, options, mesh, delta files). Runs before anything is placed on the
+    mesh (placing is collective: processes started otherwise would meet in mismatched
+    collectives); a difference raises on every process, naming it."""
+    client = _client()
+    processes = {d.process_index for d in config.mesh.devices.flat}
+    if processes != set(range(jax.process_count())):
+        raise DzjaxError(f"the mesh spans processes {sorted(processes)}, not all "
+                         f"{jax.process_count()} of jax.distributed: one server spans them all")
+    for name, path in deltas.items():
+        if not isinstance(path, (str, Path)):
+            raise DzjaxError(f"delta {name!r}: on a mesh over several processes, deltas are "
+                             f"given as files (the same path on every host), not as objects")
+    if not config.worker_timeout_s > 0:
+        raise DzjaxError(f"worker_timeout_s must be > 0, got {config.worker_timeout_s}")
+    prefix = f"{PREFIX}/{next(_sessions)}"  # (every process serves in the same order)
+    own, me, wait_ms = hello(base, config, deltas), jax.process_index(), START_TIMEOUT_S * 1000
+    if me == 0:
+        client.key_value_set_bytes(f"{prefix}/hello", json.dumps(own).encode())
+        problems = [client.blocking_key_value_get(f"{prefix}/agreed/{p}", wait_ms)
+                    for p in sorted(processes - {0})]
+        problems = [p for p in problems if p != "ok"]
+        if problems:
+            raise DzjaxError("; ".join(problems))
+        return Leader(config.mesh, prefix, config.worker_timeout_s)
+    leader = json.loads(client.blocking_key_value_get_bytes(f"{prefix}/hello", wait_ms))
+    problem = difference(leader, own)
+    client.key_value_set(f"{prefix}/agreed/{me}", problem or "ok")
+    if problem:
+        raise DzjaxError(problem)
+    return Follower(prefix)
+
+
+def hello(base, config, deltas: dict) -> dict:
+    """What the processes compare before serving: the model, the settings, the mesh's devices
+    and the delta files (absolute paths)."""
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if f.name != "mesh"}
+    return {"options": json.loads(json.dumps(options, default=str)),
+            "model": json.loads(json.dumps(dataclasses.asdict(base.config), default=str)),
+            "mesh": [d.id for d in config.mesh.devices.flat],
+            "deltas": {n: str(Path(p).resolve()) for n, p in deltas.items()}}
+
+
+def difference(leader: dict, own: dict) -> str | None:
+    """None if they agree, else what differs (a message for both sides)."""
+    for part in ("model", "options", "mesh", "deltas"):
+        theirs, mine = leader.get(part), own[part]
+        if theirs != mine:
+            differ = ([k for k in set(theirs or {}) | set(mine)
+                       if (theirs or {}).get(k) != mine.get(k)]
+                      if isinstance(mine, dict) else [part])
+            return (f"process {jax.process_index()} was started with other {part} than process "
+                    f"0 (differing: {sorted(differ)}); every process must call dzjax.serve "
+                    f"with the same base, deltas and options")
+    return None
+
+
 # -- the leader ----------------------------------------------------------------------------------
 
 class Leader:
     """Process 0's side: sends each device call to the followers and watches that they live."""
 
-    def __init__(self, mesh, worker_timeout_s: float = WORKER_TIMEOUT_S):
-        if not worker_timeout_s > 0:
-            raise DzjaxError(f"worker_timeout_s must be > 0, got {worker_timeout_s}")
-        self.client = _client()
+    def __init__(self, mesh, prefix: str, worker_timeout_s: float = WORKER_TIMEOUT_S):
+        self.client, self.prefix = _client(), prefix
         self.followers = sorted({d.process_index for d in mesh.devices.flat} - {0})
         self.worker_timeout_s = worker_timeout_s
         self.sent = 0
+        self._read_by_all = 0  # calls every follower has taken (deleted from the store)
         self.failure: str | None = None  # why the server stops, once a follower is gone
         self._on_failure = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # (the engine's thread and the watch thread send)
         self._closed = False
 
     def send(self, kind: str, **fields) -> None:
@@ -122,36 +187,56 @@ class Leader:
         without collectives that may fail here: then it is sent only if it succeeded)."""
         if self.failure is not None:
             raise ServerClosedError(self.failure)
-        self._put(kind, **fields)
+        try:
+            self._put(kind, **fields)
+        except Exception as e:  # the followers may now lack a call: they cannot go on
+            self.fail(f"sending a call to the other processes failed ({e}); the server stops")
+            raise ServerClosedError(self.failure) from None
 
     def _put(self, kind: str, **fields) -> None:
-        self.client.key_value_set_bytes(f"{PREFIX}/op/{self.sent}",
-                                        encode({"kind": kind, **fields}))
-        if self.sent >= WINDOW:
-            self.client.key_value_delete(f"{PREFIX}/op/{self.sent - WINDOW}")
-        self.sent += 1
+        with self._lock:
+            self.client.key_value_set_bytes(f"{self.prefix}/op/{self.sent}",
+                                            encode({"kind": kind, **fields}))
+            self.sent += 1
+
+    def _forget(self, read: int) -> None:
+        """Delete the calls below `read` (every follower has taken them)."""
+        for n in range(self._read_by_all, read):
+            self.client.key_value_delete(f"{self.prefix}/op/{n}")
+        self._read_by_all = max(self._read_by_all, read)
 
     def watch(self, on_failure) -> None:
         """Call on_failure(message) once, from a thread of its own, when a follower's
-        heartbeat stops for worker_timeout_s."""
+        heartbeat stops for worker_timeout_s or it reports an error."""
         self._on_failure = on_failure
         threading.Thread(target=self._watch, name="dzjax-multihost-watch", daemon=True).start()
 
     def _watch(self) -> None:
         last = {p: (None, time.monotonic()) for p in self.followers}
+        n = len(self.followers) + 1
         while not self._stop.wait(HEARTBEAT_S / 2):
+            read = []
             for p in self.followers:
-                try:
-                    beat = self.client.key_value_try_get(f"{PREFIX}/alive/{p}")
-                except Exception:  # noqa: BLE001 - not written yet (it is still starting)
-                    beat = None
+                beat, error = (self._get(f"{self.prefix}/{key}/{p}") for key in ("alive", "error"))
+                if error is not None:
+                    return self.fail(f"process {p} of {n} failed: {error}; the server stops")
                 seen, since = last[p]
                 if beat != seen:
                     last[p] = (beat, time.monotonic())
                 elif time.monotonic() - since > self.worker_timeout_s:
-                    self.fail(f"process {p} of {len(self.followers) + 1} stopped answering (no "
-                              f"heartbeat for {self.worker_timeout_s:g} s): the server stops")
-                    return
+                    return self.fail(f"process {p} of {n} stopped answering (no heartbeat for "
+                                     f"{self.worker_timeout_s:g} s): the server stops")
+                read.append(int(beat.split()[1]) if beat else 0)
+            try:
+                self._forget(min(read))
+            except Exception:  # noqa: BLE001 - (only memory: tried again next time)
+                log.exception("deleting the calls the other processes took failed")
+
+    def _get(self, key: str) -> str | None:
+        try:
+            return self.client.key_value_try_get(key)
+        except Exception:  # noqa: BLE001 - not written (yet)
+            return None
 
     def fail(self, message: str) -> None:
         if self.failure is None:
@@ -163,9 +248,10 @@ class Leader:
     def close(self) -> None:
         """Tell the followers that the server has stopped: they return from `serve` (or raise
         with the failure's message)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
         try:
             if self.failure is None:
@@ -178,29 +264,30 @@ class Leader:
 
 # -- a follower ----------------------------------------------------------------------------------
 
-@dataclasses.dataclass
 class Follower:
-    """Process i > 0's side: receives the leader's device calls, in order."""
+    """Process i > 0's side: receives the leader's device calls, in order, and makes them."""
 
-    client: object = dataclasses.field(default_factory=_client)
-    received: int = 0
+    def __init__(self, prefix: str):
+        self.client, self.prefix = _client(), prefix
+        self.received = 0
 
-    def heartbeat(self, stop: threading.Event) -> None:
-        key, n = f"{PREFIX}/alive/{jax.process_index()}", 0
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """'beats received': alive, and how many calls it has taken (for the leader to free)."""
+        key, beats = f"{self.prefix}/alive/{jax.process_index()}", 0
         while not stop.is_set():
             try:
-                self.client.key_value_set(key, str(n), allow_overwrite=True)
+                self.client.key_value_set(key, f"{beats} {self.received}", allow_overwrite=True)
             except Exception:  # noqa: BLE001 - the leader is gone; `receive` says so
                 return
-            n += 1
+            beats += 1
             stop.wait(HEARTBEAT_S)
 
     def receive(self) -> dict:
         """The next call (waits as long as the leader is idle); raises if the leader is gone."""
         while True:
             try:
-                data = self.client.blocking_key_value_get_bytes(f"{PREFIX}/op/{self.received}",
-                                                                1000)
+                data = self.client.blocking_key_value_get_bytes(
+                    f"{self.prefix}/op/{self.received}", 1000)
             except Exception as e:  # noqa: BLE001 - a timeout (idle), or the service is gone
                 if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
                     continue
@@ -209,30 +296,35 @@ class Follower:
             self.received += 1
             return decode(data)
 
-
-def follow(engine, deltas: dict) -> None:
-    """Run a follower: make the leader's device calls on this process's engine (not started)
-    until the leader stops. `deltas` (this process's `serve` argument) must name the same files
-    as the leader's."""
-    follower = Follower()
-    stop = threading.Event()
-    threading.Thread(target=follower.heartbeat, args=(stop,), name="dzjax-multihost-beat",
-                     daemon=True).start()
-    try:
-        hello = follower.receive()
-        check_hello(hello, engine, deltas)
-        while True:
-            op = follower.receive()
-            kind = op.pop("kind")
-            if kind == "stop":
-                return
-            if kind == "fail":
-                raise DzjaxError(f"process {jax.process_index()}: the server on process 0 "
-                                 f"stopped: {op['message']}")
-            replay(engine, kind, op)
-    finally:
-        stop.set()
-        engine.pool.close()
+    def follow(self, engine) -> None:
+        """Make the leader's device calls on this process's engine (never started) until the
+        leader stops; a call that fails here is reported to the leader, which stops too."""
+        stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(stop,), name="dzjax-multihost-beat",
+                         daemon=True).start()
+        me = jax.process_index()
+        try:
+            while True:
+                op = self.receive()
+                kind = op.pop("kind")
+                if kind == "stop":
+                    return
+                if kind == "fail":
+                    raise DzjaxError(f"process {me}: the server on process 0 stopped: "
+                                     f"{op['message']}")
+                try:
+                    replay(engine, kind, op)
+                except Exception as e:  # noqa: BLE001 - reported to the leader, then raised
+                    message = (f"its call {self.received - 1} ({kind}) failed: "
+                               f"{type(e).__name__}: {e}")
+                    try:
+                        self.client.key_value_set(f"{self.prefix}/error/{me}", message[:2000])
+                    except Exception:  # noqa: BLE001 - the leader is gone too
+                        pass
+                    raise DzjaxError(f"process {me}: {message}") from e
+        finally:
+            stop.set()
+            engine.pool.close()
 
 
 def replay(engine, kind: str, op: dict) -> None:
@@ -251,25 +343,3 @@ def replay(engine, kind: str, op: dict) -> None:
         engine._run_decode(**op)
     else:
         raise DzjaxError(f"process 0 sent an unknown call {kind!r} (another dzjax version?)")
-
-
-def hello(engine, deltas: dict) -> dict:
-    """What the followers check before following: the same model, settings and deltas."""
-    options = {f.name: getattr(engine.config, f.name) for f in dataclasses.fields(engine.config)
-               if f.name != "mesh"}
-    return {"kind": "hello", "options": json.loads(json.dumps(options, default=str)),
-            "model": json.loads(json.dumps(dataclasses.asdict(engine.base.config), default=str)),
-            "mesh": [d.id for d in engine.config.mesh.devices.flat],
-            "deltas": {n: str(p) for n, p in deltas.items()}}
-
-
-def check_hello(got: dict, engine, deltas: dict) -> None:
-    own = hello(engine, deltas)
-    for part in ("model", "options", "mesh", "deltas"):
-        if got.get(part) != own[part]:
-            differ = ([k for k in set(got.get(part) or {}) | set(own[part])
-                       if (got.get(part) or {}).get(k) != own[part].get(k)]
-                      if isinstance(own[part], dict) else [part])
-            raise DzjaxError(f"process {jax.process_index()} was started with other {part} than "
-                             f"process 0 (differing: {sorted(differ)}); every process must call "
-                             f"dzjax.serve with the same base, deltas and options")

@@ -14,7 +14,6 @@ import dataclasses
 import queue
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from dzjax.errors import DzjaxError
@@ -101,15 +100,13 @@ class Server:
     """Serves a base model and many deltas with continuous batching (see `dzjax.serve`)."""
 
     def __init__(self, base: Base, deltas: dict | None = None, *, base_name: str = "base",
-                 **options):
+                 role: multihost.Leader | None = None, **options):
         self.base_name = base_name
         self.metrics = Metrics(base_name)  # Prometheus (`metrics_text`, HTTP `/metrics`)
-        self.engine = Engine(base, engine_config(options), self.metrics)
+        self.engine = Engine(base, engine_config(options), self.metrics, role)
         self.metrics.watch(self.engine.latest_stats)  # a scrape never waits for a step
         self.base = self.engine.base  # without weights: the engine holds its own params
         try:
-            if self.engine.multihost is not None:  # the other processes check they agree
-                self.engine.multihost.send(**multihost.hello(self.engine, deltas or {}))
             for name, source in (deltas or {}).items():
                 self.add_delta(name, source)
         except Exception as e:
@@ -362,7 +359,7 @@ def _prompts_and_models(prompts, model) -> tuple[list, list]:
     return prompts, models
 
 
-def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
+def serve(base: Base | str, deltas: dict | None = None, **options) -> Server | None:
     """Serve `base` and named deltas (`dzjax.Delta` objects or file paths) from this process.
 
     Options (all keyword): max_batch (8), max_seq_len (min(context, 1024)),
@@ -380,9 +377,11 @@ def serve(base: Base | str, deltas: dict | None = None, **options) -> Server:
     """
     if isinstance(base, str) or hasattr(base, "__fspath__"):
         base = load_base(base)
-    if multihost.spans_processes(options.get("mesh")) and jax.process_index() != 0:
-        options.pop("base_name", None)  # (process 0's concern)
-        engine = Engine(base, engine_config(options))  # not started: it replays process 0's
-        multihost.follow(engine, deltas or {})
-        return None
-    return Server(base, deltas, **options)
+    if not multihost.spans_processes(options.get("mesh")):
+        return Server(base, deltas, **options)
+    config = engine_config({k: v for k, v in options.items() if k != "base_name"})
+    role = multihost.start(base, config, deltas or {})  # every process agrees, or all raise
+    if isinstance(role, multihost.Leader):
+        return Server(base, deltas, role=role, **options)
+    role.follow(Engine(base, config, role=role))  # (never started: it replays process 0's calls)
+    return None

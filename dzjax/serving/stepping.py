@@ -310,13 +310,14 @@ class Steps:
         written), so that no compilation happens later while serving (benchmarks). The plain
         variant: a step with logprobs or penalties is another program, compiled at first use."""
         b, pt = self.config.max_batch, self.page_table
-        n = 1
+        n, last = 1, self._last_tokens  # (a step in flight: its tokens are the next input)
         while True:
             idle = np.full((b, pt.max_pages), pt.num_pages, np.int32)
             zeros = np.zeros(b, np.int32)
             self._run_decode(idle, zeros, zeros, np.full(b, -1, np.int32),
                              self._sampling([None] * b), None, min(n, pt.max_pages), False)
             if n >= pt.max_pages:
-                return
+                break
             n *= 2
+        self._last_tokens = last
 
