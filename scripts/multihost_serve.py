@@ -47,11 +47,18 @@ def worker(args) -> None:
         return
     with open(args.requests) as f:
         requests = json.load(f)
-    handles = [server.submit(r["prompt"], r["model"], max_tokens=r["max_tokens"],
-                             temperature=r.get("temperature", 0.0), seed=r.get("seed"),
-                             ignore_eos=True) for r in requests]
-    tokens = [h.result().token_ids for h in handles]
+    def run():
+        handles = [server.submit(r["prompt"], r["model"], max_tokens=r["max_tokens"],
+                                 temperature=r.get("temperature", 0.0), seed=r.get("seed"),
+                                 ignore_eos=True) for r in requests]
+        return [h.result().token_ids for h in handles]
+    tokens = run()
     report = {"processes": jax.process_count(), "devices": mesh.size, "tokens": tokens}
+    if args.timed:  # the same requests again, compiled: seconds and decode steps
+        steps, start = server.stats()["decode_steps"], time.perf_counter()
+        run()
+        report["timed"] = {"seconds": time.perf_counter() - start,
+                           "decode_steps": server.stats()["decode_steps"] - steps}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(tokens, f)
@@ -106,6 +113,8 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=2, help="max_resident_deltas")
     p.add_argument("--out", default=None)
     p.add_argument("--worker-timeout", type=float, default=10.0, help="worker_timeout_s")
+    p.add_argument("--timed", action="store_true",
+                   help="serve the requests a second time and report its seconds and steps")
     p.add_argument("--follower-max-batch", type=int, default=None,
                    help="start process 1 with this max_batch (to see it refused)")
     p.add_argument("--kill-follower", action="store_true",

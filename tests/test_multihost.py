@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import httpx2
