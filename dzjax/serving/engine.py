@@ -261,8 +261,9 @@ class Engine(Steps, EngineLoop):
 
     def _recover(self, error: Exception) -> None:
         if self.multihost is not None:  # the processes' states may differ now: stop them all
-            self.multihost.fail(f"a step failed on the mesh over {len(self.multihost.followers) + 1}"
-                                f" processes ({type(error).__name__}: {error}); the server stops")
+            processes = len(self.multihost.followers) + 1
+            self.multihost.fail(f"a step failed on the mesh over {processes} processes "
+                                f"({type(error).__name__}: {error}); the server stops")
             return  # (the loop ends at its next turn and fails every request)
         self._inflight = None  # its rows fail below
         for r in [r for r in self.rows if r is not None]:
