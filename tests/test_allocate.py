@@ -155,19 +155,37 @@ def test_the_hull_drops_dominated_options():
 def test_an_option_a_shape_cannot_take_is_not_offered(monkeypatch, tmp_path):
     """A format refused for a matrix (here: 2:4, as if its K could not hold it) is dropped from
     that unit's options, not the end of target_bits; with no option left, the unit is named."""
-    real = allocate._rounding_error
+    real = allocate._rounded
 
-    def no_sparsity(w, h, obs, name):
+    def no_sparsity(w, obs, name):
         if obs.sparsity is not None:
             raise DzjaxError(f"{name}: 2:4 cannot hold this K")
-        return real(w, h, obs, name)
-    monkeypatch.setattr(allocate, "_rounding_error", no_sparsity)
+        return real(w, obs, name)
+    monkeypatch.setattr(allocate, "_rounded", no_sparsity)
     delta = dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "a.dz",
                           target_bits=TARGET, **FAST)
     assert {sparsity for _, sparsity in _formats(delta).values()} == {None}
     assert delta.metadata["report"]["bits_per_weight"] <= TARGET
-    monkeypatch.setattr(allocate, "_rounding_error",
-                        lambda w, h, obs, name: (_ for _ in ()).throw(DzjaxError(f"{name}: no")))
+    monkeypatch.setattr(allocate, "_rounded",
+                        lambda w, obs, name: (_ for _ in ()).throw(DzjaxError(f"{name}: no")))
     with pytest.raises(DzjaxError, match=r"model\.layers\.0\.self_attn\..*no allocation option"):
         dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "b.dz",
                       target_bits=TARGET, **FAST)
+
+
+def test_each_unit_is_measured_at_the_layer_output_and_more_bits_cost_less(monkeypatch,
+                                                                           tmp_path):
+    """The measure (each unit alone compressed, the change of its layer's output): positive for
+    every option, falling with more bits, and 2:4 costing more than dense at the same bits."""
+    seen, real = [], allocate.measure
+    monkeypatch.setattr(allocate, "measure", lambda *a: seen.append(real(*a)) or seen[-1])
+    dzjax.convert(fixture_dir("llama"), fixture_dir("llama_ft"), tmp_path / "a.dz",
+                  target_bits=TARGET, **FAST)
+    (measured, _), = seen
+    assert len(measured) == len(allocate.units(2))
+    for unit, options in measured.items():
+        error = {m.option: m.error for m in options}
+        dense = [error[(b, None)] for b in (2, 3, 4, 8)]
+        assert all(e > 0 for e in error.values()), unit
+        assert dense == sorted(dense, reverse=True) and dense[0] > 4 * dense[-1], (unit, error)
+        assert error[(4, "2:4")] > error[(4, None)], (unit, error)

@@ -2,13 +2,15 @@
 size budget (beyond DeltaZip, which compresses every matrix alike).
 
 Sensitivity is measured, not assumed. One pass of the fine-tune over the calibration tokens
-(nothing compressed yet) gives the Hessian H = 2/n X^T X of each linear input, as convert itself
-computes them. Each unit (a group of matrices that must share one format: q/k/v and gate/up are
-fused into one matrix when served, and deltas served together share one layout) is rounded to
-nearest at each option of `OPTIONS`, and its error measured as sum 1/2 tr(E^T H E), the squared
-change of its outputs summed over the calibration tokens, with E the rounding error. Its cost is
-the bytes the option stores. OBS (what convert then runs) lowers every option's error; rounding to
-nearest is the cheap, consistent proxy of how much each unit gains from more bits.
+(nothing compressed yet) gives each decoder layer's inputs and outputs. Each unit (a group of
+matrices that must share one format: q/k/v and gate/up are fused into one matrix when served,
+and deltas served together share one layout) is rounded to nearest at each option of `OPTIONS`,
+and its error measured where the units' errors meet: 1/2 the squared change of its layer's
+output (the residual stream) over the calibration tokens, with that unit alone compressed. Its
+cost is the bytes the option stores. (The first measure, the error at the unit's own outputs
+1/2 tr(E^T H E), counted a change of q/k/v, before the softmax, like one of o/down, into the
+residual stream; its choices lost to uniform settings, these beat them: measured by
+`benchmarks/compression.py allocation`.)
 
 The choice is the classic greedy one on each unit's lower convex hull of (bytes, error): every unit
 starts at its cheapest option, and the step that buys the most error reduction per byte is taken
@@ -33,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from dzjax.compress.delta_file import exact_nbytes
-from dzjax.compress.layer_pass import STAGES, count_params, hessian, layer_outputs, layer_pass
-from dzjax.compress.obs import ObsConfig, pad_problem, reconstruction_loss, round_to_nearest
+from dzjax.compress.layer_pass import STAGES, count_params, layer_outputs, layer_pass
+from dzjax.compress.obs import ObsConfig, round_to_nearest
 from dzjax.errors import DzjaxError
 from dzjax.models.linear import embed
 from dzjax.models.loading import flatten_params
@@ -236,22 +238,26 @@ def measure(run, tokens) -> tuple[dict, int]:
         forward = functools.partial(layer_pass, jax.tree.map(jnp.asarray, layer_base),
                                 config=config, window=config.sliding_windows[i],
                                 kernels=run.kernels)
+        exact = layer_outputs(forward, delta, x)
         for module, names in STAGES:
-            h = hessian(lambda xs: forward(delta, xs, capture=(module, names[0]))[1], x)
             unit = tuple(f"model.layers.{i}.{module}.{p}.weight" for p in names)
             options, refusals = [], []
             for option in OPTIONS:
-                nbytes = error = 0
+                nbytes, changed = 0, jax.tree.map(lambda a: a, delta)
                 try:
                     for proj, name in zip(names, unit):
                         w = delta[module][proj]["kernel"]
                         obs = dataclasses.replace(cfg.obs_config(w.shape[0]), bits=option[0],
                                                   sparsity=option[1])
-                        b, e = _rounding_error(w, h, obs, name)
-                        nbytes, error = nbytes + b, error + e
+                        b, w_hat = _rounded(w, obs, name)
+                        nbytes += b
+                        changed[module][proj]["kernel"] = w_hat
                 except DzjaxError as e:  # an option this shape cannot take: not offered
                     refusals.append(str(e))
                     continue
+                # The error where the units' errors meet: the layer's output (the residual
+                # stream), with this unit alone compressed.
+                error = 0.5 * float(jnp.sum((layer_outputs(forward, changed, x) - exact) ** 2))
                 options.append(Measured(option, nbytes, error))
             if not options:
                 raise DzjaxError(f"{', '.join(unit)}: no allocation option fits: "
@@ -260,7 +266,7 @@ def measure(run, tokens) -> tuple[dict, int]:
         matrices = {(module, proj, "kernel") for module, names in STAGES for proj in names}
         fixed += sum(exact_nbytes(leaf) for keys, leaf in flatten_params(delta).items()
                      if keys not in matrices)
-        x = layer_outputs(forward, delta, x)
+        x = exact  # (the next layer's inputs)
     norm, ft_norm = run.reader.pair(("model", "norm", "weight"))
     fixed += exact_nbytes(ft_norm - norm)
     if not config.tie_word_embeddings:
@@ -269,8 +275,8 @@ def measure(run, tokens) -> tuple[dict, int]:
     return measured, fixed
 
 
-def _rounding_error(w, h, obs: ObsConfig, name: str) -> tuple[int, float]:
-    """(bytes, 1/2 tr(E^T H E)) of w rounded to nearest with `obs` (E: the rounding error)."""
+def _rounded(w, obs: ObsConfig, name: str) -> tuple[int, jax.Array]:
+    """(bytes, the dense matrix) of w rounded to nearest with `obs`, stored as convert would."""
     k = w.shape[0]
     try:
         fmt = obs.format(k)
@@ -278,6 +284,6 @@ def _rounding_error(w, h, obs: ObsConfig, name: str) -> tuple[int, float]:
     except ValueError as e:
         raise DzjaxError(f"{name}: {e}") from None
     w = jnp.asarray(w)
-    w_pad, h_pad = pad_problem(w, h, fmt.padded_k(k))
+    w_pad = jnp.pad(w, ((0, fmt.padded_k(k) - k), (0, 0)))  # (as `obs.pad_problem` pads it)
     q = round_to_nearest(w_pad, obs, rows=None if w_pad.shape[0] == k else k).to_quantized(fmt, k)
-    return q.nbytes, float(reconstruction_loss(w, dequantize(q), h))
+    return q.nbytes, dequantize(q)
