@@ -221,10 +221,8 @@ def serve_options(args: argparse.Namespace) -> dict:
                "fuse_projections": args.fuse_projections,
                "pipeline_decode": args.pipeline_decode, "prefix_sharing": args.prefix_sharing,
                "worker_timeout_s": getattr(args, "worker_timeout", None)}
-    if getattr(args, "coordinator", None) is not None:  # every device of every process
-        from dzjax.models.sharding import make_mesh
-        options["mesh"] = make_mesh(args.tensor_parallel)
-    elif args.tensor_parallel:
+    # With --coordinator, a mesh always (None: every device of every process).
+    if args.tensor_parallel or getattr(args, "coordinator", None) is not None:
         from dzjax.models.sharding import make_mesh
         options["mesh"] = make_mesh(args.tensor_parallel)
     return {k: v for k, v in options.items() if v is not None}
@@ -236,7 +234,6 @@ def _serve(args) -> None:
 
     from dzjax.errors import DzjaxError
     from dzjax.models.loading import load_base
-    from dzjax.serving.http import run_server
     from dzjax.serving.server import serve
 
     deltas = dict(args.delta)
@@ -250,7 +247,13 @@ def _serve(args) -> None:
     if args.replicas is not None or args.autoscaling_config is not None:
         return _serve_replicas(args, deltas)
     base = load_base(args.base, dtype=jnp.dtype(args.weights_dtype))
-    server = serve(base, deltas, **serve_options(args))
+    _run_http(serve(base, deltas, **serve_options(args)), args)
+
+
+def _run_http(server, args) -> None:
+    """Serve `server` over HTTP as the serve command's arguments say, until interrupted."""
+    from dzjax.serving.http import run_server
+
     run_server(server, host=args.host, port=args.port, log_level=args.log_level,
                max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
                api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
@@ -265,7 +268,6 @@ def _serve_processes(args, deltas: dict) -> None:
 
     from dzjax.errors import DzjaxError
     from dzjax.models.loading import load_base
-    from dzjax.serving.http import run_server
     from dzjax.serving.server import serve
 
     if None in (args.coordinator, args.num_processes, args.process_id):
@@ -289,11 +291,7 @@ def _serve_processes(args, deltas: dict) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server = serve(base, deltas, **options)
         if server is not None:  # process 0
-            run_server(server, host=args.host, port=args.port, log_level=args.log_level,
-                       max_request_bytes=args.max_request_bytes,
-                       shutdown_timeout_s=args.shutdown_timeout,
-                       api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
-                       delta_dir=args.delta_dir)
+            _run_http(server, args)
     except DzjaxError as e:  # a process lost: jax.distributed's shutdown would wait for it
         print(f"dzjax serve: error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()

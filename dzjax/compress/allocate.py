@@ -243,7 +243,8 @@ def measure(run, tokens) -> tuple[dict, int]:
             unit = tuple(f"model.layers.{i}.{module}.{p}.weight" for p in names)
             options, refusals = [], []
             for option in OPTIONS:
-                nbytes, changed = 0, jax.tree.map(lambda a: a, delta)
+                nbytes, changed = 0, jax.tree.map(lambda a: a, delta)  # (a new tree: delta
+                # itself stays the fine-tune's)
                 try:
                     for proj, name in zip(names, unit):
                         w = delta[module][proj]["kernel"]

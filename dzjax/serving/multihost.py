@@ -35,7 +35,6 @@ log = logging.getLogger("dzjax.serving")
 
 PREFIX = "dzjax/serve"
 HEARTBEAT_S = 1.0  # how often a follower says it is alive (and which calls it has taken)
-WORKER_TIMEOUT_S = 10.0  # default: a follower silent this long is taken for dead
 START_TIMEOUT_S = 600  # how long the processes wait for each other to start serving
 _sessions = itertools.count()  # servers started in this process (each has its own keys)
 
@@ -170,7 +169,7 @@ def difference(leader: dict, own: dict) -> str | None:
 class Leader:
     """Process 0's side: sends each device call to the followers and watches that they live."""
 
-    def __init__(self, mesh, prefix: str, worker_timeout_s: float = WORKER_TIMEOUT_S):
+    def __init__(self, mesh, prefix: str, worker_timeout_s: float):
         self.client, self.prefix = _client(), prefix
         self.followers = sorted({d.process_index for d in mesh.devices.flat} - {0})
         self.worker_timeout_s = worker_timeout_s
