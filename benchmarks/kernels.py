@@ -32,7 +32,9 @@ benchmarks/results/kernels-model.json. A model, not a measurement.
 `--ptx` (needs the `triton` package, CPU only) compiles every tiling the dispatch picks in the
 sweep, and the other decode tilings at 4096 x 4096, for sm_90 and counts, in the PTX of the K
 loop, the instructions each thread issues per K step: divided by the weights a step dequantizes,
-the instructions per weight. Written to benchmarks/results/kernels-ptx.json.
+the instructions per weight; and the same in the machine code (SASS, from the wheel's
+nvdisasm), which is what issues and what `--model` uses. Written to
+benchmarks/results/kernels-ptx.json.
 """
 
 from __future__ import annotations
@@ -271,7 +273,7 @@ PREFILL_BATCH = 2048
 
 def tile_key(kind: str, c) -> tuple:
     """What the K loop's body depends on: the kernel and its tile (not K, N or the split)."""
-    return kind, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
+    return kind, c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.phases
 
 
 def ptx_configs(fmt, quick: bool = False):
@@ -279,7 +281,7 @@ def ptx_configs(fmt, quick: bool = False):
     (single delta, and multi-delta with 8 slots), then the other decode tilings at 4096 x 4096.
     Yields (kind, M, K, N, config), one per `tile_key`."""
     from dzjax.pallas_kernels import DeltaMatmulConfig, MultiDeltaConfig
-    from dzjax.pallas_kernels.single_delta import block_k_ok
+    from dzjax.pallas_kernels.tiling import block_k_ok
 
     seen = set()
 
@@ -330,16 +332,20 @@ def ptx_table(quick: bool = False) -> dict:
             loop = compiled.loop_instructions(kernel["ptx"])
             per_step = sum(loop.values())
             per_weight = per_step * 32 * c.num_warps / (c.block_k * c.block_n)
+            sass = sum(compiled.sass_loop_instructions(kernel["cubin"]).values())
+            sass_per_weight = sass * 32 * c.num_warps / (c.block_k * c.block_n)
             key = {op: v for op, v in sorted(loop.items())
                    if op.startswith(("cvt", "mma", "wgmma", "st.shared", "ldmatrix", "selp"))}
             rows.append(dict(format=name, kernel=kind, batch=m, k=k, n=n, config=str(c),
                              tile=list(tile_key(kind, c)),
                              instructions_per_step=per_step, instructions_per_weight=per_weight,
+                             sass_per_step=sass, sass_per_weight=sass_per_weight,
                              registers=report["registers"], spill_bytes=report["spill_bytes"],
                              key_instructions=key))
             print(f"{name:<18} {kind:<6} M={m:<3} {c.block_m}x{c.block_n}x{c.block_k} "
                   f"w{c.num_warps} split{c.split_k}: {per_step:5} instr/step "
-                  f"{per_weight:5.2f}/weight {report['registers']:3} regs "
+                  f"{per_weight:5.2f}/weight (SASS {sass_per_weight:5.2f}) "
+                  f"{'phases ' if c.phases else ''}{report['registers']:3} regs "
                   f"{report['spill_bytes']} spill", flush=True)
     return {"what": "PTX of the K loop for sm_90 (triton, no GPU), per thread", "results": rows}
 
@@ -351,7 +357,9 @@ def model(quick: bool = False) -> dict:
     from dzjax.pallas_kernels.single_delta import dequant_dtype
 
     table = json.loads(PTX_TABLE.read_text())["results"] if PTX_TABLE.exists() else []
-    per_weight = {(r["format"], *r["tile"]): r["instructions_per_weight"] for r in table}
+    # What issues: the machine code's count where the table has it, else the PTX's.
+    per_weight = {(r["format"], *r["tile"]): r.get("sass_per_weight", r["instructions_per_weight"])
+                  for r in table}
     rows, prefill = [], []
     for k, n in SHAPES[:1] if quick else SHAPES:
         for name, fmt in FORMATS.items():
@@ -370,15 +378,19 @@ def model(quick: bool = False) -> dict:
                         groups, out_rows = active, m + c.block_m
                     busy = groups * row_tiles * (n // c.block_n) * c.split_k
                     ideal = active * weights + m * k * 2 + m * n * 4
+                    # The phase route reads x as float32, permuted (and masked per scale group
+                    # when groups are shorter than a step), written by one XLA pass before.
+                    units = max(1, c.block_k // fmt.group_size) if c.phases else 0
+                    x_bytes = m * k * 2 + (2 * m * k * 4 * units if c.phases else 0)
                     # Every row tile reads its strips' weights again; split-K partial sums are
                     # written (the rows of x only) and read back whole by the sum.
                     partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
-                    read = groups * row_tiles * weights + m * k * 2 + partials + m * n * 4
+                    read = groups * row_tiles * weights + x_bytes + partials + m * n * 4
                     filled = min(1.0, busy / SMS)
                     t_mem = read / (HBM_BYTES_PER_S * filled)
                     dequantized = groups * row_tiles * k * n  # weights built, counting re-reads
                     # float32 -> bf16 roundings remain only where weights are built in float32.
-                    cvt = dequant_dtype(fmt, jnp.bfloat16) == jnp.float32
+                    cvt = dequant_dtype(fmt, jnp.bfloat16) == jnp.float32 and not c.phases
                     t_cvt = dequantized / (CVT_PER_S * filled) if cvt else 0.0
                     ipw = per_weight.get((name, *tile_key(kind, c)))
                     t_issue = 0.0 if ipw is None else dequantized * ipw / (ISSUE_PER_S * filled)

@@ -54,10 +54,20 @@ def random_x(rng, m: int, k: int, dtype):
     return jnp.asarray(rng.standard_normal((m, k)), dtype)
 
 
-def expected(x, w64: np.ndarray) -> np.ndarray:
-    """x @ W in float64, with W rounded to x's dtype first (as every implementation does)."""
-    w = np.asarray(jnp.asarray(w64, jnp.float32).astype(x.dtype).astype(jnp.float32), np.float64)
+def expected(x, w64: np.ndarray, exact: bool = False) -> np.ndarray:
+    """x @ W in float64, with W rounded to x's dtype first (as every implementation does but the
+    kernels' phase route, `exact`, which multiplies by the float32 weights themselves)."""
+    w = w64 if exact else np.asarray(
+        jnp.asarray(w64, jnp.float32).astype(x.dtype).astype(jnp.float32), np.float64)
     return np.asarray(x.astype(jnp.float32), np.float64) @ w
+
+
+def phase_route(implementation: str, fmt: Format, x, n: int) -> bool:
+    """Whether `implementation` multiplies x by a delta of `fmt` on the kernels' phase route."""
+    if implementation not in ("interpret", "pallas") or dispatch.prefill_route(x.shape):
+        return False
+    kp = fmt.padded_k(x.shape[-1])
+    return DeltaMatmulConfig.heuristic(1, kp, n, fmt, x.dtype).phases
 
 
 def assert_close(y, want, tol=TOL):
@@ -108,6 +118,10 @@ class DeltaMatmulSuite:
     def fn(self, x, q):
         return delta_matmul(x, q, implementation=self.IMPLEMENTATION)
 
+    def want(self, x, w, q):
+        impl = getattr(self, "IMPLEMENTATION", "reference")
+        return expected(x, w, exact=phase_route(impl, q.format, x, q.shape[1]))
+
     @pytest.mark.parametrize("fmt", format_params())
     def test_formats(self, fmt):
         rng = np.random.default_rng(zlib.crc32(fmt_id(fmt).encode()))
@@ -117,7 +131,7 @@ class DeltaMatmulSuite:
             with pytest.raises(ValueError, match="bits=3"):
                 self.fn(x, q)
             return
-        assert_close(self.fn(x, q), expected(x, w))
+        assert_close(self.fn(x, q), self.want(x, w, q))
 
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
     @pytest.mark.parametrize("m", [1, 37])
@@ -125,7 +139,7 @@ class DeltaMatmulSuite:
         rng = np.random.default_rng(m)
         q, w = random_delta(rng, K, N, Format(bits=4, group_size=64))
         x = random_x(rng, m, K, dtype)
-        assert_close(self.fn(x, q), expected(x, w))
+        assert_close(self.fn(x, q), self.want(x, w, q))
 
     @pytest.mark.parametrize("fmt", [Format(bits=2, group_size=32, symmetric=True),
                                      Format(bits=4, group_size=64, nm=(2, 4))], ids=fmt_id)
@@ -135,7 +149,7 @@ class DeltaMatmulSuite:
         rng = np.random.default_rng(k)
         q, w = random_delta(rng, k, 16, fmt)
         x = random_x(rng, 3, k, jnp.bfloat16)
-        assert_close(self.fn(x, q), expected(x, w))
+        assert_close(self.fn(x, q), self.want(x, w, q))
 
     def test_leading_dims(self):
         rng = np.random.default_rng(7)
@@ -143,7 +157,7 @@ class DeltaMatmulSuite:
         x = random_x(rng, 6, K, jnp.bfloat16)
         y = self.fn(x.reshape(2, 3, K), q)
         assert y.shape == (2, 3, N)
-        assert_close(y.reshape(6, N), expected(x, w))
+        assert_close(y.reshape(6, N), self.want(x, w, q))
 
 
 class TestDeltaMatmulReference(DeltaMatmulSuite):
@@ -259,8 +273,8 @@ def random_stack(rng, slots: int, fmt: Format, k=K, n=N):
     return stack_deltas([q for q, _ in pairs]), [w for _, w in pairs]
 
 
-def expected_multi(x, ws, slots) -> np.ndarray:
-    rows = [np.zeros(ws[0].shape[1]) if s < 0 else expected(x[i:i + 1], ws[s])[0]
+def expected_multi(x, ws, slots, exact: bool = False) -> np.ndarray:
+    rows = [np.zeros(ws[0].shape[1]) if s < 0 else expected(x[i:i + 1], ws[s], exact)[0]
             for i, s in enumerate(slots)]
     return np.stack(rows)
 
@@ -281,7 +295,8 @@ class MultiDeltaSuite:
         stack, ws = random_stack(rng, num_slots, fmt)
         x = random_x(rng, len(slots), K, dtype)
         y = self.fn(x, stack, make_delta_batch(jnp.asarray(slots), num_slots))
-        assert_close(y, expected_multi(x, ws, slots))
+        impl = getattr(self, "IMPLEMENTATION", "reference")
+        assert_close(y, expected_multi(x, ws, slots, phase_route(impl, fmt, x, stack.shape[1])))
         base_rows = np.asarray(slots) < 0
         assert (np.asarray(y)[base_rows] == 0).all(), "rows with slot -1 must be exactly 0"
 
@@ -566,16 +581,17 @@ def compile_params():
             continue
         for kernel in ("single-m1", "single-m64", "multi"):
             default = (kernel, fmt_id(f)) in {("single-m1", "b4-2:4-g64-asym"),
+                                              ("single-m1", "b4-dense-g64-asym"),
                                               ("multi", "b2-dense-g256-sym")}
             out.append(pytest.param(f, kernel, (K, N), id=f"{kernel}-{fmt_id(f)}",
                                     marks=() if default else (pytest.mark.slow,)))
     # Llama-7B projection shapes with their heuristic configs (K = 11008 is not a power of two;
     # the 64-row tile runs 8 warps): registers and spills at the sizes that are served.
-    llama = Format(bits=4, group_size=128, nm=(2, 4))
-    for kernel in ("single-m1", "single-m64", "multi-m16"):
-        for k, n in ((4096, 4096), (11008, 4096)):
-            out.append(pytest.param(llama, kernel, (k, n), id=f"{kernel}-{k}x{n}-b4-2:4-g128",
-                                    marks=(pytest.mark.slow,)))
+    for llama in (Format(bits=4, group_size=128, nm=(2, 4)), Format(bits=2, group_size=128)):
+        for kernel in ("single-m1", "single-m64", "multi-m16"):
+            for k, n in ((4096, 4096), (11008, 4096)):
+                out.append(pytest.param(llama, kernel, (k, n), id=f"{kernel}-{k}x{n}-{fmt_id(llama)}",
+                                        marks=(pytest.mark.slow,)))
     return out
 
 
@@ -602,16 +618,27 @@ class TestTritonCompile:
             kernel_bin = compiled.compile_sm90(text, num_warps=config.num_warps,
                                                num_stages=config.num_stages)
             assert kernel_bin["cubin"]
-            check_ptx(kernel_bin["ptx"], bf16_weights=fmt.bits <= 4)
+            check_ptx(kernel_bin["ptx"], bf16_weights=fmt.bits <= 4, phases=config.phases)
 
 
-def check_ptx(ptx: str, *, bf16_weights: bool) -> None:
+def check_ptx(ptx: str, *, bf16_weights: bool, phases: bool) -> None:
     """What the compiled kernel must look like: codes dequantized without conversion
     instructions (no integer-to-float `cvt`: they issue at a fraction of the ALU rate and were
     64 per thread per K step at 4 bits; and for 2/4-bit codes with bf16 activations, built
     in bf16, no float32-to-bf16 rounding either), tensor-core instructions for the dot, and at
-    most 255 registers with no spill (ptxas's own report)."""
+    most 255 registers with no spill (ptxas's own report). On the phase route, the weights never
+    pass through shared memory as a tile: no 16-bit shared store and no transposing `ldmatrix`
+    in the K loop (the words are read from shared memory into the dot's operand registers)."""
     import re
+
+    if phases:
+        import collections
+        # The K loop; a kernel of one K step per program has none: then the whole kernel.
+        loop = compiled.loop_instructions(ptx) or collections.Counter(
+            re.findall(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, re.M))
+        tile = {op: v for op, v in loop.items()
+                if op.startswith("st.shared.b16") or (op.startswith("ldmatrix") and ".trans" in op)}
+        assert not tile, f"the weight tile goes through shared memory: {tile}"
 
     to_float = re.findall(r"cvt(?:\.rn|\.rz)?\.f(?:16|32)\.[us](?:8|16|32)\b", ptx)
     assert not to_float, f"integer-to-float conversions in the kernel: {sorted(set(to_float))}"

@@ -7,6 +7,7 @@ per K step). Used by the compiler checks in the tests and by `benchmarks/kernels
   compile_sm90(ttir, num_warps=, num_stages=)   {"ptx", "cubin", "ttgir"} (needs `triton`)
   ptxas_report(ptx)                    registers and spill bytes, from ptxas -v
   loop_instructions(ptx)               instruction counts of the K loop's body, per thread
+  sass_loop_instructions(cubin)        the same in the machine code (nvdisasm), what issues
 
 `triton` is not a dependency (`pip install "dzjax[compile-check]"`); only `compile_sm90` and
 `ptxas_report` need it, and they raise ImportError without it. `triton_ir` uses a private hook of
@@ -80,10 +81,30 @@ def compile_sm90(ttir: str, *, num_warps: int, num_stages: int) -> dict[str, str
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.ttir"
         path.write_text(ttir)
+        # Triton skips the passes of a stage it is given the output of: run the TTIR ones
+        # (inlining, canonicalization, `dot(a, b, 0) + c -> dot(a, b, c)`, CSE, loop unrolling)
+        # first, as XLA's Triton pipeline does for a pallas_call.
+        path.write_text(_ttir_passes(path, num_warps=num_warps, num_stages=num_stages))
         compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
         return {"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"],
                 "ttgir": compiled.asm["ttgir"]}
+
+
+def _ttir_passes(path: Path, *, num_warps: int, num_stages: int) -> str:
+    """The Triton IR at `path` after Triton's own TTIR passes (`make_ttir`), for sm_90."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ir.parse_mlir_module(str(path), context)
+    module.context = context
+    options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
+    return str(backend.make_ttir(module, {}, options, 90))
 
 
 def ptxas_report(ptx: str) -> dict[str, int]:
@@ -106,6 +127,38 @@ def ptxas_report(ptx: str) -> dict[str, int]:
     if not registers or not spills:
         raise RuntimeError(f"unexpected ptxas report: {report.stderr[-2000:]}")
     return {"registers": max(registers), "spill_bytes": max(spills)}
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():  # pragma: no cover - every triton wheel for CUDA ships them
+        raise ImportError(f"no {name} in {path.parent}")
+    return path
+
+
+def sass_loop_instructions(cubin: bytes) -> collections.Counter:
+    """`loop_instructions` of the machine code (SASS, from the wheel's nvdisasm): what the SM
+    issues, after ptxas has fused and dropped instructions (an AND and an OR become one LOP3,
+    moves vanish). Empty when there is no K loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(_tool("nvdisasm")), "-c", str(path)], capture_output=True,
+                              text=True, check=True).stdout
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"\s*\.?(L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"\bBRA\b.*?\.?(L_x_\d+)", line)) and labels.get(m.group(1), i) < i]
+    op = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+    for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
+        inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
+        counts = collections.Counter(op.findall("\n".join(lines[start:end + 1])))
+        if not inner and any(k.startswith("HMMA") for k in counts):
+            return counts
+    return collections.Counter()
 
 
 def loop_instructions(ptx: str) -> collections.Counter:

@@ -23,8 +23,8 @@ import os
 
 import jax
 
-from dzjax.pallas_kernels.single_delta import (check_pallas_format, delta_matmul_pallas,
-                                               delta_matmul_xla, pick_block_k, pick_block_n)
+from dzjax.pallas_kernels.single_delta import delta_matmul_pallas, delta_matmul_xla
+from dzjax.pallas_kernels.tiling import check_pallas_format, pick_block_k, pick_block_n
 from dzjax.pallas_kernels.formats import QuantizedTensor
 from dzjax.pallas_kernels.multi_delta import (DeltaBatch, multi_delta_matmul_pallas,
                                               multi_delta_matmul_xla)

@@ -36,9 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dzjax.pallas_kernels.single_delta import (DeltaMatmulConfig, check_inputs, dequant_block,
-                                               dequant_dtype, dequantize_xla, dot_precision,
-                                               dot_tile, pallas_operands, round_to, tiling)
+from dzjax.pallas_kernels import phases
+from dzjax.pallas_kernels.single_delta import (check_inputs, dequant_block, dequant_dtype,
+                                               dequantize_xla, dot_precision, dot_tile,
+                                               pallas_operands, round_to)
+from dzjax.pallas_kernels.tiling import DeltaMatmulConfig, route_tiling
 from dzjax.pallas_kernels.formats import QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -215,11 +217,12 @@ class MultiDeltaConfig(DeltaMatmulConfig):
     (the single-delta kernel's fields and validation, with its own heuristic)."""
 
     @classmethod
-    def heuristic(cls, m: int, k: int, n: int, slots: int, fmt) -> MultiDeltaConfig:
-        """`tiling` as if ONE group of all M rows were active, in one row tile: how many
+    def heuristic(cls, m: int, k: int, n: int, slots: int, fmt,
+                  x_dtype=jnp.bfloat16) -> MultiDeltaConfig:
+        """`route_tiling` as if ONE group of all M rows were active, in one row tile: how many
         groups are active is only known at run time, and one must fill the GPU alone (more
         make more programs)."""
-        return cls(**tiling(m, k, n, fmt, row_tiles=1))
+        return cls(**route_tiling(m, k, n, fmt, x_dtype, row_tiles=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,17 +230,20 @@ class MultiDeltaConfig(DeltaMatmulConfig):
 
 
 def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slots: int,
-                        has_zeros: bool, has_meta: bool):
+                        has_zeros: bool, has_meta: bool, phase: bool):
     # active_ref   # [G] int32: active_slots (G = min(M, S)), padded with S
     # starts_ref   # [S + 2] int32: group_starts
     # sizes_ref    # [S + 1] int32: group_sizes
-    # x_ref        # [M + block_m, K]  sorted rows, padded by one row tile
+    # x_ref        # [M + block_m, K]  sorted rows, padded by one row tile; on the phase route
+    #              # two refs, the permuted float32 rows and their sums (`phases.phase_inputs`)
     # qweight_ref  # [S, K' * bits / 32, block_n] uint32  every slot's column strip
     # scales_ref   # [S, K / group_size, block_n] bf16
     # zeros_ref    # [S, K / group_size, block_n] uint8   (asymmetric only)
     # meta_ref     # [S, K' * index_bits / 32, block_n] uint32   (n:m only)
     # o_ref        # [M + block_m, block_n] float32: this K split's partial sums
-    active_ref, starts_ref, sizes_ref, x_ref, qweight_ref, scales_ref, *rest, o_ref = refs
+    active_ref, starts_ref, sizes_ref, x_ref, *rest, o_ref = refs
+    sums_ref = rest.pop(0) if phase else None
+    qweight_ref, scales_ref = rest.pop(0), rest.pop(0)
     zeros_ref = rest.pop(0) if has_zeros else None
     meta_ref = rest.pop(0) if has_meta else None
     slot = active_ref[pl.program_id(0)]
@@ -255,6 +261,10 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slot
 
         def k_step(step, acc):
             kb = first + step
+            if phase:
+                return phases.step(qweight_ref, scales_ref, zeros_ref, x_ref, sums_ref, kb, acc,
+                                   fmt=fmt, block_k=block_k, rows=pl.ds(row0, block_m),
+                                   slot=mine)
             w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
                               block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype), slot=mine)
             x = x_ref[pl.ds(row0, block_m), pl.ds(kb * block_k, block_k)]
@@ -289,14 +299,16 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     if batch.group_sizes.shape != (slots + 1,) or batch.order.shape != (m,):
         raise ValueError(f"batch is for {batch.order.shape[0]} rows and "
                          f"{batch.group_sizes.shape[0] - 1} slots; x has {m} rows, stack {slots} slots")
-    config = config or MultiDeltaConfig.heuristic(m, k, n, slots, fmt)
+    config = config or MultiDeltaConfig.heuristic(m, k, n, slots, fmt, x.dtype)
     config.validate(k, n, fmt)
+    config.check_route(fmt, x.dtype)
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k
     steps = k // config.block_k // split
     # One spare row tile so that a tile starting at any row stays in bounds.
     xs = jnp.pad(batch.sort_rows(x), ((0, bm), (0, 0)))
+    xs = list(phases.phase_inputs(xs, fmt, config.block_k)) if config.phases else [xs]
 
     operands = pallas_operands(stack)
     # Every slot's column strip j; the kernel picks its active slot's.
@@ -304,20 +316,21 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
                     for a in operands]
     kernel = functools.partial(
         _multi_delta_kernel, fmt=fmt, block_m=bm, block_k=config.block_k, steps=steps,
-        slots=slots, has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None)
+        slots=slots, has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None,
+        phase=config.phases)
     whole = lambda shape: pl.BlockSpec(shape, lambda g, j, s: (0,) * len(shape))
     partial_sums = pl.pallas_call(
         kernel,
         grid=(batch.active_slots.shape[0], n // bn, split),
         in_specs=[whole(batch.active_slots.shape), whole(batch.group_starts.shape),
-                  whole(batch.group_sizes.shape), whole(xs.shape), *weight_specs],
+                  whole(batch.group_sizes.shape), *(whole(a.shape) for a in xs), *weight_specs],
         out_specs=pl.BlockSpec((None, m + bm, bn), lambda g, j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((split, m + bm, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
         name="multi_delta_matmul",
-    )(batch.active_slots, batch.group_starts, batch.group_sizes, xs, *operands)
+    )(batch.active_slots, batch.group_starts, batch.group_sizes, *xs, *operands)
     y = partial_sums[0] if split == 1 else partial_sums.sum(axis=0)
     # The base-only rows were never written (no program runs for them): exactly 0 here.
     y = jnp.where((batch.sorted_slots >= 0)[:, None], y[:m], 0.0)

@@ -33,83 +33,19 @@ float32 (XLA on a CPU runs bf16 arithmetic several times slower), then rounds: t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dzjax.pallas_kernels import packing
+from dzjax.pallas_kernels import packing, phases
+from dzjax.pallas_kernels.tiling import DeltaMatmulConfig, check_pallas_format
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
-PALLAS_BITS = (2, 4, 8)
-MIN_BLOCK = 16  # Triton's dot needs every dimension >= 16
-SMS_FILLED = 132  # programs that fill an H100 / H200 (one per SM)
-
-
-def _pow2_floor(v: int) -> int:
-    return 1 << (max(int(v), 1).bit_length() - 1)
-
-
-def pow2_ceil(v: int) -> int:
-    return 1 << max(int(v) - 1, 0).bit_length()
-
-
-# ----------------------------------------------------------------------------------------------
-# Format support shared with the multi-delta kernel.
-
-
-def check_pallas_format(fmt: Format) -> None:
-    """Raise a ValueError naming the reason when the Pallas kernels cannot serve `fmt`."""
-    if fmt.bits not in PALLAS_BITS:
-        raise ValueError(
-            f"the Pallas delta kernels support bits in {PALLAS_BITS}, not bits={fmt.bits} "
-            "(3-bit codes cross 32-bit words); use implementation='xla'")
-    if fmt.nm is not None:
-        n, m = fmt.nm
-        ib = packing.index_bits(m)
-        if m & (m - 1) or (32 // fmt.bits) % n or (32 // ib) % n:
-            raise ValueError(f"the Pallas delta kernels support n:m sparsity with m a power of two "
-                             f"and n dividing the codes per word; got {n}:{m} at {fmt.bits} bits")
-
-
-def block_k_ok(block_k: int, k: int, fmt: Format) -> bool:
-    """Whether a K step of `block_k` inputs holds whole packed words, scale groups and n:m groups."""
-    n, m = fmt.nm or (1, 1)
-    stored = block_k * n // m
-    g = fmt.group_size
-    return (block_k >= MIN_BLOCK and block_k & (block_k - 1) == 0 and k % block_k == 0
-            and block_k % m == 0 and (stored * fmt.bits) % 32 == 0
-            and (fmt.nm is None or (stored * packing.index_bits(m)) % 32 == 0)
-            and (g % block_k == 0 or (block_k % g == 0 and g % m == 0 and g & (g - 1) == 0)))
-
-
-def pick_block_k(k: int, fmt: Format, target: int | None = None) -> int:
-    """The largest power-of-two K step <= target that `block_k_ok` accepts, or a ValueError."""
-    # Long K steps spread each step's fixed work (addresses, pipeline, scale loads) over more
-    # weights: instructions per weight from the compiled PTX, `benchmarks/kernels.py --ptx`.
-    target = target or {2: 256, 4: 128, 8: 128}.get(fmt.bits, 128)
-    bk = _pow2_floor(min(target, k))
-    while bk >= MIN_BLOCK:
-        if block_k_ok(bk, k, fmt):
-            return bk
-        bk //= 2
-    raise ValueError(f"no power-of-two block_k >= {MIN_BLOCK} divides K={k} and fits "
-                     f"group_size={fmt.group_size}, bits={fmt.bits}, nm={fmt.nm}")
-
-
-def pick_block_n(n: int, target: int) -> int:
-    bn = _pow2_floor(min(target, n))
-    while bn >= MIN_BLOCK and n % bn:
-        bn //= 2
-    if bn < MIN_BLOCK:
-        raise ValueError(f"N={n} must be a multiple of {MIN_BLOCK} for the Pallas delta kernels")
-    return bn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,100 +247,30 @@ def dot_precision(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Config.
-
-
-def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int) -> dict[str, int]:
-    """The heuristic tiling of both kernels for M rows of x (`row_tiles` tiles of block_m rows
-    per column strip, each reading the strip's weights). block_m covers M (at most 64 rows). Of
-    the column strips (128 or 64), K steps (`pick_block_k`'s, halved down to 64) and K splits
-    (1 to 8, into whole steps), the one with the least predicted time: the bytes read (weights
-    per row tile, plus split-K partial sums written and read back) over the share of the SMs its
-    programs fill, SMS_FILLED programs filling all; within 10% of the least, the widest strip
-    and longest step: the compiled PTX (`benchmarks/kernels.py --ptx`) shows 128-column strips
-    issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
-    bound by instruction issue more than by bytes."""
-    block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
-    weight_bytes = sum(int(np.prod(shape)) * dtype.itemsize
-                       for shape, dtype in fmt.stored_arrays(k, n).values())
-    candidates = []
-    for block_n in dict.fromkeys(pick_block_n(n, t) for t in (128, 64)):
-        block_k = pick_block_k(k, fmt)
-        while True:
-            steps, split_k = k // block_k, 1
-            while split_k <= 8 and steps % split_k == 0:
-                programs = row_tiles * (n // block_n) * split_k
-                partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
-                cost = (row_tiles * weight_bytes + partials) / min(1.0, programs / SMS_FILLED)
-                candidates.append((cost, -block_n, -block_k, split_k))
-                split_k *= 2
-            if block_k // 2 < 64 or not block_k_ok(block_k // 2, k, fmt):
-                break
-            block_k //= 2
-    least = min(c[0] for c in candidates)
-    # Widest strip, then longest step, then least cost, among the near-best.
-    _, neg_n, neg_k, split_k = min((c for c in candidates if c[0] <= 1.1 * least),
-                                   key=lambda c: (c[1], c[2], c[0]))
-    return dict(block_m=block_m, block_n=-neg_n, block_k=-neg_k, split_k=split_k,
-                num_warps=warps_for(block_m, -neg_n))
-
-
-def warps_for(block_m: int, block_n: int) -> int:
-    """4 warps for decode tiles, 8 from 64 x 128 outputs on (the prefill tile): at 4 warps that
-    tile's accumulator and dequantized operand take 255 registers per thread."""
-    return 8 if block_m * block_n >= 64 * 128 else 4
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DeltaMatmulConfig:
-    """Tiling of the single-delta kernel: see the module docstring."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-    @classmethod
-    def heuristic(cls, m: int, k: int, n: int, fmt: Format) -> DeltaMatmulConfig:
-        """Decode-oriented: `tiling`, each row tile of block_m rows reading the weights."""
-        block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
-        return cls(**tiling(m, k, n, fmt, row_tiles=-(-m // block_m)))
-
-    def validate(self, k: int, n: int, fmt: Format) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < MIN_BLOCK or v & (v - 1):
-                raise ValueError(f"{name}={v} must be a power of two >= {MIN_BLOCK}")
-        if n % self.block_n:
-            raise ValueError(f"block_n={self.block_n} must divide N={n}")
-        if not block_k_ok(self.block_k, k, fmt):
-            raise ValueError(f"block_k={self.block_k} must divide K={k} and hold whole packed words "
-                             f"and scale groups (group_size={fmt.group_size}, nm={fmt.nm})")
-        if (k // self.block_k) % self.split_k:
-            raise ValueError(f"split_k={self.split_k} must divide the {k // self.block_k} K steps")
-
-
-# ----------------------------------------------------------------------------------------------
 # Kernel.
 
 
 def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros: bool,
-                         has_meta: bool):
-    # x_ref        # [block_m, K]  activations (bf16 / f16 / f32)
+                         has_meta: bool, phase: bool):
+    # x_ref        # [block_m, K]  activations (bf16 / f16 / f32); on the phase route two refs,
+    #              # the permuted float32 x and its sums (`phases.phase_inputs`)
     # qweight_ref  # [K' * bits / 32, block_n] uint32
     # scales_ref   # [K / group_size, block_n] bf16
     # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric formats only)
     # meta_ref     # [K' * index_bits / 32, block_n] uint32   (n:m formats only)
     # o_ref        # [block_m, block_n] float32: this K split's partial sum
-    x_ref, qweight_ref, scales_ref, *rest, o_ref = refs
+    x_ref, *rest, o_ref = refs
+    sums_ref = rest.pop(0) if phase else None
+    qweight_ref, scales_ref = rest.pop(0), rest.pop(0)
     zeros_ref = rest.pop(0) if has_zeros else None
     meta_ref = rest.pop(0) if has_meta else None
     first = pl.program_id(2) * steps
 
     def body(step, acc):
         kb = first + step
+        if phase:
+            return phases.step(qweight_ref, scales_ref, zeros_ref, x_ref, sums_ref, kb, acc,
+                               fmt=fmt, block_k=block_k, rows=slice(None))
         w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
                           block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype))
         x = x_ref[:, pl.ds(kb * block_k, block_k)]
@@ -448,16 +314,19 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
       config: tiling; `DeltaMatmulConfig.heuristic` when None.
       interpret: run the kernel in Pallas interpret mode (any backend).
     Returns:
-      [M, N] float32. The weights are those of `reference.delta_matmul_ref`, float32 values
-      rounded once to x's dtype (built directly in bf16 where `dequant_dtype` allows: the same
-      bits); accumulation is float32.
+      [M, N] float32. On the general route the weights are those of
+      `reference.delta_matmul_ref`, float32 values rounded once to x's dtype (built directly in
+      bf16 where `dequant_dtype` allows: the same bits); on the phase route (`config.phases`,
+      the default for dense 2/4/8-bit codes and 16-bit x) the exact float32 weights.
+      Accumulation is float32.
     """
     check_inputs(x, q)
     x, q = pad_rows(x, q)
     (m, k), n = x.shape, q.shape[1]
     fmt = q.format
-    config = config or DeltaMatmulConfig.heuristic(m, k, n, fmt)
+    config = config or DeltaMatmulConfig.heuristic(m, k, n, fmt, x.dtype)
     config.validate(k, n, fmt)
+    config.check_route(fmt, x.dtype)
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k
@@ -468,18 +337,20 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     operands = pallas_operands(q)
     # Whole-K column strips of every stored array; the kernel walks K itself.
     weight_specs = [pl.BlockSpec((a.shape[0], bn), lambda i, j, s: (0, j)) for a in operands]
+    xs = list(phases.phase_inputs(x, fmt, config.block_k)) if config.phases else [x]
     kernel = functools.partial(
         _delta_matmul_kernel, fmt=fmt, block_k=config.block_k, steps=steps,
-        has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None)
+        has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None, phase=config.phases)
     partial_sums = pl.pallas_call(
         kernel,
         grid=(-(-m // bm), n // bn, split),
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j, s: (i, 0)), *weight_specs],
+        in_specs=[*(pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0)) for a in xs),
+                  *weight_specs],
         out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
         name="delta_matmul",
-    )(x, *operands)
+    )(*xs, *operands)
     return partial_sums[0] if split == 1 else partial_sums.sum(axis=0)

@@ -1,0 +1,183 @@
+"""Tilings of the delta kernels: which K steps and column strips a format allows, the heuristic
+that picks them (`tiling`, `route_tiling`), and `DeltaMatmulConfig`, the single-delta kernel's
+static configuration (the multi-delta kernel's `MultiDeltaConfig` extends it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from dzjax.pallas_kernels import packing, phases
+from dzjax.pallas_kernels.formats import Format
+
+PALLAS_BITS = (2, 4, 8)
+MIN_BLOCK = 16  # Triton's dot needs every dimension >= 16
+SMS_FILLED = 132  # programs that fill an H100 / H200 (one per SM)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def pow2_ceil(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------
+# Format support shared with the multi-delta kernel.
+
+
+def check_pallas_format(fmt: Format) -> None:
+    """Raise a ValueError naming the reason when the Pallas kernels cannot serve `fmt`."""
+    if fmt.bits not in PALLAS_BITS:
+        raise ValueError(
+            f"the Pallas delta kernels support bits in {PALLAS_BITS}, not bits={fmt.bits} "
+            "(3-bit codes cross 32-bit words); use implementation='xla'")
+    if fmt.nm is not None:
+        n, m = fmt.nm
+        ib = packing.index_bits(m)
+        if m & (m - 1) or (32 // fmt.bits) % n or (32 // ib) % n:
+            raise ValueError(f"the Pallas delta kernels support n:m sparsity with m a power of two "
+                             f"and n dividing the codes per word; got {n}:{m} at {fmt.bits} bits")
+
+
+def block_k_ok(block_k: int, k: int, fmt: Format) -> bool:
+    """Whether a K step of `block_k` inputs holds whole packed words, scale groups and n:m groups."""
+    n, m = fmt.nm or (1, 1)
+    stored = block_k * n // m
+    g = fmt.group_size
+    return (block_k >= MIN_BLOCK and block_k & (block_k - 1) == 0 and k % block_k == 0
+            and block_k % m == 0 and (stored * fmt.bits) % 32 == 0
+            and (fmt.nm is None or (stored * packing.index_bits(m)) % 32 == 0)
+            and (g % block_k == 0 or (block_k % g == 0 and g % m == 0 and g & (g - 1) == 0)))
+
+
+def pick_block_k(k: int, fmt: Format, target: int | None = None) -> int:
+    """The largest power-of-two K step <= target that `block_k_ok` accepts, or a ValueError."""
+    # Long K steps spread each step's fixed work (addresses, pipeline, scale loads) over more
+    # weights: instructions per weight from the compiled PTX, `benchmarks/kernels.py --ptx`.
+    target = target or pick_block_k_target(fmt)
+    bk = _pow2_floor(min(target, k))
+    while bk >= MIN_BLOCK:
+        if block_k_ok(bk, k, fmt):
+            return bk
+        bk //= 2
+    raise ValueError(f"no power-of-two block_k >= {MIN_BLOCK} divides K={k} and fits "
+                     f"group_size={fmt.group_size}, bits={fmt.bits}, nm={fmt.nm}")
+
+
+def pick_block_k_target(fmt: Format) -> int:
+    return {2: 256, 4: 128, 8: 128}.get(fmt.bits, 128)
+
+
+def pick_block_n(n: int, target: int) -> int:
+    bn = _pow2_floor(min(target, n))
+    while bn >= MIN_BLOCK and n % bn:
+        bn //= 2
+    if bn < MIN_BLOCK:
+        raise ValueError(f"N={n} must be a multiple of {MIN_BLOCK} for the Pallas delta kernels")
+    return bn
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
+           min_block_k: int = 64) -> dict[str, int]:
+    """The heuristic tiling of both kernels for M rows of x (`row_tiles` tiles of block_m rows
+    per column strip, each reading the strip's weights). block_m covers M (at most 64 rows). Of
+    the column strips (128 or 64), K steps (`pick_block_k`'s, halved down to 64) and K splits
+    (1 to 8, into whole steps), the one with the least predicted time: the bytes read (weights
+    per row tile, plus split-K partial sums written and read back) over the share of the SMs its
+    programs fill, SMS_FILLED programs filling all; within 10% of the least, the widest strip
+    and longest step: the compiled PTX (`benchmarks/kernels.py --ptx`) shows 128-column strips
+    issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
+    bound by instruction issue more than by bytes. K steps stay >= `min_block_k` (the phase
+    route's `phases.min_block_k`)."""
+    block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
+    weight_bytes = sum(int(np.prod(shape)) * dtype.itemsize
+                       for shape, dtype in fmt.stored_arrays(k, n).values())
+    candidates = []
+    for block_n in dict.fromkeys(pick_block_n(n, t) for t in (128, 64)):
+        block_k = pick_block_k(k, fmt, max(min_block_k, pick_block_k_target(fmt)))
+        while True:
+            steps, split_k = k // block_k, 1
+            while split_k <= 8 and steps % split_k == 0:
+                programs = row_tiles * (n // block_n) * split_k
+                partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
+                cost = (row_tiles * weight_bytes + partials) / min(1.0, programs / SMS_FILLED)
+                candidates.append((cost, -block_n, -block_k, split_k))
+                split_k *= 2
+            if block_k // 2 < max(64, min_block_k) or not block_k_ok(block_k // 2, k, fmt):
+                break
+            block_k //= 2
+    least = min(c[0] for c in candidates)
+    # Widest strip, then longest step, then least cost, among the near-best.
+    _, neg_n, neg_k, split_k = min((c for c in candidates if c[0] <= 1.1 * least),
+                                   key=lambda c: (c[1], c[2], c[0]))
+    return dict(block_m=block_m, block_n=-neg_n, block_k=-neg_k, split_k=split_k,
+                num_warps=warps_for(block_m, -neg_n))
+
+
+def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int) -> dict:
+    """`tiling` plus the route: the phase route (`phases.py`) where it serves the format and
+    activations and K has a step long enough for it, else the general one."""
+    if phases.serves(fmt, x_dtype):
+        try:
+            bk = pick_block_k(k, fmt, max(phases.min_block_k(fmt), pick_block_k_target(fmt)))
+        except ValueError:
+            bk = 0
+        if bk >= phases.min_block_k(fmt):
+            return dict(tiling(m, k, n, fmt, row_tiles=row_tiles,
+                               min_block_k=phases.min_block_k(fmt)), phases=True)
+    return tiling(m, k, n, fmt, row_tiles=row_tiles)
+
+
+def warps_for(block_m: int, block_n: int) -> int:
+    """4 warps for decode tiles, 8 from 64 x 128 outputs on (the prefill tile): at 4 warps that
+    tile's accumulator and dequantized operand take 255 registers per thread."""
+    return 8 if block_m * block_n >= 64 * 128 else 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeltaMatmulConfig:
+    """Tiling of the single-delta kernel: see the module docstring."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    phases: bool = False  # the register-resident route (`phases.py`), else the general one
+
+    @classmethod
+    def heuristic(cls, m: int, k: int, n: int, fmt: Format,
+                  x_dtype=jnp.bfloat16) -> DeltaMatmulConfig:
+        """Decode-oriented: `route_tiling`, each row tile of block_m rows reading the weights."""
+        block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
+        return cls(**route_tiling(m, k, n, fmt, x_dtype, row_tiles=-(-m // block_m)))
+
+    def validate(self, k: int, n: int, fmt: Format) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < MIN_BLOCK or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= {MIN_BLOCK}")
+        if n % self.block_n:
+            raise ValueError(f"block_n={self.block_n} must divide N={n}")
+        if not block_k_ok(self.block_k, k, fmt):
+            raise ValueError(f"block_k={self.block_k} must divide K={k} and hold whole packed words "
+                             f"and scale groups (group_size={fmt.group_size}, nm={fmt.nm})")
+        if (k // self.block_k) % self.split_k:
+            raise ValueError(f"split_k={self.split_k} must divide the {k // self.block_k} K steps")
+        if self.phases and self.block_k < phases.min_block_k(fmt):
+            raise ValueError(f"the phase route needs block_k >= {phases.min_block_k(fmt)} at "
+                             f"{fmt.bits} bits, got {self.block_k}")
+
+    def check_route(self, fmt: Format, x_dtype) -> None:
+        if self.phases and not phases.serves(fmt, x_dtype):
+            raise ValueError(f"the phase route serves dense 2/4/8-bit codes with bf16/f16 "
+                             f"activations, not {fmt} with {jnp.dtype(x_dtype)} activations")
