@@ -357,8 +357,8 @@ def model(quick: bool = False) -> dict:
     from dzjax.pallas_kernels.single_delta import dequant_dtype
 
     table = json.loads(PTX_TABLE.read_text())["results"] if PTX_TABLE.exists() else []
-    # What issues: the machine code's count where the table has it, else the PTX's.
-    per_weight = {(r["format"], *r["tile"]): r.get("sass_per_weight", r["instructions_per_weight"])
+    # What issues: the machine code's count where one was found (a K loop), else the PTX's.
+    per_weight = {(r["format"], *r["tile"]): r.get("sass_per_weight") or r["instructions_per_weight"]
                   for r in table}
     rows, prefill = [], []
     for k, n in SHAPES[:1] if quick else SHAPES:
