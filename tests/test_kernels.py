@@ -66,8 +66,8 @@ def phase_route(implementation: str, fmt: Format, x, n: int) -> bool:
     """Whether `implementation` multiplies x by a delta of `fmt` on the kernels' phase route."""
     if implementation not in ("interpret", "pallas") or dispatch.prefill_route(x.shape):
         return False
-    kp = fmt.padded_k(x.shape[-1])
-    return DeltaMatmulConfig.heuristic(1, kp, n, fmt, x.dtype).phases
+    rows = int(np.prod(x.shape[:-1]))
+    return DeltaMatmulConfig.heuristic(rows, fmt.padded_k(x.shape[-1]), n, fmt, x.dtype).phases
 
 
 def assert_close(y, want, tol=TOL):
@@ -219,6 +219,36 @@ class TestDeltaMatmulKernelEdges:
         q, w = random_delta(rng, K, N, Format(bits=4, group_size=64, nm=(2, 4)))
         x = random_x(rng, 40, K, jnp.bfloat16)
         assert_close(delta_matmul_pallas(x, q, config=config, interpret=True), expected(x, w))
+
+    def test_the_route_each_case_takes(self):
+        """The phase route: dense 2/4/8-bit codes, 16-bit x, row tiles of at most 32 rows (from
+        64 on the sm_90 dot is a wgmma that reads its B operand from shared memory)."""
+        route = lambda m, fmt, dtype=jnp.bfloat16: DeltaMatmulConfig.heuristic(
+            m, 4096, 4096, fmt, dtype).phases
+        for bits in (2, 4, 8):
+            assert route(1, Format(bits=bits, group_size=128))
+            assert route(32, Format(bits=bits, group_size=4096), jnp.float16)
+            assert not route(33, Format(bits=bits, group_size=128))
+            assert not route(1, Format(bits=bits, group_size=128), jnp.float32)
+        assert not route(1, Format(bits=4, group_size=128, nm=(2, 4)))
+        # K steps are one scale group where the group allows: 2-bit g128 steps 128 rows.
+        assert DeltaMatmulConfig.heuristic(1, 4096, 4096, Format(bits=2, group_size=128)).block_k == 128
+
+    @pytest.mark.parametrize("fmt", [Format(bits=2, group_size=128), Format(bits=4, group_size=64),
+                                     Format(bits=8, group_size=256, symmetric=True)], ids=fmt_id)
+    def test_both_routes_agree(self, fmt):
+        """The same tiling on either route: the general one rounds the weights to bf16, the
+        phase route does not; each matches its own float64 ground truth, on fresh inputs."""
+        rng = np.random.default_rng(zlib.crc32(fmt_id(fmt).encode()) + 1)
+        q, w = random_delta(rng, 512, N, fmt)
+        x = random_x(rng, 9, 512, jnp.bfloat16)
+        for phases, exact in ((False, False), (True, True)):
+            config = DeltaMatmulConfig(block_m=16, block_n=32, block_k=256, split_k=2,
+                                       phases=phases)
+            assert_close(delta_matmul_pallas(x, q, config=config, interpret=True),
+                         expected(x, w, exact=exact))
+        with pytest.raises(ValueError, match="phase route serves"):
+            delta_matmul_pallas(x.astype(jnp.float32), q, config=config, interpret=True)
 
     def test_bad_config(self):
         q, _ = random_delta(np.random.default_rng(0), K, N, Format(bits=4, group_size=64))

@@ -25,9 +25,10 @@ float32 outside) at most 11, within TF32's 11. So the weights are the exact floa
 scale * (c - zero), not rounded to x's dtype as on the general route (a little more accurate;
 outputs differ from the XLA path by that rounding, ~1e-3 of the delta's contribution).
 
-When a scale group is shorter than the step (2-bit g128: 8 word rows per group, fewer than the 16
-a dot needs), each phase tile spans several groups: it is multiplied once per group with x masked
-to that group's rows (zeros elsewhere, built into the permuted x), into one accumulator per group.
+K steps are one scale group where the group allows (2-bit g128: 128 rows, 8 word rows per phase,
+one TF32 MMA deep). When a group is shorter than the shortest step (2-bit g64), each phase tile
+spans several groups: it is multiplied once per group with x masked to that group's rows (zeros
+elsewhere, built into the permuted x), into one accumulator per group.
 """
 
 from __future__ import annotations
@@ -40,15 +41,19 @@ from jax.experimental import pallas as pl
 
 from dzjax.pallas_kernels.formats import Format
 
-MIN_WORD_ROWS = 16  # a phase tile's rows are its dot's K: Triton needs >= 16
+# A phase tile's word rows are its dot's K: 8 is the K of one TF32 MMA (m16n8k8). (Triton's
+# Python front end asks for 16; its MMA lowering takes 8, compiled for sm_90 in the tests.)
+MIN_WORD_ROWS = 8
+MAX_BLOCK_M = 32  # row tiles whose dot stays a warp-level MMA, with operands in registers
 _ONE_BITS = 0x3F800000  # 1.0f
 _MAGIC_BITS = 0x4B000000  # 2.0 ** 23: zero points as floats without a conversion
 
 
 def serves(fmt: Format, x_dtype) -> bool:
     """Whether this route serves `fmt` for activations of `x_dtype` (given a K step it can use,
-    see `min_block_k`): dense codes of 2, 4 or 8 bits, bf16 or f16 activations (float32
-    activations would be rounded to TF32 by the dot: they take the general route)."""
+    see `min_block_k`, and row tiles of at most `MAX_BLOCK_M`): dense codes of 2, 4 or 8 bits,
+    bf16 or f16 activations (float32 activations would be rounded to TF32 by the dot: they take
+    the general route)."""
     return (fmt.nm is None and fmt.bits in (2, 4, 8)
             and jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
@@ -56,6 +61,12 @@ def serves(fmt: Format, x_dtype) -> bool:
 def min_block_k(fmt: Format) -> int:
     """The shortest K step whose phase tiles have `MIN_WORD_ROWS` word rows."""
     return MIN_WORD_ROWS * 32 // fmt.bits
+
+
+def max_block_k(fmt: Format, target: int) -> int:
+    """The longest K step to consider: `target`, but no longer than a scale group where a group
+    holds a step (a step of several groups multiplies each phase tile once per group)."""
+    return max(min_block_k(fmt), min(target, fmt.group_size))
 
 
 def layout(fmt: Format, block_k: int) -> tuple[int, int, int, int]:

@@ -86,7 +86,7 @@ def pick_block_n(n: int, target: int) -> int:
 
 
 def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
-           min_block_k: int = 64) -> dict[str, int]:
+           min_block_k: int = 64, max_block_k: int | None = None) -> dict[str, int]:
     """The heuristic tiling of both kernels for M rows of x (`row_tiles` tiles of block_m rows
     per column strip, each reading the strip's weights). block_m covers M (at most 64 rows). Of
     the column strips (128 or 64), K steps (`pick_block_k`'s, halved down to 64) and K splits
@@ -95,14 +95,14 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     programs fill, SMS_FILLED programs filling all; within 10% of the least, the widest strip
     and longest step: the compiled PTX (`benchmarks/kernels.py --ptx`) shows 128-column strips
     issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
-    bound by instruction issue more than by bytes. K steps stay >= `min_block_k` (the phase
-    route's `phases.min_block_k`)."""
+    bound by instruction issue more than by bytes. K steps lie within [`min_block_k`,
+    `max_block_k`] (the phase route's bounds; by default >= 64 and `pick_block_k`'s target)."""
     block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
     weight_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                        for shape, dtype in fmt.stored_arrays(k, n).values())
     candidates = []
     for block_n in dict.fromkeys(pick_block_n(n, t) for t in (128, 64)):
-        block_k = pick_block_k(k, fmt, max(min_block_k, pick_block_k_target(fmt)))
+        block_k = pick_block_k(k, fmt, max_block_k or max(min_block_k, pick_block_k_target(fmt)))
         while True:
             steps, split_k = k // block_k, 1
             while split_k <= 8 and steps % split_k == 0:
@@ -119,21 +119,34 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     _, neg_n, neg_k, split_k = min((c for c in candidates if c[0] <= 1.1 * least),
                                    key=lambda c: (c[1], c[2], c[0]))
     return dict(block_m=block_m, block_n=-neg_n, block_k=-neg_k, split_k=split_k,
-                num_warps=warps_for(block_m, -neg_n))
+                num_warps=warps_for(block_m, -neg_n),
+                num_stages=stages_for(fmt, -neg_n, -neg_k))
 
 
 def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int) -> dict:
     """`tiling` plus the route: the phase route (`phases.py`) where it serves the format and
     activations and K has a step long enough for it, else the general one."""
-    if phases.serves(fmt, x_dtype):
+    block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
+    # From 64-row tiles on, Triton's sm_90 dot is a warpgroup MMA (wgmma), whose B operand must
+    # come from shared memory: the phase route would store float32 tiles there, worse than the
+    # general route's bf16 (compiled: 12.9 against 7.4 PTX instructions per weight at 4 bits).
+    if phases.serves(fmt, x_dtype) and block_m <= phases.MAX_BLOCK_M:
+        low, high = phases.min_block_k(fmt), phases.max_block_k(fmt, pick_block_k_target(fmt))
         try:
-            bk = pick_block_k(k, fmt, max(phases.min_block_k(fmt), pick_block_k_target(fmt)))
+            bk = pick_block_k(k, fmt, high)
         except ValueError:
             bk = 0
-        if bk >= phases.min_block_k(fmt):
-            return dict(tiling(m, k, n, fmt, row_tiles=row_tiles,
-                               min_block_k=phases.min_block_k(fmt)), phases=True)
+        if bk >= low:
+            return dict(tiling(m, k, n, fmt, row_tiles=row_tiles, min_block_k=low,
+                               max_block_k=high), phases=True)
     return tiling(m, k, n, fmt, row_tiles=row_tiles)
+
+
+def stages_for(fmt: Format, block_n: int, block_k: int) -> int:
+    """3 pipeline stages, but 2 for the n:m expansion in 64-row K steps of 128-column strips:
+    with 3, ptxas spills there (96 registers and 20 bytes of spill at 11008 x 4096; with 2, 116
+    registers and none: the compiler check in the tests)."""
+    return 2 if fmt.nm is not None and block_k <= 64 and block_n >= 128 else 3
 
 
 def warps_for(block_m: int, block_n: int) -> int:
