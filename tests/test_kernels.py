@@ -231,6 +231,14 @@ class TestDeltaMatmulKernelEdges:
             assert not route(33, Format(bits=bits, group_size=128))
             assert not route(1, Format(bits=bits, group_size=128), jnp.float32)
         assert not route(1, Format(bits=4, group_size=128, nm=(2, 4)))
+        # Scale groups shorter than a word's codes take the general route, and are served right.
+        for fmt in (Format(bits=2, group_size=8), Format(bits=4, group_size=4),
+                    Format(bits=8, group_size=2)):
+            assert not route(1, fmt)
+            rng = np.random.default_rng(fmt.bits)
+            q, w = random_delta(rng, K, N, fmt)
+            x = random_x(rng, 3, K, jnp.bfloat16)
+            assert_close(delta_matmul(x, q, implementation="interpret"), expected(x, w))
         # K steps are one scale group where the group allows: 2-bit g128 steps 128 rows.
         assert DeltaMatmulConfig.heuristic(1, 4096, 4096, Format(bits=2, group_size=128)).block_k == 128
 

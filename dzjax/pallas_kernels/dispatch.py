@@ -12,9 +12,11 @@ called, or traced when called under jit: set `DZJAX_KERNEL` before the first tra
 The prefill route: with "pallas" or "interpret", a call with at least `PREFILL_ROWS` rows (256:
 a prompt chunk, not a decode batch) dequantizes each used delta once and multiplies its rows with
 a dense matmul (cuBLAS through XLA) in tiles of `PREFILL_TILE` rows, instead of the fused kernel,
-which dequantizes every column strip again for each tile of 64 rows. The weights are the same
-bits (built as the kernels build them); the sums run in another order, so outputs agree to
-float32 rounding, not bit for bit.
+which dequantizes every column strip again for each tile of 64 rows. Its weights are rounded
+to x's dtype as on the XLA path; the fused kernels' phase route (dense 2/4/8-bit codes, 16-bit
+x, up to 32-row tiles; `phases.py`) multiplies by the float32 weights instead, so a decode step
+and a prompt chunk of the same delta differ by that rounding (~1e-3 of the delta's
+contribution); elsewhere they agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def delta_matmul(x: jax.Array, q: QuantizedTensor, *, implementation: str | None
       q: a compressed [K, N] delta (`QuantizedTensor`).
       implementation: "xla", "pallas", "interpret" or None/"auto" (see the module docstring).
     Returns:
-      [..., N] float32: the weights are dequantized in float32, rounded to x's dtype, and
-      multiplied with float32 accumulation (every implementation agrees to float error).
+      [..., N] float32: the weights are dequantized in float32, rounded to x's dtype (but on
+      the kernels' phase route, see above), and multiplied with float32 accumulation.
     """
     impl = resolve(implementation, x.shape, q)
     if impl == "xla" or prefill_route(x.shape):

@@ -20,8 +20,8 @@ with x gives acc = sum(x) + sum(x * c) / 2**b, so per scale group
   sum(x * scale * (c - zero)) = scale * (2**b * acc - (2**b + zero) * sum(x))
 
 with sum(x) per group also computed outside the kernel. The dot runs in TF32 on the tensor cores,
-and is exact there: 1 + c / 2**b has at most 8 significant bits and x (bf16 or f16, converted to
-float32 outside) at most 11, within TF32's 11. So the weights are the exact float32
+and is exact there: 1 + c / 2**b has at most 9 significant bits (8-bit codes) and x (bf16 or
+f16, converted to float32 outside) at most 11, within TF32's 11; their products fit float32. So the weights are the exact float32
 scale * (c - zero), not rounded to x's dtype as on the general route (a little more accurate;
 outputs differ from the XLA path by that rounding, ~1e-3 of the delta's contribution).
 
@@ -51,10 +51,10 @@ _MAGIC_BITS = 0x4B000000  # 2.0 ** 23: zero points as floats without a conversio
 
 def serves(fmt: Format, x_dtype) -> bool:
     """Whether this route serves `fmt` for activations of `x_dtype` (given a K step it can use,
-    see `min_block_k`, and row tiles of at most `MAX_BLOCK_M`): dense codes of 2, 4 or 8 bits,
-    bf16 or f16 activations (float32 activations would be rounded to TF32 by the dot: they take
-    the general route)."""
-    return (fmt.nm is None and fmt.bits in (2, 4, 8)
+    see `min_block_k`, and row tiles of at most `MAX_BLOCK_M`): dense codes of 2, 4 or 8 bits in
+    scale groups of whole words (a word's codes share a group), bf16 or f16 activations (float32
+    activations would be rounded to TF32 by the dot: they take the general route)."""
+    return (fmt.nm is None and fmt.bits in (2, 4, 8) and fmt.group_size % (32 // fmt.bits) == 0
             and jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
