@@ -9,7 +9,9 @@ attainment.
 The costs are measured on one in-process server before Ray starts (`measure_costs`): decode
 steps by rows and active deltas, prefills by rows, a delta's load from disk and from host
 memory; the router's and HTTP's time per request, and the time to stream a token on, are
-measured on the deployment itself with a few sequential requests (not the workload), and the
+measured on the deployment itself with a few sequential requests (not the workload), with the
+CPU time the router's processes (Ray's proxy, the ingress: `hops`) spend on them per request
+and per token (psutil; the part of it a lone request waits for is `hop_share`), and the
 replicas' contention for shared cores from a closed loop that keeps every replica's batch full
 (the step time then against one replica's alone). The workload then runs twice on the
 replicas, the first pass to compile every shape on each, the second measured. Every request
@@ -146,6 +148,31 @@ def closed_loop(url: str, workload, concurrency: int, seconds: float) -> float:
     return total / (time.perf_counter() - start)
 
 
+ROUTER_PROCESSES = ("ProxyActor", "ServeReplica:dzjax:Ingress")  # in the order a request passes
+
+
+def router_processes() -> list:
+    """The router's processes on this machine (Ray's proxy, the ingress), in `ROUTER_PROCESSES`
+    order, found by their process titles."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        for key in ROUTER_PROCESSES:
+            if title.startswith("ray::") and key in title:
+                found.setdefault(key, []).append(p)
+    missing = [key for key in ROUTER_PROCESSES if key not in found]
+    if missing:
+        raise RuntimeError(f"no Ray process titled {missing} on this machine")
+    return [found[key] for key in ROUTER_PROCESSES]
+
+
+def cpu_seconds(processes: list) -> list[float]:
+    """CPU seconds (user + system) each group of processes has used so far."""
+    return [sum(sum(p.cpu_times()[:2]) for p in group) for group in processes]
+
+
 def _routing(url: str) -> dict:
     import httpx2
 
@@ -207,15 +234,28 @@ def main() -> None:
     try:
         run_real(url, workload)  # compile every shape on every replica
         # The deployment's own costs, from sequential requests (one at a time, so one row):
-        # the hop per request, and the time to stream each token on.
+        # the hop per request, and the time to stream each token on; and the work of each
+        # of the router's processes (their CPU time) per request and per streamed token.
+        router = router_processes()
+        probes = 6
+
         def sequential(max_tokens):
-            return statistics.median(o.finished - o.arrival for o in run_real(url, [
+            before = cpu_seconds(router)
+            latency = statistics.median(o.finished - o.arrival for o in run_real(url, [
                 dataclasses.replace(r, arrival=i * 0.5, max_tokens=max_tokens)
-                for i, r in enumerate(workload[:6])]))
+                for i, r in enumerate(workload[:probes])]))
+            return latency, [(b - a) / probes for a, b in zip(before, cpu_seconds(router))]
         longest = max(r.max_tokens for r in workload)  # (a shape the warm-up compiled)
-        one, whole = sequential(1), sequential(longest)
+        (one, work_one), (whole, work_whole) = sequential(1), sequential(longest)
+        per_token = [max(0.0, (w - o) / (longest - 1)) for o, w in zip(work_one, work_whole)]
+        hops = tuple((max(0.0, o - t), t) for o, t in zip(work_one, per_token))
+        # Alone, a one-token request waits for its hops' work on its path, and for the rest
+        # of the hop (route_s): when the work is more than that wait, only a share of it is.
+        path = max(0.0, one - costs.prefill(1))
+        work = sum(r + t for r, t in hops)
+        share = min(1.0, path / work) if work else 1.0
         costs = dataclasses.replace(
-            costs, route_s=max(0.0, one - costs.prefill(1)),
+            costs, hops=hops, hop_share=share, route_s=max(0.0, path - share * work),
             token_s=max(0.0, (whole - one) / (longest - 1) - costs.decode(1, 1)))
         # Every replica busy with a full batch (closed loop): the step time then, against the
         # step time of one busy replica, is the contention of replicas sharing the cores.

@@ -1,6 +1,8 @@
 """The planning simulator (`dzjax.bench.simulate`) against outcomes worked out by hand from its
 documented rules: batching, prefill and decode costs, loads by tier, affinity routing."""
 
+import dataclasses
+
 import pytest
 
 from dzjax.bench.simulate import Costs, Deployment, simulate
@@ -106,3 +108,41 @@ def test_a_warm_start_finds_the_deltas_where_the_warm_up_left_them():
     # no disk read, no upload: the route, the prefill, one decode step
     assert [row[3] for row in warm["per_request"]] == pytest.approx([0.034, 0.034], abs=1e-4)
     assert warm["generated_tokens"] == 4 and len(warm["per_request"]) == 2
+
+
+HOPS = dataclasses.replace(COSTS, hops=((0.010, 0.002), (0.020, 0.003)))
+
+
+def test_requests_and_tokens_pass_the_routers_processes_both_ways():
+    """In through the hops in order (their work per request), then route_s; each token back
+    through them in reverse (their work per token): TTFT and latency when the client has it."""
+    out = simulate([request(0, 0.0, "base", 3)], Deployment(replicas=1), HOPS)
+    row = out["per_request"][0]
+    first = 0.010 + 0.020 + 0.004 + COSTS.prefill(1)
+    assert row[3] == pytest.approx(first + 0.003 + 0.002, abs=1e-6)
+    last = first + 2 * COSTS.decode(1, 0)  # one token a step: no token waits for another
+    assert row[4] == pytest.approx(last + 0.003 + 0.002, abs=1e-6)
+
+
+def test_a_hop_shares_its_time_among_what_it_holds():
+    """Two requests at once share the first hop (10 ms each: both through at 20 ms, not one
+    at 10 and one at 20), then the second (20 ms each: both at 60 ms)."""
+    work = [request(0, 0.0, "base", 1), request(1, 0.0, "base", 1)]
+    out = simulate(work, Deployment(replicas=1), HOPS)
+    at_replica = 0.020 + 0.040 + 0.004
+    first = at_replica + COSTS.prefill(2)
+    # both first tokens back: the ingress (3 ms each, shared: 6 ms), then the proxy (2 ms each)
+    assert [r[3] for r in out["per_request"]] == pytest.approx([first + 0.006 + 0.004] * 2,
+                                                               abs=1e-6)
+
+
+def test_a_hop_stays_busy_with_what_it_passed_on():
+    """With hop_share 0.5 a request is passed on at half its work; the hop still does the
+    other half, shared with the next request."""
+    one_hop = dataclasses.replace(COSTS, hops=((0.010, 0.0),), hop_share=0.5, route_s=0.0)
+    work = [request(0, 0.0, "base", 5), request(1, 0.005, "base", 1)]  # b: the idle replica
+    out = simulate(work, Deployment(replicas=2), one_hop)
+    a, b = out["per_request"]
+    assert a[3] == pytest.approx(0.005 + COSTS.prefill(1), abs=1e-6)
+    # b needs 5 ms of the hop's time before it is passed on, at half speed: 10 ms
+    assert b[3] == pytest.approx(0.010 + COSTS.prefill(1), abs=1e-6)

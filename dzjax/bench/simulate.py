@@ -3,7 +3,9 @@ router, fed with measured costs, that predicts throughput, TTFT, latency and SLO
 a workload (`dzjax.bench.workload`: D deltas, a popularity skew, Poisson arrivals).
 
 What it models, as the engine and `dzjax.serving.ray_serve` run:
-  router   each request, `route_s` after it arrives, goes to the least busy replica (below its
+  router   each request passes the router's processes (`hops`: Ray's proxy, the ingress; each
+           a single-threaded server that also forwards every streamed token, queued first come
+           first served), and `route_s` more, and goes to the least busy replica (below its
            `max_ongoing`) whose multiplexed set holds its delta, or else to the least busy one
            (which adds the delta to its set, least recently used out); base-only requests to
            the least busy; while every replica is at its limit, requests wait at the router.
@@ -16,6 +18,8 @@ What it models, as the engine and `dzjax.serving.ray_serve` run:
            prefilled together (their first token), then every row, the just admitted ones
            included, decodes one token in one step whose cost depends on the rows and on how
            many distinct deltas they use. Requests arriving during a step wait for the next.
+           Each token then passes the hops back (the ingress, then the proxy) to the client:
+           TTFT and latency are when the first and the last token have passed them.
   Not modelled: KV pages (the pool is taken as large enough: no page waits, no preemption),
   prefix sharing, the decode pipeline of accelerators, stop strings and EOS (every request
   generates its max_tokens).
@@ -46,10 +50,16 @@ class Costs:
       active deltas between measured points (and extended from the last two beyond them).
     prefill_s: {rows: one prefill of that many admitted requests together}, interpolated.
     load_s: {"host": a delta from host memory to the device, "disk": read from its file too}.
-    route_s: the router's and HTTP's time per request (added before it reaches a replica).
+    route_s: the router's and HTTP's time per request that is not work of a hop (added
+      before it reaches a replica).
     token_s: the serving process's time to send one row's token on (the stream through the
       router and HTTP), added to each decode step per row: on the replica it shares the
       interpreter with the engine's loop.
+    hops: ((request_s, token_s), ...): the router's processes a request passes in order
+      (a token passes them in reverse), each a server doing one thing at a time: its work
+      per request and per streamed token, queued first come first served. () = none.
+    hop_share: the part of a hop's work that a request or token waits for (the rest the hop
+      does after passing it on: closing, accounting); the hop stays busy for all of it.
     contention: {replicas busy at once: factor on a step's time}, interpolated (1 where not
       given): replicas that share a machine's cores (as on a CPU host) slow each other down;
       replicas on their own devices have none.
@@ -61,6 +71,8 @@ class Costs:
     route_s: float = 0.0
     token_s: float = 0.0
     contention: dict = dataclasses.field(default_factory=dict)
+    hops: tuple = ()
+    hop_share: float = 1.0
 
     def decode(self, rows: int, active: int) -> float:
         by_active = collections.defaultdict(dict)
@@ -79,7 +91,8 @@ class Costs:
         return {"decode_s": [[r, a, s] for (r, a), s in sorted(self.decode_s.items())],
                 "prefill_s": [[r, s] for r, s in sorted(self.prefill_s.items())],
                 "load_s": dict(self.load_s), "route_s": self.route_s, "token_s": self.token_s,
-                "contention": [[k, v] for k, v in sorted(self.contention.items())]}
+                "contention": [[k, v] for k, v in sorted(self.contention.items())],
+                "hops": [list(h) for h in self.hops], "hop_share": self.hop_share}
 
 
 def _interpolate(table: dict, x: float) -> float:
@@ -147,9 +160,10 @@ class _Replica:
         """When a background read ends (the next time a waiting request may run), if any."""
         return min(self.reading.values(), default=None)
 
-    def step(self, now: float, costs: Costs, done: list, busy: int = 1) -> tuple[float, bool]:
+    def step(self, now: float, costs: Costs, emitted: list, busy: int = 1) -> tuple[float, bool]:
         """One engine step starting at `now` while `busy` replicas (this one included) have
-        work: its seconds, and whether it did anything."""
+        work: its seconds, and whether it did anything. The tokens it makes are appended to
+        `emitted` as (time, request, first, last)."""
         for name, ready in list(self.reading.items()):  # reads that ended are on the host
             if ready <= now:
                 del self.reading[name]
@@ -189,6 +203,7 @@ class _Replica:
             first = now + spent * costs.slowdown(busy)
             for row in admitted:
                 row[2] = first
+                emitted.append((first, row[0], True, row[1] == 0))
         decoding = [row for row in self.running if row[1] > 0]  # (the admitted ones too)
         if decoding:
             active = len({row[0].model for row in decoding} - {base})
@@ -197,12 +212,51 @@ class _Replica:
         end = now + spent
         for row in decoding:
             row[1] -= 1
+            emitted.append((end, row[0], False, row[1] == 0))
         for i, row in enumerate(self.rows):
             if row is not None and row[1] == 0:
                 self.rows[i] = None
-                r = row[0]
-                done.append(Outcome(r.index, r.model, r.arrival, row[2], end, r.max_tokens))
         return spent, bool(admitted or decoding)
+
+
+class _Hop:
+    """One of the router's processes: an event loop, which shares its time among everything it
+    holds (requests and tokens, interleaved). An item is passed on when `share` of its work is
+    done; the rest keeps the hop busy after."""
+
+    def __init__(self):
+        self.jobs: list = []  # [work left, work left when its item is passed on, item or None]
+        self.last = 0.0
+        self.version = 0
+
+    def _advance(self, now: float) -> None:
+        if self.jobs:
+            each = (now - self.last) / len(self.jobs)
+            for job in self.jobs:
+                job[0] -= each
+        self.last = now
+
+    def add(self, now: float, work: float, share: float, item) -> None:
+        self._advance(now)
+        self.jobs.append([work, work * (1.0 - share), item])
+        self.version += 1
+
+    def next_time(self) -> float:
+        """When the next item is passed on or the next job ends."""
+        left = min(j[0] - j[1] if j[2] is not None else j[0] for j in self.jobs)
+        return self.last + max(left, 0.0) * len(self.jobs)
+
+    def passed(self, now: float) -> list:
+        """The items passed on by `now` (and the jobs ended dropped)."""
+        self._advance(now)
+        out = []
+        for job in self.jobs:
+            if job[2] is not None and job[0] - job[1] <= 1e-12:
+                out.append(job[2])
+                job[2] = None
+        self.jobs = [j for j in self.jobs if j[0] > 1e-12]
+        self.version += 1
+        return out
 
 
 def _route(replicas: list[_Replica], model: str, base_name: str):
@@ -251,27 +305,62 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
 def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: Deployment,
            costs: Costs, counts: collections.Counter) -> list[Outcome]:
     """Run `workload` through the router and `replicas` (as they are) to the end."""
-    events, order, done = [], 0, []
+    events, done = [], []
+    order = iter(range(1 << 62))  # ties in time keep the order events were made in
+    hops = [_Hop() for _ in costs.hops]
+    first_seen: dict[int, float] = {}
+
+    def give(now, i, work, item):  # hop i takes `item` (an event's kind and payload)
+        hops[i].add(now, work, costs.hop_share, item)
+        heapq.heappush(events, (hops[i].next_time(), next(order), "hop", (i, hops[i].version)))
+
     for r in workload:
-        heapq.heappush(events, (r.arrival + costs.route_s, order, "arrive", r))
-        order += 1
+        heapq.heappush(events, (r.arrival, next(order), "request", (r, 0)))
     held: collections.deque = collections.deque()  # waiting at the router, in order
     while events:
         now, _, kind, payload = heapq.heappop(events)
-        if kind == "arrive":
-            held.append(payload)
+        if kind == "hop":  # a hop may have passed something on
+            i, version = payload
+            hop = hops[i]
+            if version != hop.version:  # (it took more since: a later event stands)
+                continue
+            for item_kind, item in hop.passed(now):
+                heapq.heappush(events, (now, next(order), item_kind, item))
+            if hop.jobs:
+                heapq.heappush(events, (hop.next_time(), next(order), "hop", (i, hop.version)))
+            continue
+        if kind == "request":  # (request, hop): at hop `hop` on its way in; -1: arrived
+            r, hop = payload
+            if 0 <= hop < len(hops):
+                give(now, hop, costs.hops[hop][0], ("request", (r, hop + 1)))
+            elif hop == len(hops):  # past the hops: the rest of the way (`route_s`)
+                heapq.heappush(events, (now + costs.route_s, next(order), "request", (r, -1)))
+            else:
+                held.append(r)
+        elif kind == "token":  # (request, first, last, hop): the hops in reverse, then out
+            r, first, last, hop = payload
+            if hop < len(hops):
+                i = len(hops) - 1 - hop
+                give(now, i, costs.hops[i][1], ("token", (r, first, last, hop + 1)))
+                continue
+            if first:
+                first_seen[r.index] = now
+            if last:
+                done.append(Outcome(r.index, r.model, r.arrival, first_seen.pop(r.index), now,
+                                    r.max_tokens))
         else:
             replica = payload
             busy = sum(bool(r.queue or r.running) for r in replicas)
-            spent, progressed = replica.step(now, costs, done, busy)
+            emitted = []
+            spent, progressed = replica.step(now, costs, emitted, busy)
+            for at, r, first, last in emitted:
+                heapq.heappush(events, (at, next(order), "token", (r, first, last, 0)))
             replica.free_at = now + spent
             wake = replica.wake()
             if progressed and (replica.queue or replica.running):
-                heapq.heappush(events, (now + spent, order, "step", replica))
-                order += 1
+                heapq.heappush(events, (now + spent, next(order), "step", replica))
             elif replica.queue and wake is not None:  # waiting for a read to end
-                heapq.heappush(events, (max(wake, now + spent), order, "step", replica))
-                order += 1
+                heapq.heappush(events, (max(wake, now + spent), next(order), "step", replica))
             elif replica.queue or replica.running:
                 raise DzjaxError("the simulated replica cannot make progress")
             else:
@@ -286,6 +375,5 @@ def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: D
             replica.queue.append(r)
             if not replica.stepping:
                 replica.stepping = True
-                heapq.heappush(events, (max(now, replica.free_at), order, "step", replica))
-                order += 1
+                heapq.heappush(events, (max(now, replica.free_at), next(order), "step", replica))
     return done
