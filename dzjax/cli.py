@@ -304,8 +304,8 @@ def _serve_replicas(args, deltas: dict) -> None:
     from dzjax.errors import DzjaxError
 
     unsupported = [flag for flag, given in [
-        ("--delta-dir", args.delta_dir is not None), ("--tensor-parallel", args.tensor_parallel),
-        ("--api-key", args.api_key or os.environ.get("DZJAX_API_KEY"))] if given]
+        ("--delta-dir", args.delta_dir is not None), ("--tensor-parallel", args.tensor_parallel)]
+        if given]
     if unsupported:  # (each replica would need its own; not built yet)
         raise DzjaxError(f"{', '.join(unsupported)} cannot be used with --replicas or "
                          f"--autoscaling-config")
@@ -317,7 +317,7 @@ def _serve_replicas(args, deltas: dict) -> None:
         args.base, deltas, num_replicas=args.replicas,
         autoscaling_config=args.autoscaling_config, weights_dtype=args.weights_dtype,
         max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
-        **serve_options(args))
+        api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None, **serve_options(args))
     ray_serve.run(app, host=args.host, port=args.port)
 
 

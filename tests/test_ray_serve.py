@@ -40,7 +40,7 @@ def test_the_command_line_serves_replicas_until_stopped(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "dzjax.cli", "serve", str(base_dir), "--delta",
                f"ft0={paths['ft0']}", "--replicas", "2", "--port", str(port),
-               "--max-seq-len", "128", "--max-batch", "4"]
+               "--max-seq-len", "128", "--max-batch", "4", "--api-key", "sesame"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=env)
     try:
@@ -50,8 +50,18 @@ def test_the_command_line_serves_replicas_until_stopped(tmp_path):
             if "serving on Ray Serve" in line:
                 break
         assert f"http://127.0.0.1:{port}/v1" in lines[-1], "".join(lines)[-3000:]
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                               max_retries=0, timeout=300)
+        url = f"http://127.0.0.1:{port}"
+        # The API key: required by the ingress (not routed without it), but not of /health.
+        for path, key in (("/v1/models", None), ("/v1/ray/stats", "wrong")):
+            headers = {} if key is None else {"authorization": f"Bearer {key}"}
+            r = httpx2.get(url + path, headers=headers, timeout=60)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx2.get(url + "/health", timeout=60).status_code == 200
+        routed = httpx2.get(url + "/v1/ray/stats", timeout=60,
+                            headers={"authorization": "Bearer sesame"}).json()["requests"]
+        assert routed == 1  # /health; the two refused were not routed
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0,
+                               timeout=300)
         text = ask(client, "ft0", PROMPTS[0], 6)
         base = dzjax.load_base(base_dir)
         assert text == dzjax.generate(base, [PROMPTS[0]], max_tokens=6,
@@ -148,7 +158,6 @@ def test_a_replica_killed_under_load_loses_no_request(cluster):
 
 @pytest.mark.parametrize("flags, message", [
     (["--replicas", "2", "--delta-dir", "."], "--delta-dir cannot be used with --replicas"),
-    (["--replicas", "2", "--api-key", "k"], "--api-key cannot be used with --replicas"),
     (["--replicas", "2", "--tensor-parallel", "2"], "--tensor-parallel cannot be used"),
     (["--replicas", "2", "--autoscaling-config", '{"max_replicas": 2}'], "not both"),
 ])

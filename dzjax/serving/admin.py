@@ -138,15 +138,24 @@ class Guard:
                 self.recorder.http_response(route, message["status"])
             await send(message)
 
-        if self.expected is not None and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = HTTPError(401, "a valid API key is required: send the header "
-                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
-                response = JSONResponse(error.payload(), status_code=401,
-                                        headers={"www-authenticate": "Bearer"})
-                return await response(scope, receive, counted)
+        if not key_given(self.expected, scope["path"], dict(scope["headers"])):
+            return await unauthorized()(scope, receive, counted)
         await self.app(scope, receive, counted)
+
+
+def key_given(expected: bytes | None, path: str, headers: dict) -> bool:
+    """Whether a request to `path` with raw `headers` may pass: no key is set, the path is
+    open, or its Authorization header is `expected` (compared in constant time)."""
+    if expected is None or path in OPEN_PATHS:
+        return True
+    return hmac.compare_digest(headers.get(b"authorization", b""), expected)
+
+
+def unauthorized() -> JSONResponse:
+    """The 401 answer to a request without the API key."""
+    error = HTTPError(401, "a valid API key is required: send the header "
+                      "'Authorization: Bearer <key>'", code="invalid_api_key")
+    return JSONResponse(error.payload(), status_code=401, headers={"www-authenticate": "Bearer"})
 
 
 _ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",

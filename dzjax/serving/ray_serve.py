@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dzjax.errors import DzjaxError
-from dzjax.serving import http, in_process
+from dzjax.serving import admin, http, in_process
 from dzjax.serving.http import MAX_REQUEST_BYTES  # a request body at most (413 beyond)
 
 MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
@@ -46,7 +46,7 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
                 autoscaling_config: dict | None = None, max_retries: int = MAX_RETRIES,
                 ray_actor_options: dict | None = None, weights_dtype: str | None = None,
                 max_request_bytes: int | None = None, shutdown_timeout_s: float = 30.0,
-                **options):
+                api_key: str | None = None, **options):
     """The Ray Serve application of `base` (a checkpoint directory) and `deltas` ({name: delta
     file}), for `ray.serve.run`.
 
@@ -55,8 +55,12 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
       target_ongoing_requests, ...). ray_actor_options: each replica's resources (e.g.
       {"num_gpus": 1}; default: none reserved). weights_dtype: of the base's weights (default:
       `load_base`'s). max_request_bytes: `make_app`'s. shutdown_timeout_s: how long a stopping
-      replica lets its requests finish. options: `dzjax.serve`'s, for every replica.
+      replica lets its requests finish. api_key: required of every request but /health and
+      /metrics, by the ingress and by each replica's app (None: no key). options:
+      `dzjax.serve`'s, for every replica.
     """
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise DzjaxError("api_key must be a non-empty string (or None for no key)")
     if not (Path(base) / "config.json").is_file():
         raise DzjaxError(f"{base}: not a checkpoint directory (no config.json)")
     deltas = {str(k): str(Path(v).resolve()) for k, v in (deltas or {}).items()}
@@ -83,8 +87,9 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
     limit = MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes
     loading = {} if weights_dtype is None else {"dtype": weights_dtype}
     return ingress.bind(replica.bind(str(Path(base).resolve()), deltas, options, loading,
-                                     {"max_request_bytes": limit}, shutdown_timeout_s),
-                        max_retries, sorted(deltas), limit)
+                                     {"max_request_bytes": limit, "api_key": api_key},
+                                     shutdown_timeout_s),
+                        max_retries, sorted(deltas), limit, api_key)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -116,10 +121,10 @@ def app_builder(args: dict):
     `deltas` as a mapping, `autoscaling_config` and `options` (`dzjax.serve`'s) as mappings)."""
     args = dict(args)
     unknown = set(args) - {"base", "deltas", "num_replicas", "autoscaling_config", "options",
-                           "weights_dtype", "max_retries"}
+                           "weights_dtype", "max_retries", "api_key"}
     if unknown or "base" not in args:
         raise DzjaxError(f"app_builder takes base, deltas, num_replicas, autoscaling_config, "
-                         f"options, weights_dtype, max_retries; got {sorted(args)}")
+                         f"options, weights_dtype, max_retries, api_key; got {sorted(args)}")
     deltas = args.get("deltas") or {}
     if isinstance(deltas, str):
         pairs = [item.split("=", 1) for item in deltas.split(",") if item]
@@ -132,6 +137,7 @@ def app_builder(args: dict):
                        num_replicas=None if replicas is None else int(replicas),
                        autoscaling_config=autoscaling, weights_dtype=args.get("weights_dtype"),
                        max_retries=int(args.get("max_retries", MAX_RETRIES)),
+                       api_key=args.get("api_key"),
                        **(args.get("options") or {}))
 
 
@@ -192,13 +198,18 @@ class Ingress:
     """The HTTP entry: each request to a replica that has its delta, retried if it died."""
 
     def __init__(self, replicas, max_retries: int = MAX_RETRIES, deltas=(),
-                 max_request_bytes: int = MAX_REQUEST_BYTES):
+                 max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None):
         self.replicas, self.max_retries = replicas, max_retries
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
         self.deltas, self.max_request_bytes = frozenset(deltas), max_request_bytes
         self.counts = collections.Counter()
         self.by_replica = collections.Counter()
 
     async def __call__(self, request: Request) -> Response:
+        # Checked here too (each replica's app checks it again): a request without the key is
+        # not routed, so it cannot make a replica take a delta on.
+        if not admin.key_given(self.expected, request.url.path, dict(request.headers.raw)):
+            return admin.unauthorized()
         if request.url.path == "/v1/ray/stats":
             return JSONResponse(self.stats())
         body = bytearray()
