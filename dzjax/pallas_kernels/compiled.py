@@ -109,12 +109,7 @@ def _ttir_passes(path: Path, *, num_warps: int, num_stages: int) -> str:
 
 def ptxas_report(ptx: str) -> dict[str, int]:
     """{"registers", "spill_bytes"} of the kernel, from `ptxas -v` (the one in the triton wheel)."""
-    import triton
-
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), None)
-    if ptxas is None:  # pragma: no cover - every triton wheel for CUDA ships one
-        raise ImportError(f"no ptxas in {bin_dir}")
+    ptxas = _tool("ptxas-blackwell", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
@@ -129,13 +124,33 @@ def ptxas_report(ptx: str) -> dict[str, int]:
     return {"registers": max(registers), "spill_bytes": max(spills)}
 
 
-def _tool(name: str) -> Path:
+def _tool(*names: str) -> Path:
+    """The first of `names` that the triton wheel ships among its CUDA tools."""
     import triton
 
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    if not path.exists():  # pragma: no cover - every triton wheel for CUDA ships them
-        raise ImportError(f"no {name} in {path.parent}")
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    path = next((bin_dir / n for n in names if (bin_dir / n).exists()), None)
+    if path is None:  # pragma: no cover - every triton wheel for CUDA ships them
+        raise ImportError(f"no {' or '.join(names)} in {bin_dir}")
     return path
+
+
+def _k_loop(text: str, label: str, branch: str, op: str, mma: tuple) -> collections.Counter:
+    """Instruction counts of the innermost loop (one that holds no other) of assembly `text`
+    that has a tensor-core instruction: `label` matches a label line, `branch` a branch to a
+    label (both with the label as group 1), `op` an instruction's mnemonic (group 1), and an
+    `mma` prefix names a tensor-core mnemonic. Empty when there is none."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)  # backward branches
+             if (m := re.search(branch, line)) and labels.get(m.group(1), i) < i]
+    op = re.compile(op, re.M)
+    for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
+        inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
+        counts = collections.Counter(op.findall("\n".join(lines[start:end + 1])))
+        if not inner and any(k.startswith(mma) for k in counts):
+            return counts
+    return collections.Counter()
 
 
 def sass_loop_instructions(cubin: bytes) -> collections.Counter:
@@ -147,18 +162,8 @@ def sass_loop_instructions(cubin: bytes) -> collections.Counter:
         path.write_bytes(cubin)
         text = subprocess.run([str(_tool("nvdisasm")), "-c", str(path)], capture_output=True,
                               text=True, check=True).stdout
-    lines = text.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines)
-              if (m := re.match(r"\s*\.?(L_x_\d+):", line))}
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"\bBRA\b.*?\.?(L_x_\d+)", line)) and labels.get(m.group(1), i) < i]
-    op = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-    for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
-        inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
-        counts = collections.Counter(op.findall("\n".join(lines[start:end + 1])))
-        if not inner and any(k.startswith("HMMA") for k in counts):
-            return counts
-    return collections.Counter()
+    return _k_loop(text, r"\s*\.?(L_x_\d+):", r"\bBRA\b.*?\.?(L_x_\d+)",
+                   r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ("HMMA",))
 
 
 def loop_instructions(ptx: str) -> collections.Counter:
@@ -166,21 +171,5 @@ def loop_instructions(ptx: str) -> collections.Counter:
     holds no other) with a tensor-core instruction, one K step after Triton's pipelining; the
     multi-delta kernel's loop over row tiles around it is left out. Empty when there is none
     (a kernel whose K steps were fully unrolled)."""
-    lines = ptx.splitlines()
-    labels = {}
-    for i, line in enumerate(lines):
-        m = re.match(r"\s*(\$L__BB\d+_\d+):", line)
-        if m:
-            labels[m.group(1)] = i
-    loops = []  # (first line, last line) of every backward branch's body
-    for i, line in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        if m and labels.get(m.group(1), i) < i:
-            loops.append((labels[m.group(1)], i))
-    op = re.compile(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", re.M)
-    for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
-        inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
-        counts = collections.Counter(op.findall("\n".join(lines[start:end + 1])))
-        if not inner and any(k.startswith(("mma", "wgmma")) for k in counts):
-            return counts
-    return collections.Counter()
+    return _k_loop(ptx, r"\s*(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);",
+                   r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", ("mma", "wgmma"))
