@@ -300,8 +300,7 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
         raise ValueError(f"batch is for {batch.order.shape[0]} rows and "
                          f"{batch.group_sizes.shape[0] - 1} slots; x has {m} rows, stack {slots} slots")
     config = config or MultiDeltaConfig.heuristic(m, k, n, slots, fmt, x.dtype)
-    config.validate(k, n, fmt)
-    config.check_route(fmt, x.dtype)
+    config.validate(k, n, fmt, x.dtype)
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k

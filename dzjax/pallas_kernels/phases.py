@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from dzjax.pallas_kernels import packing
 from dzjax.pallas_kernels.formats import Format
 
 # A phase tile's word rows are its dot's K: 8 is the K of one TF32 MMA (m16n8k8). (Triton's
@@ -46,7 +47,6 @@ from dzjax.pallas_kernels.formats import Format
 MIN_WORD_ROWS = 8
 MAX_BLOCK_M = 32  # row tiles whose dot stays a warp-level MMA, with operands in registers
 _ONE_BITS = 0x3F800000  # 1.0f
-_MAGIC_BITS = 0x4B000000  # 2.0 ** 23: zero points as floats without a conversion
 
 
 def serves(fmt: Format, x_dtype) -> bool:
@@ -133,7 +133,7 @@ def step(qweight_ref, scales_ref, zeros_ref, xp_ref, sums_ref, kb, y, *, fmt: Fo
             zero = jnp.float32(2 ** (bits - 1))
         else:
             z = zeros_ref[(*lead, group, slice(None))].astype(jnp.uint32)
-            zero = lax.bitcast_convert_type(z | jnp.uint32(_MAGIC_BITS), jnp.float32) - 2.0 ** 23
+            zero = packing.biased_float(z) - packing.MAGIC
         total = sums_ref[rows, pl.ds(u, 1)]
         y = y + scale * (top * accs[j] - (top + zero) * total)
     return y

@@ -68,21 +68,7 @@ def _unpack_rows(words, bits: int, stride: int, phase: int):
     return _unpack_bits(words, bits, stride, phase).astype(jnp.int32)
 
 
-# Conversion-free dequantization: an unsigned integer c < 2**23 OR-ed into the mantissa of the
-# float32 2**23 (bits 0x4B000000) is, reinterpreted, exactly the float 2**23 + c. Codes and zero
-# points both biased so, (2**23 + c) - (2**23 + z) = c - z exactly (floats in [2**23, 2**24) are
-# the integers): the same value as converting c and z to float and subtracting, bit for bit, with
-# an OR and a reinterpretation per element instead of a conversion instruction (which issues at a
-# fraction of the rate of integer and float arithmetic on a GPU).
-_MAGIC_BITS = 0x4B000000
-_MAGIC = 2.0 ** 23
-
-
-def _biased_float(codes_u32):
-    """uint32 values < 2**23 -> float32 2**23 + value, from the bit pattern."""
-    return lax.bitcast_convert_type(codes_u32 | jnp.uint32(_MAGIC_BITS), jnp.float32)
-
-
+# Conversion-free dequantization in float32: `packing.biased_float` (2**23 + c from the bits).
 # The same in bfloat16 for codes and zero points below 2**7 (2- and 4-bit formats): 2**7 + c is
 # exact in bf16 (8 significant bits), so is the difference of two such values, and the product
 # scale * (c - z) of a bf16 scale and an integer of at most 5 bits is exact in float32: one bf16
@@ -124,7 +110,7 @@ def dequant_tile(words, scale_rows, zero_rows, positions, *, fmt: Format, block_
     dtype       # float32, or bfloat16 for bits <= 4 (see `dequant_dtype`)
     Values are scale * (code - zero) as `reference.dequantize` computes them in float32 (rounded
     once to bf16 for dtype bfloat16), with no integer-to-float conversion of a code
-    (`_biased_float`, `_biased_bf16`).
+    (`packing.biased_float`, `_biased_bf16`).
     """
     n, m = fmt.nm or (1, 1)
     g, bits = fmt.group_size, fmt.bits
@@ -134,7 +120,7 @@ def dequant_tile(words, scale_rows, zero_rows, positions, *, fmt: Format, block_
             raise ValueError(f"bf16 dequantization needs bits <= 4, got {bits}")
         biased, magic = _biased_bf16, _MAGIC_BF16
     elif dtype == jnp.float32:
-        biased, magic = _biased_float, _MAGIC
+        biased, magic = packing.biased_float, packing.MAGIC
     else:
         raise ValueError(f"dequant_tile builds float32 or bfloat16 weights, not {dtype}")
     # One scale / zero row per group of m inputs ([block_k / m, bn]) or one for the step ([1, bn]).
@@ -325,8 +311,7 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     (m, k), n = x.shape, q.shape[1]
     fmt = q.format
     config = config or DeltaMatmulConfig.heuristic(m, k, n, fmt, x.dtype)
-    config.validate(k, n, fmt)
-    config.check_route(fmt, x.dtype)
+    config.validate(k, n, fmt, x.dtype)
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k

@@ -25,6 +25,11 @@ def pow2_ceil(v: int) -> int:
     return 1 << max(int(v) - 1, 0).bit_length()
 
 
+def row_tile(m: int) -> int:
+    """block_m for M rows of x: a power of two covering M, at least MIN_BLOCK, at most 64."""
+    return min(max(pow2_ceil(m), MIN_BLOCK), 64)
+
+
 # ----------------------------------------------------------------------------------------------
 # Format support shared with the multi-delta kernel.
 
@@ -97,12 +102,12 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
     bound by instruction issue more than by bytes. K steps lie within [`min_block_k`,
     `max_block_k`] (the phase route's bounds; by default >= 64 and `pick_block_k`'s target)."""
-    block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
+    block_m = row_tile(m)
     weight_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                        for shape, dtype in fmt.stored_arrays(k, n).values())
     candidates = []
     for block_n in dict.fromkeys(pick_block_n(n, t) for t in (128, 64)):
-        block_k = pick_block_k(k, fmt, max_block_k or max(min_block_k, pick_block_k_target(fmt)))
+        block_k = pick_block_k(k, fmt, max_block_k or pick_block_k_target(fmt))
         while True:
             steps, split_k = k // block_k, 1
             while split_k <= 8 and steps % split_k == 0:
@@ -126,11 +131,10 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
 def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int) -> dict:
     """`tiling` plus the route: the phase route (`phases.py`) where it serves the format and
     activations and K has a step long enough for it, else the general one."""
-    block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
     # From 64-row tiles on, Triton's sm_90 dot is a warpgroup MMA (wgmma), whose B operand must
     # come from shared memory: the phase route would store float32 tiles there, worse than the
     # general route's bf16 (compiled: 12.9 against 7.4 PTX instructions per weight at 4 bits).
-    if phases.serves(fmt, x_dtype) and block_m <= phases.MAX_BLOCK_M:
+    if phases.serves(fmt, x_dtype) and row_tile(m) <= phases.MAX_BLOCK_M:
         low, high = phases.min_block_k(fmt), phases.max_block_k(fmt, pick_block_k_target(fmt))
         try:
             bk = pick_block_k(k, fmt, high)
@@ -171,10 +175,11 @@ class DeltaMatmulConfig:
     def heuristic(cls, m: int, k: int, n: int, fmt: Format,
                   x_dtype=jnp.bfloat16) -> DeltaMatmulConfig:
         """Decode-oriented: `route_tiling`, each row tile of block_m rows reading the weights."""
-        block_m = min(max(pow2_ceil(m), MIN_BLOCK), 64)
-        return cls(**route_tiling(m, k, n, fmt, x_dtype, row_tiles=-(-m // block_m)))
+        return cls(**route_tiling(m, k, n, fmt, x_dtype, row_tiles=-(-m // row_tile(m))))
 
-    def validate(self, k: int, n: int, fmt: Format) -> None:
+    def validate(self, k: int, n: int, fmt: Format, x_dtype) -> None:
+        """Raise a ValueError naming what this tiling cannot do for a [K, N] delta of `fmt`
+        and activations of `x_dtype`."""
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < MIN_BLOCK or v & (v - 1):
@@ -189,8 +194,6 @@ class DeltaMatmulConfig:
         if self.phases and self.block_k < phases.min_block_k(fmt):
             raise ValueError(f"the phase route needs block_k >= {phases.min_block_k(fmt)} at "
                              f"{fmt.bits} bits, got {self.block_k}")
-
-    def check_route(self, fmt: Format, x_dtype) -> None:
         if self.phases and not phases.serves(fmt, x_dtype):
             raise ValueError(f"the phase route serves dense 2/4/8-bit codes with bf16/f16 "
                              f"activations, not {fmt} with {jnp.dtype(x_dtype)} activations")
