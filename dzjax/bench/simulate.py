@@ -4,8 +4,8 @@ a workload (`dzjax.bench.workload`: D deltas, a popularity skew, Poisson arrival
 
 What it models, as the engine and `dzjax.serving.ray_serve` run:
   router   each request passes the router's processes (`hops`: Ray's proxy, the ingress; each
-           a single-threaded server that also forwards every streamed token, queued first come
-           first served), and `route_s` more, and goes to the least busy replica (below its
+           a single-threaded event loop that also forwards every streamed token, sharing its
+           time among all it holds), and `route_s` more, and goes to the least busy replica (below its
            `max_ongoing`) whose multiplexed set holds its delta, or else to the least busy one
            (which adds the delta to its set, least recently used out); base-only requests to
            the least busy; while every replica is at its limit, requests wait at the router.
@@ -56,8 +56,8 @@ class Costs:
       router and HTTP), added to each decode step per row: on the replica it shares the
       interpreter with the engine's loop.
     hops: ((request_s, token_s), ...): the router's processes a request passes in order
-      (a token passes them in reverse), each a server doing one thing at a time: its work
-      per request and per streamed token, queued first come first served. () = none.
+      (a token passes them in reverse), each an event loop sharing its time among all it
+      holds: its work per request and per streamed token. () = none.
     hop_share: the part of a hop's work that a request or token waits for (the rest the hop
       does after passing it on: closing, accounting); the hop stays busy for all of it.
     contention: {replicas busy at once: factor on a step's time}, interpolated (1 where not
@@ -132,7 +132,7 @@ class _Replica:
         self.d = deployment
         self.queue: list = []  # routed here, waiting, in arrival order
         self.overtaken: dict[int, int] = {}
-        self.rows: list = [None] * deployment.max_batch  # [request, tokens left, first, slot]
+        self.rows: list = [None] * deployment.max_batch  # [request, tokens left, slot]
         self.slots = [scheduler.Slot(None)] * deployment.max_resident_deltas
         self.clock = 0  # the slots' recency
         self.on_host: set = set()  # deltas read from disk (then cached in host memory)
@@ -170,7 +170,7 @@ class _Replica:
                 self.on_host.add(name)
         base = self.d.base_name
         deltas = {r.model for r in self.queue} | {row[0].model for row in self.running}
-        users = collections.Counter(row[3] for row in self.running if row[3] >= 0)
+        users = collections.Counter(row[2] for row in self.running if row[2] >= 0)
         slots = [dataclasses.replace(s, users=users[i]) for i, s in enumerate(self.slots)]
         plan = scheduler.schedule(
             [scheduler.Waiting(r.index, None if r.model == base else r.model,
@@ -196,13 +196,12 @@ class _Replica:
             if a.slot >= 0:
                 self.clock += 1
                 self.slots[a.slot] = scheduler.Slot(r.model, 0, self.clock)
-            self.rows[a.row] = [r, r.max_tokens - 1, None, a.slot]
+            self.rows[a.row] = [r, r.max_tokens - 1, a.slot]
             admitted.append(self.rows[a.row])
         if admitted:  # the prefill gives each its first token
             spent += costs.prefill(len(admitted))
             first = now + spent * costs.slowdown(busy)
             for row in admitted:
-                row[2] = first
                 emitted.append((first, row[0], True, row[1] == 0))
         decoding = [row for row in self.running if row[1] > 0]  # (the admitted ones too)
         if decoding:
@@ -224,7 +223,8 @@ class _Hop:
     holds (requests and tokens, interleaved). An item is passed on when `share` of its work is
     done; the rest keeps the hop busy after."""
 
-    def __init__(self):
+    def __init__(self, share: float):
+        self.share = share
         self.jobs: list = []  # [work left, work left when its item is passed on, item or None]
         self.last = 0.0
         self.version = 0
@@ -236,9 +236,9 @@ class _Hop:
                 job[0] -= each
         self.last = now
 
-    def add(self, now: float, work: float, share: float, item) -> None:
+    def add(self, now: float, work: float, item) -> None:
         self._advance(now)
-        self.jobs.append([work, work * (1.0 - share), item])
+        self.jobs.append([work, work * (1.0 - self.share), item])
         self.version += 1
 
     def next_time(self) -> float:
@@ -307,11 +307,11 @@ def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: D
     """Run `workload` through the router and `replicas` (as they are) to the end."""
     events, done = [], []
     order = iter(range(1 << 62))  # ties in time keep the order events were made in
-    hops = [_Hop() for _ in costs.hops]
+    hops = [_Hop(costs.hop_share) for _ in costs.hops]
     first_seen: dict[int, float] = {}
 
     def give(now, i, work, item):  # hop i takes `item` (an event's kind and payload)
-        hops[i].add(now, work, costs.hop_share, item)
+        hops[i].add(now, work, item)
         heapq.heappush(events, (hops[i].next_time(), next(order), "hop", (i, hops[i].version)))
 
     for r in workload:
