@@ -256,7 +256,7 @@ def _run_http(server, args) -> None:
 
     run_server(server, host=args.host, port=args.port, log_level=args.log_level,
                max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
-               api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None,
+               api_key=_api_key(args),
                delta_dir=args.delta_dir)
 
 
@@ -299,6 +299,11 @@ def _serve_processes(args, deltas: dict) -> None:
     jax.distributed.shutdown()
 
 
+def _api_key(args) -> str | None:
+    """--api-key, else $DZJAX_API_KEY, else None (no key)."""
+    return args.api_key or os.environ.get("DZJAX_API_KEY") or None
+
+
 def _serve_replicas(args, deltas: dict) -> None:
     """`dzjax serve --replicas N`: the same server as N replicas on Ray Serve."""
     from dzjax.errors import DzjaxError
@@ -317,7 +322,7 @@ def _serve_replicas(args, deltas: dict) -> None:
         args.base, deltas, num_replicas=args.replicas,
         autoscaling_config=args.autoscaling_config, weights_dtype=args.weights_dtype,
         max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
-        api_key=args.api_key or os.environ.get("DZJAX_API_KEY") or None, **serve_options(args))
+        api_key=_api_key(args), **serve_options(args))
     ray_serve.run(app, host=args.host, port=args.port)
 
 

@@ -126,7 +126,7 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, recorder: metrics.Metrics):
         self.app, self.recorder = app, recorder
-        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.expected = bearer(api_key)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -141,6 +141,11 @@ class Guard:
         if not key_given(self.expected, scope["path"], dict(scope["headers"])):
             return await unauthorized()(scope, receive, counted)
         await self.app(scope, receive, counted)
+
+
+def bearer(api_key: str | None) -> bytes | None:
+    """The Authorization header value `key_given` expects for `api_key` (None: no key)."""
+    return None if api_key is None else f"Bearer {api_key}".encode()
 
 
 def key_given(expected: bytes | None, path: str, headers: dict) -> bool:

@@ -200,7 +200,7 @@ class Ingress:
     def __init__(self, replicas, max_retries: int = MAX_RETRIES, deltas=(),
                  max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None):
         self.replicas, self.max_retries = replicas, max_retries
-        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.expected = admin.bearer(api_key)
         self.deltas, self.max_request_bytes = frozenset(deltas), max_request_bytes
         self.counts = collections.Counter()
         self.by_replica = collections.Counter()
