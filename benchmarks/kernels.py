@@ -354,6 +354,7 @@ def model(quick: bool = False) -> dict:
     """The static bytes/occupancy/issue model of every configuration of the sweep, and of the
     prefill route (see the docstring)."""
     from dzjax.pallas_kernels import DeltaMatmulConfig, MultiDeltaConfig
+    from dzjax.pallas_kernels import phases
     from dzjax.pallas_kernels.single_delta import dequant_dtype
 
     table = json.loads(PTX_TABLE.read_text())["results"] if PTX_TABLE.exists() else []
@@ -380,7 +381,7 @@ def model(quick: bool = False) -> dict:
                     ideal = active * weights + m * k * 2 + m * n * 4
                     # The phase route reads x as float32, permuted (and masked per scale group
                     # when groups are shorter than a step), written by one XLA pass before.
-                    units = max(1, c.block_k // fmt.group_size) if c.phases else 0
+                    units = phases.layout(fmt, c.block_k)[3]
                     x_bytes = m * k * 2 + (2 * m * k * 4 * units if c.phases else 0)
                     # Every row tile reads its strips' weights again; split-K partial sums are
                     # written (the rows of x only) and read back whole by the sum.
