@@ -20,8 +20,9 @@ the device and date.
 `--model` runs nothing: for the same sweep it predicts, from each kernel configuration the
 dispatch would pick (`DeltaMatmulConfig` / `MultiDeltaConfig.heuristic`), the bytes the kernel
 reads (every row tile reads its column strips' compressed weights again; split-K partial sums are
-written and read back), how many of an H100/H200's 132 SMs its programs fill, and a time: the
-largest of the bytes at 3.35 TB/s over the SMs filled, the float32-to-bf16 conversions where
+written and read back), how much of an H100/H200 its programs fill (their warps, one per
+scheduler, 4 per SM of 132), and a time: the largest of the bytes at 3.35 TB/s over the share
+filled, the float32-to-bf16 conversions where
 weights are still built in float32 (8-bit; 16 per clock per SM at 1.98 GHz), and the instruction
 issue from the `--ptx` table (128 thread instructions per clock per SM). Printed with the
 fraction of the ideal bytes bound (compressed weights of the active deltas, x and the output,
@@ -387,7 +388,7 @@ def model(quick: bool = False) -> dict:
                     # written (the rows of x only) and read back whole by the sum.
                     partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
                     read = groups * row_tiles * weights + x_bytes + partials + m * n * 4
-                    filled = min(1.0, busy / SMS)
+                    filled = min(1.0, busy * c.num_warps / (4 * SMS))
                     t_mem = read / (HBM_BYTES_PER_S * filled)
                     dequantized = groups * row_tiles * k * n  # weights built, counting re-reads
                     # float32 -> bf16 roundings remain only where weights are built in float32.

@@ -657,6 +657,25 @@ class TestTritonCompile:
                                                num_stages=config.num_stages)
             assert kernel_bin["cubin"]
             check_ptx(kernel_bin["ptx"], bf16_weights=fmt.bits <= 4, phases=config.phases)
+            if config.phases:
+                check_phase_sass(kernel_bin["cubin"], config)
+
+
+def check_phase_sass(cubin: bytes, config) -> None:
+    """The phase route's machine code: a weight costs an AND and a shift-and-add (LOP3, LEA),
+    and no dequantization constant (a mask, 1.0f) is moved into a register inside the K loop
+    (ptxas did that before most weights when the kernel stated the dequantization in jnp: 0.55
+    moves a weight, see `phases.phase_weights`)."""
+    import re
+
+    loop = compiled.sass_loop(cubin)
+    if not loop:  # one K step per program: no loop
+        return
+    moved = [line.strip() for line in loop if re.search(r"MOV\S*\s+R\d+, .*0x[0-9a-f]{5,}", line)]
+    assert not moved, f"{len(moved)} constants moved into registers in the K loop: {moved[:4]}"
+    sass = compiled.sass_loop_instructions(cubin)
+    weights = config.block_k * config.block_n / (32 * config.num_warps)  # per thread and step
+    assert sass["LEA"] + sass["LEA.HI"] >= 0.9 * weights, dict(sass)
 
 
 def check_ptx(ptx: str, *, bf16_weights: bool, phases: bool) -> None:

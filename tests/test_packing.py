@@ -134,3 +134,37 @@ def test_padded_k(kwargs, k, kp):
     assert fmt.padded_k(k) == kp and fmt.padded_k(kp) == kp
     per_channel = Format.for_matrix(k, bits=kwargs["bits"], sparsity=kwargs.get("nm"))
     assert per_channel.padded_k(k) == per_channel.group_size >= k
+
+
+def run_ptx(asm: str, words: np.ndarray) -> np.ndarray:
+    """Execute the integer PTX of `phases.phase_asm` ($1 in, $0 out, scratch registers) on
+    uint32 `words`; any other instruction fails the test."""
+    import re
+
+    regs = {"$1": words.astype(np.uint32)}
+    ops = {"and.b32": np.bitwise_and, "shl.b32": np.left_shift, "shr.u32": np.right_shift,
+           "add.u32": np.add}
+    for op, dst, a, b in re.findall(r"([a-z]+\.[a-z0-9]+) (\S+), (\S+), (\S+);", asm):
+        value = lambda s: regs[s] if s in regs else np.uint32(int(s, 0))
+        assert op in ops, f"unexpected instruction {op} in {asm!r}"
+        regs[dst] = ops[op](value(a), value(b)).astype(np.uint32)
+    assert re.sub(r"\.reg \.b32 \w+;|[a-z]+\.[a-z0-9]+ \S+, \S+, \S+;|[{} ]", "", asm) == "", asm
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_phase_asm_builds_the_bits_interpret_mode_builds(bits):
+    """Compiled kernels dequantize the phase route with inline PTX (`phases.phase_asm`), which
+    no CPU runs: run its instructions here on random words, bit for bit against the jnp form
+    interpret mode runs, and against 1 + c / 2**bits."""
+    import jax.numpy as jnp
+
+    from dzjax.pallas_kernels import phases
+
+    words = np.random.default_rng(bits).integers(0, 2**32, size=256, dtype=np.uint32)
+    for phase in range(32 // bits):
+        got = run_ptx(phases.phase_asm(bits, phase), words)
+        jnp_form = phases.phase_weights(jnp.asarray(words), bits, phase, asm=False)
+        np.testing.assert_array_equal(got, np.asarray(jnp_form).view(np.uint32))
+        codes = (words >> (phase * bits)) & ((1 << bits) - 1)
+        np.testing.assert_array_equal(got.view(np.float32), 1 + codes / 2.0 ** bits)

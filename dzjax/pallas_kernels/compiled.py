@@ -7,7 +7,8 @@ per K step). Used by the compiler checks in the tests and by `benchmarks/kernels
   compile_sm90(ttir, num_warps=, num_stages=)   {"ptx", "cubin", "ttgir"} (needs `triton`)
   ptxas_report(ptx)                    registers and spill bytes, from ptxas -v
   loop_instructions(ptx)               instruction counts of the K loop's body, per thread
-  sass_loop_instructions(cubin)        the same in the machine code (nvdisasm), what issues
+  sass_loop(cubin)                     the K loop's machine code (nvdisasm), what issues
+  sass_loop_instructions(cubin)        its instruction counts
 
 `triton` is not a dependency (`pip install "dzjax[compile-check]"`); only `compile_sm90` and
 `ptxas_report` need it, and they raise ImportError without it. `triton_ir` uses a private hook of
@@ -135,35 +136,41 @@ def _tool(*names: str) -> Path:
     return path
 
 
-def _k_loop(text: str, label: str, branch: str, op: str, mma: tuple) -> collections.Counter:
-    """Instruction counts of the innermost loop (one that holds no other) of assembly `text`
-    that has a tensor-core instruction: `label` matches a label line, `branch` a branch to a
-    label (both with the label as group 1), `op` an instruction's mnemonic (group 1), and an
-    `mma` prefix names a tensor-core mnemonic. Empty when there is none."""
+def _k_loop(text: str, label: str, branch: str, mma: str) -> list[str]:
+    """The lines of the innermost loop (one that holds no other) of assembly `text` that has a
+    tensor-core instruction: `label` matches a label line, `branch` a branch to a label (both
+    with the label as group 1), and `mma` a tensor-core instruction. Empty when there is none."""
     lines = text.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)  # backward branches
              if (m := re.search(branch, line)) and labels.get(m.group(1), i) < i]
-    op = re.compile(op, re.M)
     for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
         inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
-        counts = collections.Counter(op.findall("\n".join(lines[start:end + 1])))
-        if not inner and any(k.startswith(mma) for k in counts):
-            return counts
-    return collections.Counter()
+        body = lines[start:end + 1]
+        if not inner and any(re.search(mma, line) for line in body):
+            return body
+    return []
 
 
-def sass_loop_instructions(cubin: bytes) -> collections.Counter:
-    """`loop_instructions` of the machine code (SASS, from the wheel's nvdisasm): what the SM
-    issues, after ptxas has fused and dropped instructions (an AND and an OR become one LOP3,
-    moves vanish). Empty when there is no K loop."""
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_loop(cubin: bytes) -> list[str]:
+    """The K loop of the machine code (SASS, from the wheel's nvdisasm), as its lines: what the
+    SM issues, after ptxas has fused and dropped instructions. Empty when there is none."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([str(_tool("nvdisasm")), "-c", str(path)], capture_output=True,
                               text=True, check=True).stdout
-    return _k_loop(text, r"\s*\.?(L_x_\d+):", r"\bBRA\b.*?\.?(L_x_\d+)",
-                   r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ("HMMA",))
+    return _k_loop(text, r"\s*\.?(L_x_\d+):", r"\bBRA\b.*?\.?(L_x_\d+)", r"\bHMMA\b")
+
+
+def sass_loop_instructions(cubin: bytes) -> collections.Counter:
+    """`loop_instructions` of the machine code (`sass_loop`): an AND and an OR become one LOP3,
+    moves vanish or appear. Empty when there is no K loop."""
+    return collections.Counter(m.group(1) for line in sass_loop(cubin)
+                               if (m := _SASS_OP.search(line)))
 
 
 def loop_instructions(ptx: str) -> collections.Counter:
@@ -171,5 +178,7 @@ def loop_instructions(ptx: str) -> collections.Counter:
     holds no other) with a tensor-core instruction, one K step after Triton's pipelining; the
     multi-delta kernel's loop over row tiles around it is left out. Empty when there is none
     (a kernel whose K steps were fully unrolled)."""
-    return _k_loop(ptx, r"\s*(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);",
-                   r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", ("mma", "wgmma"))
+    body = _k_loop(ptx, r"\s*(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);",
+                   r"^\s+(?:@!?%p\d+\s+)?(?:wg)?mma\.")
+    return collections.Counter(m.group(1) for line in body
+                               if (m := re.match(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", line)))

@@ -230,7 +230,8 @@ class MultiDeltaConfig(DeltaMatmulConfig):
 
 
 def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slots: int,
-                        has_zeros: bool, has_meta: bool, phase: bool):
+                        has_zeros: bool, has_meta: bool, phase: bool, asm: bool):
+    # asm: compiled, not interpret mode (`phases.step`)
     # active_ref   # [G] int32: active_slots (G = min(M, S)), padded with S
     # starts_ref   # [S + 2] int32: group_starts
     # sizes_ref    # [S + 1] int32: group_sizes
@@ -264,13 +265,17 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slot
             if phase:
                 return phases.step(qweight_ref, scales_ref, zeros_ref, x_ref, sums_ref, kb, acc,
                                    fmt=fmt, block_k=block_k, rows=pl.ds(row0, block_m),
-                                   slot=mine)
+                                   slot=mine, asm=asm)
             w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
                               block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype), slot=mine)
             x = x_ref[pl.ds(row0, block_m), pl.ds(kb * block_k, block_k)]
             return acc + dot_tile(x, w)
 
-        acc = lax.fori_loop(0, steps, k_step, jnp.zeros((block_m, o_ref.shape[1]), jnp.float32))
+        tile = (block_m, o_ref.shape[1])
+        if phase:  # transposed (`phases.step`)
+            acc = lax.fori_loop(0, steps, k_step, jnp.zeros(tile[::-1], jnp.float32)).T
+        else:
+            acc = lax.fori_loop(0, steps, k_step, jnp.zeros(tile, jnp.float32))
         plgpu.store(o_ref.at[pl.ds(row0, block_m), :], acc, mask=in_group)
         return carry
 
@@ -316,7 +321,7 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     kernel = functools.partial(
         _multi_delta_kernel, fmt=fmt, block_m=bm, block_k=config.block_k, steps=steps,
         slots=slots, has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None,
-        phase=config.phases)
+        phase=config.phases, asm=not interpret)
     whole = lambda shape: pl.BlockSpec(shape, lambda g, j, s: (0,) * len(shape))
     partial_sums = pl.pallas_call(
         kernel,

@@ -237,7 +237,8 @@ def dot_precision(dtype):
 
 
 def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros: bool,
-                         has_meta: bool, phase: bool):
+                         has_meta: bool, phase: bool, asm: bool):
+    # asm: compiled, not interpret mode (`phases.step`)
     # x_ref        # [block_m, K]  activations (bf16 / f16 / f32); on the phase route two refs,
     #              # the permuted float32 x and its sums (`phases.phase_inputs`)
     # qweight_ref  # [K' * bits / 32, block_n] uint32
@@ -256,14 +257,16 @@ def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros
         kb = first + step
         if phase:
             return phases.step(qweight_ref, scales_ref, zeros_ref, x_ref, sums_ref, kb, acc,
-                               fmt=fmt, block_k=block_k, rows=slice(None))
+                               fmt=fmt, block_k=block_k, rows=slice(None), asm=asm)
         w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
                           block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype))
         x = x_ref[:, pl.ds(kb * block_k, block_k)]
         return acc + dot_tile(x, w)
 
-    acc = jnp.zeros(o_ref.shape, jnp.float32)
-    o_ref[...] = lax.fori_loop(0, steps, body, acc)
+    if phase:  # transposed (`phases.step`)
+        o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[::-1], jnp.float32)).T
+    else:
+        o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
 def check_inputs(x: jax.Array, q: QuantizedTensor) -> None:
@@ -325,7 +328,8 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     xs = list(phases.phase_inputs(x, fmt, config.block_k)) if config.phases else [x]
     kernel = functools.partial(
         _delta_matmul_kernel, fmt=fmt, block_k=config.block_k, steps=steps,
-        has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None, phase=config.phases)
+        has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None, phase=config.phases,
+        asm=not interpret)
     partial_sums = pl.pallas_call(
         kernel,
         grid=(-(-m // bm), n // bn, split),

@@ -5,6 +5,7 @@ static configuration (the multi-delta kernel's `MultiDeltaConfig` extends it).""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,8 @@ from dzjax.pallas_kernels.formats import Format
 
 PALLAS_BITS = (2, 4, 8)
 MIN_BLOCK = 16  # Triton's dot needs every dimension >= 16
-SMS_FILLED = 132  # programs that fill an H100 / H200 (one per SM)
+SMS = 132  # an H100 / H200
+WARPS_FILLED = 4 * SMS  # warps that fill it: one per scheduler (4 a SM)
 
 
 def _pow2_floor(v: int) -> int:
@@ -91,29 +93,33 @@ def pick_block_n(n: int, target: int) -> int:
 
 
 def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
-           min_block_k: int = 64, max_block_k: int | None = None) -> dict[str, int]:
+           min_block_k: int = 64, max_block_k: int | None = None, block_m: int | None = None,
+           strips: tuple[int, ...] = (128, 64), warps=None) -> dict[str, int]:
     """The heuristic tiling of both kernels for M rows of x (`row_tiles` tiles of block_m rows
     per column strip, each reading the strip's weights). block_m covers M (at most 64 rows). Of
     the column strips (128 or 64), K steps (`pick_block_k`'s, halved down to 64) and K splits
     (1 to 8, into whole steps), the one with the least predicted time: the bytes read (weights
     per row tile, plus split-K partial sums written and read back) over the share of the SMs its
-    programs fill, SMS_FILLED programs filling all; within 10% of the least, the widest strip
+    programs' warps fill, WARPS_FILLED filling all; within 10% of the least, the widest strip
     and longest step: the compiled PTX (`benchmarks/kernels.py --ptx`) shows 128-column strips
     issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
     bound by instruction issue more than by bytes. K steps lie within [`min_block_k`,
-    `max_block_k`] (the phase route's bounds; by default >= 64 and `pick_block_k`'s target)."""
-    block_m = row_tile(m)
+    `max_block_k`] (the phase route's bounds; by default >= 64 and `pick_block_k`'s target).
+    The phase route passes its own row tile, strips and warps per strip (`warps`)."""
+    block_m = block_m or row_tile(m)
     weight_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                        for shape, dtype in fmt.stored_arrays(k, n).values())
+    warps = warps or functools.partial(warps_for, block_m)
     candidates = []
-    for block_n in dict.fromkeys(pick_block_n(n, t) for t in (128, 64)):
+    for block_n in dict.fromkeys(pick_block_n(n, t) for t in strips):
         block_k = pick_block_k(k, fmt, max_block_k or pick_block_k_target(fmt))
         while True:
             steps, split_k = k // block_k, 1
             while split_k <= 8 and steps % split_k == 0:
                 programs = row_tiles * (n // block_n) * split_k
                 partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
-                cost = (row_tiles * weight_bytes + partials) / min(1.0, programs / SMS_FILLED)
+                filled = min(1.0, programs * warps(block_n) / WARPS_FILLED)
+                cost = (row_tiles * weight_bytes + partials) / filled
                 candidates.append((cost, -block_n, -block_k, split_k))
                 split_k *= 2
             if block_k // 2 < max(64, min_block_k) or not block_k_ok(block_k // 2, k, fmt):
@@ -124,16 +130,13 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     _, neg_n, neg_k, split_k = min((c for c in candidates if c[0] <= 1.1 * least),
                                    key=lambda c: (c[1], c[2], c[0]))
     return dict(block_m=block_m, block_n=-neg_n, block_k=-neg_k, split_k=split_k,
-                num_warps=warps_for(block_m, -neg_n),
+                num_warps=warps(-neg_n),
                 num_stages=stages_for(fmt, -neg_n, -neg_k))
 
 
 def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int) -> dict:
     """`tiling` plus the route: the phase route (`phases.py`) where it serves the format and
     activations and K has a step long enough for it, else the general one."""
-    # From 64-row tiles on, Triton's sm_90 dot is a warpgroup MMA (wgmma), whose B operand must
-    # come from shared memory: the phase route would store float32 tiles there, worse than the
-    # general route's bf16 (compiled: 12.9 against 7.4 PTX instructions per weight at 4 bits).
     if phases.serves(fmt, x_dtype) and row_tile(m) <= phases.MAX_BLOCK_M:
         low, high = phases.min_block_k(fmt), phases.max_block_k(fmt, pick_block_k_target(fmt))
         try:
@@ -141,8 +144,10 @@ def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int
         except ValueError:
             bk = 0
         if bk >= low:
+            block_m = phases.MIN_BLOCK_M if m <= phases.MIN_BLOCK_M else row_tile(m)
             return dict(tiling(m, k, n, fmt, row_tiles=row_tiles, min_block_k=low,
-                               max_block_k=high), phases=True)
+                               max_block_k=high, block_m=block_m, strips=phases.STRIPS,
+                               warps=phases.warps), phases=True)
     return tiling(m, k, n, fmt, row_tiles=row_tiles)
 
 
@@ -182,8 +187,10 @@ class DeltaMatmulConfig:
         and activations of `x_dtype`."""
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if v < MIN_BLOCK or v & (v - 1):
-                raise ValueError(f"{name}={v} must be a power of two >= {MIN_BLOCK}")
+            low = phases.MIN_BLOCK_M if name == "block_m" and self.phases else MIN_BLOCK
+            if v < low or v & (v - 1):
+                note = " (8 on the phase route)" if name == "block_m" and not self.phases else ""
+                raise ValueError(f"{name}={v} must be a power of two >= {low}{note}")
         if n % self.block_n:
             raise ValueError(f"block_n={self.block_n} must divide N={n}")
         if not block_k_ok(self.block_k, k, fmt):
