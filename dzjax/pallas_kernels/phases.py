@@ -15,17 +15,17 @@ the words from shared memory straight into the dot's operand registers and dequa
 Dequantization is moved past the dot, where it costs per output, not per weight. A code c of b
 bits placed in the top mantissa bits of 1.0 (masked, shifted and added to 0x3F800000) is,
 reinterpreted, exactly 1 + c / 2**b: an AND and a shift-and-add (LOP3 and LEA) per weight, no
-conversion (`phase_weights`; inline PTX in compiled kernels, so that ptxas keeps that form). Its dot
-with x gives acc = sum(x) + sum(x * c) / 2**b, so per scale group
+conversion (`phase_weights`; inline PTX in compiled kernels, so that ptxas keeps that form). Its
+dot with x gives acc = sum(x) + sum(x * c) / 2**b, so per scale group
 
   sum(x * scale * (c - zero)) = scale * (2**b * acc - (2**b + zero) * sum(x))
 
 with sum(x) per group also computed outside the kernel. The dot runs in TF32 on the tensor cores,
 and is exact there: 1 + c / 2**b has at most 9 significant bits (8-bit codes) and x (bf16 or
 f16, converted to float32 outside) at most 11, within TF32's 11; their products fit float32. So
-the weights are the exact float32
-scale * (c - zero), not rounded to x's dtype as on the general route (a little more accurate;
-outputs differ from the XLA path by that rounding, ~1e-3 of the delta's contribution).
+the weights are the exact float32 scale * (c - zero), not rounded to x's dtype as on the general
+route (a little more accurate; outputs differ from the XLA path by that rounding, ~1e-3 of the
+delta's contribution).
 
 K steps are one scale group where the group allows (2-bit g128: 128 rows, 8 word rows per phase,
 one TF32 MMA deep). When a group is shorter than the shortest step (2-bit g64), each phase tile
@@ -139,7 +139,7 @@ def phase_weights(words, bits: int, phase: int, *, asm: bool):
     into shift, AND, OR, which ptxas makes one LOP3 with two constants, the second in a register
     it rematerializes with a move before most uses (2.6 instructions a weight). So the compiled
     kernel (`asm`) states it in PTX (`phase_asm`); interpret mode runs the same operations in
-    jnp (`tests/test_kernels.py` holds the two to the same bits)."""
+    jnp (`tests/test_packing.py` holds the two to the same bits)."""
     if asm:
         from jax.experimental.pallas import triton as pl_triton
 
