@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dzjax.pallas_kernels import (Format, delta_matmul, make_delta_batch, multi_delta_matmul,
-                                  quantize_to_format)
+                                  quantize_to_format, tiling)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 BATCHES = [1, 4, 16, 64]
@@ -262,7 +262,7 @@ def run(quick: bool, implementation: str | None, repeats: int, budget_s: float |
 
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM / H200 class
-SMS = 132
+SMS = tiling.SMS
 CLOCK_HZ = 1.98e9
 CVT_PER_S = 16 * SMS * CLOCK_HZ  # float32 -> bf16 conversions, 16 per clock per SM
 ISSUE_PER_S = 128 * SMS * CLOCK_HZ  # thread instructions: 4 warp instructions per clock per SM
@@ -388,7 +388,7 @@ def model(quick: bool = False) -> dict:
                     # written (the rows of x only) and read back whole by the sum.
                     partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
                     read = groups * row_tiles * weights + x_bytes + partials + m * n * 4
-                    filled = min(1.0, busy * c.num_warps / (4 * SMS))
+                    filled = tiling.filled(busy, c.num_warps)
                     t_mem = read / (HBM_BYTES_PER_S * filled)
                     dequantized = groups * row_tiles * k * n  # weights built, counting re-reads
                     # float32 -> bf16 roundings remain only where weights are built in float32.

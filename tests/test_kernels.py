@@ -673,7 +673,7 @@ def check_phase_sass(cubin: bytes, config) -> None:
         return
     moved = [line.strip() for line in loop if re.search(r"MOV\S*\s+R\d+, .*0x[0-9a-f]{5,}", line)]
     assert not moved, f"{len(moved)} constants moved into registers in the K loop: {moved[:4]}"
-    sass = compiled.sass_loop_instructions(cubin)
+    sass = compiled.sass_loop_instructions(loop)
     weights = config.block_k * config.block_n / (32 * config.num_warps)  # per thread and step
     assert sass["LEA"] + sass["LEA.HI"] >= 0.9 * weights, dict(sass)
 

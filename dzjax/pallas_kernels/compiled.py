@@ -166,11 +166,11 @@ def sass_loop(cubin: bytes) -> list[str]:
     return _k_loop(text, r"\s*\.?(L_x_\d+):", r"\bBRA\b.*?\.?(L_x_\d+)", r"\bHMMA\b")
 
 
-def sass_loop_instructions(cubin: bytes) -> collections.Counter:
-    """`loop_instructions` of the machine code (`sass_loop`): an AND and an OR become one LOP3,
-    moves vanish or appear. Empty when there is no K loop."""
-    return collections.Counter(m.group(1) for line in sass_loop(cubin)
-                               if (m := _SASS_OP.search(line)))
+def sass_loop_instructions(cubin_or_loop: bytes | list[str]) -> collections.Counter:
+    """`loop_instructions` of the machine code (of a cubin, or of its `sass_loop` lines): an AND
+    and an OR become one LOP3, moves vanish or appear. Empty when there is no K loop."""
+    loop = sass_loop(cubin_or_loop) if isinstance(cubin_or_loop, bytes) else cubin_or_loop
+    return collections.Counter(m.group(1) for line in loop if (m := _SASS_OP.search(line)))
 
 
 def loop_instructions(ptx: str) -> collections.Counter:

@@ -19,6 +19,11 @@ SMS = 132  # an H100 / H200
 WARPS_FILLED = 4 * SMS  # warps that fill it: one per scheduler (4 a SM)
 
 
+def filled(programs: int, num_warps: int) -> float:
+    """The share of the GPU that `programs` of `num_warps` warps fill (WARPS_FILLED: all)."""
+    return min(1.0, programs * num_warps / WARPS_FILLED)
+
+
 def _pow2_floor(v: int) -> int:
     return 1 << (max(int(v), 1).bit_length() - 1)
 
@@ -118,8 +123,7 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
             while split_k <= 8 and steps % split_k == 0:
                 programs = row_tiles * (n // block_n) * split_k
                 partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
-                filled = min(1.0, programs * warps(block_n) / WARPS_FILLED)
-                cost = (row_tiles * weight_bytes + partials) / filled
+                cost = (row_tiles * weight_bytes + partials) / filled(programs, warps(block_n))
                 candidates.append((cost, -block_n, -block_k, split_k))
                 split_k *= 2
             if block_k // 2 < max(64, min_block_k) or not block_k_ok(block_k // 2, k, fmt):
