@@ -186,7 +186,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16",
                         help="dtype the base weights are held in")
     parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
-                        help="split the model over the first N devices (a tensor-parallel mesh)")
+                        help="split the model over the first N devices (a tensor-parallel mesh; with "
+                        "--replicas, over N devices of each replica)")
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                         help="serve one model over the devices of several processes "
                         "(jax.distributed; with --num-processes and --process-id): process 0 "
@@ -308,21 +309,19 @@ def _serve_replicas(args, deltas: dict) -> None:
     """`dzjax serve --replicas N`: the same server as N replicas on Ray Serve."""
     from dzjax.errors import DzjaxError
 
-    unsupported = [flag for flag, given in [
-        ("--delta-dir", args.delta_dir is not None), ("--tensor-parallel", args.tensor_parallel)]
-        if given]
-    if unsupported:  # (each replica would need its own; not built yet)
-        raise DzjaxError(f"{', '.join(unsupported)} cannot be used with --replicas or "
-                         f"--autoscaling-config")
     if args.replicas is not None and args.autoscaling_config is not None:
         raise DzjaxError("give --replicas or --autoscaling-config, not both")
-    from dzjax.serving import ray_serve
+    from dzjax.serving import http, ray_serve
 
+    key = _api_key(args)
+    http.warn_if_open(args.host, args.port, key, args.delta_dir)
+    options = serve_options(argparse.Namespace(**{**vars(args), "tensor_parallel": None}))
     app = ray_serve.application(
         args.base, deltas, num_replicas=args.replicas,
         autoscaling_config=args.autoscaling_config, weights_dtype=args.weights_dtype,
         max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
-        api_key=_api_key(args), **serve_options(args))
+        api_key=key, delta_dir=args.delta_dir, tensor_parallel=args.tensor_parallel,
+        **options)  # (each replica builds its own mesh)
     ray_serve.run(app, host=args.host, port=args.port)
 
 

@@ -45,6 +45,14 @@ def test_requests_arriving_together_are_prefilled_and_decoded_as_one_batch():
     assert out["generated_tokens"] == 5 and out["router"]["misses"] == 0  # base: not counted
 
 
+def test_a_replica_is_busy_until_the_step_that_ends_its_last_request_ends():
+    # r0's only step (prefill, then its second and last token) ends at 0.004 + 0.030 + 0.012;
+    # r1, routed during it, goes to the idle replica, not to the one still computing r0.
+    work = [request(0, 0.0, "base", 2), request(1, 0.02, "base", 1)]
+    out = simulate(work, Deployment(replicas=2), COSTS)
+    assert out["per_request"][1][3] == pytest.approx(0.004 + 0.030, abs=1e-4)  # its TTFT
+
+
 def test_a_read_from_disk_runs_in_the_background_while_others_go_on():
     work = [request(0, 0.0, "a", 3), request(1, 0.0, "base", 2)]
     out = simulate(work, Deployment(replicas=1), COSTS)

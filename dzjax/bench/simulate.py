@@ -164,6 +164,9 @@ class _Replica:
         """One engine step starting at `now` while `busy` replicas (this one included) have
         work: its seconds, and whether it did anything. The tokens it makes are appended to
         `emitted` as (time, request, first, last)."""
+        for i, row in enumerate(self.rows):  # the rows the last step finished are free now
+            if row is not None and row[1] == 0:
+                self.rows[i] = None
         for name, ready in list(self.reading.items()):  # reads that ended are on the host
             if ready <= now:
                 del self.reading[name]
@@ -209,12 +212,9 @@ class _Replica:
             spent += costs.decode(len(decoding), active) + costs.token_s * len(decoding)
         spent *= costs.slowdown(busy)
         end = now + spent
-        for row in decoding:
+        for row in decoding:  # (a row done is freed at the next step, when this one ends)
             row[1] -= 1
             emitted.append((end, row[0], False, row[1] == 0))
-        for i, row in enumerate(self.rows):
-            if row is not None and row[1] == 0:
-                self.rows[i] = None
         return spent, bool(admitted or decoding)
 
 

@@ -53,7 +53,7 @@ import dzjax.jsonsafe as jsonsafe
 from dzjax.errors import DzjaxError
 from dzjax.serving import admin, openai_api
 from dzjax.serving.openai_api import HTTPError, Reply, as_http_error, invalid
-from dzjax.serving.requests import Event, RequestError
+from dzjax.serving.requests import Event, RequestError, not_served
 from dzjax.serving.server import RequestHandle, Server
 
 log = logging.getLogger("dzjax.serving.http")
@@ -68,7 +68,7 @@ def _error_response(e: Exception) -> JSONResponse:
     return JSONResponse(error.payload(), status_code=error.status)
 
 
-def _openai_errors(endpoint):
+def openai_errors(endpoint):
     """Wrap an endpoint so that any exception becomes an error in OpenAI's shape: a failed
     request never takes the server down, and clients always get JSON they can parse."""
 
@@ -87,7 +87,7 @@ async def _starlette_error(request: Request, e: HTTPException) -> Response:
     return _error_response(e)
 
 
-async def _json_object(request: Request, max_bytes: int) -> dict:
+async def json_object(request: Request, max_bytes: int) -> dict:
     """The request's JSON object body: at most `max_bytes` (413 beyond, read no further) and
     nested at most `MAX_JSON_DEPTH` levels."""
     declared = request.headers.get("content-length")
@@ -327,24 +327,23 @@ class _Api:
         name = request.path_params["model"]
         roots = self.server.model_roots()  # never waits for the engine
         if name not in roots:
-            raise HTTPError(404, f"model {name!r} is not served; served: {list(roots)}",
-                            param="model", code="model_not_found")
+            raise as_http_error(not_served(name, list(roots)))
         return JSONResponse(self._model_card(name, roots[name]))
 
     async def completions(self, request: Request) -> Response:
-        body = await _json_object(request, self.max_request_bytes)
+        body = await json_object(request, self.max_request_bytes)
         reply = Reply.new(chat=False, model=openai_api.model_field(body))
         return await self._generate(request, body, reply, openai_api.prompts(body),
                                     openai_api.COMPLETIONS_MAX_TOKENS)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _json_object(request, self.max_request_bytes)
+        body = await json_object(request, self.max_request_bytes)
         reply = Reply.new(chat=True, model=openai_api.model_field(body))
         ids = await run_in_threadpool(self._encode_chat, openai_api.messages(body))
         return await self._generate(request, body, reply, [ids], None)
 
     async def tokenize(self, request: Request) -> Response:
-        body = await _json_object(request, self.max_request_bytes)
+        body = await json_object(request, self.max_request_bytes)
         if "model" in body:
             openai_api.model_field(body)  # checked, not needed: every model has the base's
         if body.get("messages") is not None:
@@ -367,7 +366,7 @@ class _Api:
         return list(tok(prompt, add_special_tokens=False)["input_ids"])
 
     async def detokenize(self, request: Request) -> Response:
-        body = await _json_object(request, self.max_request_bytes)
+        body = await json_object(request, self.max_request_bytes)
         tokens = body.get("tokens")
         if not isinstance(tokens, list):
             raise invalid("tokens", "tokens must be a list of token ids")
@@ -418,18 +417,18 @@ def make_app(server: Server, *, max_request_bytes: int = MAX_REQUEST_BYTES,
     if delta_dir is not None and not Path(delta_dir).is_dir():
         raise DzjaxError(f"delta directory {delta_dir}: no such directory")
     api = _Api(server, max_request_bytes)
-    routes = [Route("/health", _openai_errors(api.health), methods=["GET"]),
-              Route("/v1/models", _openai_errors(api.list_models), methods=["GET"]),
-              Route("/v1/models/{model:path}", _openai_errors(api.get_model), methods=["GET"]),
-              Route("/v1/completions", _openai_errors(api.completions), methods=["POST"]),
-              Route("/v1/chat/completions", _openai_errors(api.chat_completions),
+    routes = [Route("/health", openai_errors(api.health), methods=["GET"]),
+              Route("/v1/models", openai_errors(api.list_models), methods=["GET"]),
+              Route("/v1/models/{model:path}", openai_errors(api.get_model), methods=["GET"]),
+              Route("/v1/completions", openai_errors(api.completions), methods=["POST"]),
+              Route("/v1/chat/completions", openai_errors(api.chat_completions),
                     methods=["POST"]),
-              Route("/tokenize", _openai_errors(api.tokenize), methods=["POST"]),
-              Route("/detokenize", _openai_errors(api.detokenize), methods=["POST"]),
-              Route("/tokenizer_info", _openai_errors(api.tokenizer_info), methods=["GET"])]
-    routes += [Route(path, _openai_errors(endpoint), methods=[method])
+              Route("/tokenize", openai_errors(api.tokenize), methods=["POST"]),
+              Route("/detokenize", openai_errors(api.detokenize), methods=["POST"]),
+              Route("/tokenizer_info", openai_errors(api.tokenizer_info), methods=["GET"])]
+    routes += [Route(path, openai_errors(endpoint), methods=[method])
                for path, method, endpoint in admin.Admin(
-                   server, delta_dir, functools.partial(_json_object,
+                   server, delta_dir, functools.partial(json_object,
                                                         max_bytes=max_request_bytes)).routes()]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _starlette_error})
     return admin.Guard(app, api_key, server.metrics)
@@ -455,6 +454,13 @@ async def _serve_and_announce(http, server: Server) -> Exception | None:
     return server.engine.failed
 
 
+def warn_if_open(host: str, port: int, api_key: str | None, delta_dir) -> None:
+    """Log a warning when anyone who reaches host:port could load deltas (no API key)."""
+    if delta_dir is not None and api_key is None and not _loopback(host):
+        log.warning("deltas can be loaded over HTTP (--delta-dir) by anyone who reaches %s:%d: "
+                    "set --api-key (or $DZJAX_API_KEY), or listen on 127.0.0.1", host, port)
+
+
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info", max_request_bytes: int = MAX_REQUEST_BYTES,
                shutdown_timeout_s: float = 30.0, api_key: str | None = None,
@@ -466,9 +472,7 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
 
     # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: let both
     # arrive here as KeyboardInterrupt (not a kill, for SIGTERM), so that the engine is closed.
-    if delta_dir is not None and api_key is None and not _loopback(host):
-        log.warning("deltas can be loaded over HTTP (--delta-dir) by anyone who reaches %s:%d: "
-                    "set --api-key (or $DZJAX_API_KEY), or listen on 127.0.0.1", host, port)
+    warn_if_open(host, port, api_key, delta_dir)
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         app = make_app(server, max_request_bytes=max_request_bytes, api_key=api_key,

@@ -10,12 +10,20 @@ The deployment graph:
             reads the body's `model` and sends the request on with it as the multiplexed model
             id; a request whose replica died before answering is sent again (another replica
             or the restarted one), up to `max_retries` times. GET /v1/ray/stats: the routing
-            counts (requests, resident hits and misses, retries, answers by replica).
+            counts (requests, resident hits and misses, retries, answers and devices by
+            replica). It keeps the served deltas (`DeltaRegistry`), and answers the delta
+            endpoints (/v1/load_delta, /v1/unload_delta and their LoRA aliases) with the single
+            server's checks, when given a `delta_dir`. A load is read and checked on one
+            replica; every request carries the registry's state, and a replica whose deltas
+            differ brings them in line before answering it (a replica started later too). An
+            unloaded delta is refused (404) at once; a replica frees it when the requests
+            running on it there end.
   Replica   (num_replicas, or autoscaled): a `dzjax.serve` server over the base and every
             delta (registered as files: read when first asked for), and dzjax's own HTTP app,
             which answers the forwarded request as a single server would (the same fields,
             errors and streams). Its multiplexed model set has max_resident_deltas entries
             (the device slots of its pool), so Ray's routing follows what is on the device.
+            With tensor_parallel=N, each replica splits the model over N devices of its own.
 
 A hit is a request whose delta was in its replica's multiplexed set when it arrived; a miss
 made the replica take the delta on (its pool then reads the file, or finds it in host memory).
@@ -23,8 +31,12 @@ made the replica take the delta on (its pool then reads the file, or finds it in
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import json
+import threading
+import uuid
 from pathlib import Path
 
 from ray import serve
@@ -33,31 +45,42 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dzjax.errors import DzjaxError
-from dzjax.serving import admin, http, in_process
+from dzjax.serving import admin, http, in_process, openai_api
 from dzjax.serving.http import MAX_REQUEST_BYTES  # a request body at most (413 beyond)
+from dzjax.serving.requests import (DeltaUnavailableError, ModelNotFoundError,
+                                    ServerClosedError, not_served)
+from dzjax.serving.server import BASE_NAME
 
 MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
 INGRESS_MAX_ONGOING = 10_000  # requests the ingress holds at once (Ray Serve's default: 5)
 REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 _HOP_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connection"}
+_GENERATION = ("/v1/completions", "/v1/chat/completions")  # the paths whose body names a model
 
 
 def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int | None = 2,
                 autoscaling_config: dict | None = None, max_retries: int = MAX_RETRIES,
                 ray_actor_options: dict | None = None, weights_dtype: str | None = None,
                 max_request_bytes: int | None = None, shutdown_timeout_s: float = 30.0,
-                api_key: str | None = None, **options):
+                api_key: str | None = None, delta_dir: str | Path | None = None,
+                tensor_parallel: int | None = None, **options):
     """The Ray Serve application of `base` (a checkpoint directory) and `deltas` ({name: delta
     file}), for `ray.serve.run`.
 
     num_replicas: replicas (each a whole `dzjax.serve` server); None with autoscaling_config,
       which is passed to Ray Serve as it is (min_replicas, max_replicas,
       target_ongoing_requests, ...). ray_actor_options: each replica's resources (e.g.
-      {"num_gpus": 1}; default: none reserved). weights_dtype: of the base's weights (default:
-      `load_base`'s). max_request_bytes: `make_app`'s. shutdown_timeout_s: how long a stopping
-      replica lets its requests finish. api_key: required of every request but /health and
-      /metrics, by the ingress and by each replica's app (None: no key). options:
-      `dzjax.serve`'s, for every replica.
+      {"num_gpus": 1}; default: none reserved, but with tensor_parallel see there).
+      weights_dtype: of the base's weights (default: `load_base`'s). max_request_bytes:
+      `make_app`'s. shutdown_timeout_s: how long a stopping replica lets its requests finish.
+      api_key: required of every request but /health and /metrics, by the ingress and by each
+      replica's app (None: no key). delta_dir: the directory whose delta files may be loaded
+      over HTTP (the same path on every node; None: loading is off), with the registry in the
+      ingress (keep it one replica; a restarted ingress serves the deltas given here again).
+      tensor_parallel: N splits each replica's model over N devices of its own; its
+      ray_actor_options default to {"num_gpus": N} where this process's JAX backend is a GPU,
+      else to N CPU devices of the replica's process (XLA's host device count). options:
+      `dzjax.serve`'s, for every replica (not `mesh`: a replica builds its own).
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise DzjaxError("api_key must be a non-empty string (or None for no key)")
@@ -73,6 +96,16 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
         raise DzjaxError(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     if not isinstance(max_retries, int) or max_retries < 0:
         raise DzjaxError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    if delta_dir is not None and not Path(delta_dir).is_dir():
+        raise DzjaxError(f"delta directory {delta_dir}: no such directory")
+    if "mesh" in options:
+        raise DzjaxError("a mesh cannot be given to replicas (its devices are this process's): "
+                         "give tensor_parallel=N, and each replica builds its own")
+    actor = ray_actor_options or {"num_cpus": 0}
+    if tensor_parallel is not None:
+        if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise DzjaxError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
+        actor = ray_actor_options or _devices(tensor_parallel)
     resident = options.get("max_resident_deltas", 8)
     scale = {"num_replicas": num_replicas} if autoscaling_config is None \
         else {"autoscaling_config": autoscaling_config}
@@ -80,7 +113,7 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
     # its batch (a full batch and the next one queued in its engine), the ingress any number.
     batch = options.get("max_batch", 8)
     replica = _replica_class(resident).options(
-        ray_actor_options=ray_actor_options or {"num_cpus": 0},
+        ray_actor_options=actor,
         max_ongoing_requests=2 * batch, graceful_shutdown_timeout_s=shutdown_timeout_s, **scale)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0},
                               max_ongoing_requests=INGRESS_MAX_ONGOING)
@@ -88,8 +121,21 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
     loading = {} if weights_dtype is None else {"dtype": weights_dtype}
     return ingress.bind(replica.bind(str(Path(base).resolve()), deltas, options, loading,
                                      {"max_request_bytes": limit, "api_key": api_key},
-                                     shutdown_timeout_s),
-                        max_retries, sorted(deltas), limit, api_key)
+                                     shutdown_timeout_s, tensor_parallel),
+                        max_retries, deltas, limit, api_key,
+                        None if delta_dir is None else str(Path(delta_dir).resolve()),
+                        options.get("base_name", BASE_NAME))
+
+
+def _devices(n: int) -> dict:
+    """A replica's resources for a model split over n devices: n GPUs where this process runs
+    JAX on GPUs, else n CPU devices of the replica's own process."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return {"num_cpus": 0, "num_gpus": n}
+    return {"num_cpus": 0, "runtime_env": {"env_vars": {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}}}
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -120,11 +166,10 @@ def app_builder(args: dict):
     base=DIR deltas=NAME=PATH,NAME=PATH num_replicas=2` (a config file's `args` may give
     `deltas` as a mapping, `autoscaling_config` and `options` (`dzjax.serve`'s) as mappings)."""
     args = dict(args)
-    unknown = set(args) - {"base", "deltas", "num_replicas", "autoscaling_config", "options",
-                           "weights_dtype", "max_retries", "api_key"}
-    if unknown or "base" not in args:
-        raise DzjaxError(f"app_builder takes base, deltas, num_replicas, autoscaling_config, "
-                         f"options, weights_dtype, max_retries, api_key; got {sorted(args)}")
+    known = ("base", "deltas", "num_replicas", "autoscaling_config", "options", "weights_dtype",
+             "max_retries", "api_key", "delta_dir", "tensor_parallel")
+    if set(args) - set(known) or "base" not in args:
+        raise DzjaxError(f"app_builder takes {', '.join(known)}; got {sorted(args)}")
     deltas = args.get("deltas") or {}
     if isinstance(deltas, str):
         pairs = [item.split("=", 1) for item in deltas.split(",") if item]
@@ -137,7 +182,9 @@ def app_builder(args: dict):
                        num_replicas=None if replicas is None else int(replicas),
                        autoscaling_config=autoscaling, weights_dtype=args.get("weights_dtype"),
                        max_retries=int(args.get("max_retries", MAX_RETRIES)),
-                       api_key=args.get("api_key"),
+                       api_key=args.get("api_key"), delta_dir=args.get("delta_dir"),
+                       tensor_parallel=None if args.get("tensor_parallel") is None
+                       else int(args["tensor_parallel"]),
                        **(args.get("options") or {}))
 
 
@@ -147,19 +194,34 @@ def _replica_class(resident: int):
     @serve.deployment(name="DeltaReplica")
     class DeltaReplica:
         def __init__(self, base: str, deltas: dict[str, str], options: dict, loading: dict,
-                     http_options: dict, shutdown_timeout_s: float):
+                     http_options: dict, shutdown_timeout_s: float,
+                     tensor_parallel: int | None = None):
+            import jax
             import jax.numpy as jnp
 
             from dzjax.models.loading import load_base
             from dzjax.serving.server import serve as dzjax_serve
 
+            if tensor_parallel is not None:
+                from dzjax.models.sharding import make_mesh
+
+                if len(jax.devices()) < tensor_parallel:
+                    raise DzjaxError(
+                        f"tensor_parallel={tensor_parallel}: this replica has "
+                        f"{len(jax.devices())} {jax.default_backend()} devices (give "
+                        f"ray_actor_options that reserve {tensor_parallel})")
+                options = dict(options, mesh=make_mesh(tensor_parallel))
             if "dtype" in loading:
                 loading = dict(loading, dtype=jnp.dtype(loading["dtype"]))
             self.server = dzjax_serve(load_base(base, **loading), deltas, **options)
             self.app = http.make_app(self.server, **http_options)
             self.id = serve.get_replica_context().replica_id.unique_id
+            self.devices = tensor_parallel or 1
             self.taken_on = collections.Counter()  # multiplexed loads, by model
             self.shutdown_timeout_s = shutdown_timeout_s
+            self.synced = None  # the registry state the served deltas match (None: not yet)
+            self.unreadable: dict[str, str] = {}  # delta -> why this replica could not read it
+            self._syncing = asyncio.Lock()
 
         @serve.multiplexed(max_num_models_per_replica=resident)
         async def take_on(self, model: str) -> str:
@@ -167,21 +229,80 @@ def _replica_class(resident: int):
             self.taken_on[model] += 1
             return model
 
+        async def check_delta(self, name: str, path: str) -> str | None:
+            """For a load at the ingress: read and check the delta file, and serve it here
+            (the other replicas take it on at their next request). Why not, or None."""
+            try:
+                await self._serve_delta(name, path)
+            except DzjaxError as e:
+                return str(e)
+            return None
+
+        async def _serve_delta(self, name: str, path: str) -> None:
+            served = self.server.model_roots()
+            if served.get(name) == path:
+                return
+            if name in served:  # unloaded, then loaded again from another file
+                await asyncio.to_thread(self.server.remove_delta, name)
+            await asyncio.to_thread(self.server.add_delta, name, path)  # (reads the file)
+
+        async def _sync(self, registry: tuple) -> None:
+            """Serve the deltas of the ingress's registry (epoch, version, ((name, path), ...))
+            and no others; a delta still in use here is freed at a later request."""
+            async with self._syncing:
+                if registry == self.synced:
+                    return
+                wanted = dict(registry[2])
+                served = self.server.model_roots()
+                served.pop(self.server.base_name)
+                complete = True
+                for name in served.keys() - wanted.keys():  # unloaded
+                    try:
+                        await asyncio.to_thread(self.server.remove_delta, name)
+                    except ModelNotFoundError:
+                        pass
+                    except DzjaxError:  # requests run on it here
+                        complete = False
+                for name, path in wanted.items():
+                    try:
+                        await self._serve_delta(name, path)
+                    except DzjaxError as e:  # (its requests here get the error)
+                        self.unreadable[name] = str(e)
+                        complete = False
+                    else:
+                        self.unreadable.pop(name, None)
+                if complete:
+                    self.synced = registry
+
         async def forward(self, method: str, path: str, query: bytes, headers: list,
-                          body: bytes):
-            """Answer one HTTP request with dzjax's app: ("start", status, headers, hit), then
-            the body's chunks."""
+                          body: bytes, registry: tuple):
+            """Answer one HTTP request with dzjax's app, the served deltas first brought in
+            line with the ingress's `registry`: ("start", status, headers, hit, devices),
+            then the body's chunks."""
+            if registry != self.synced:
+                await self._sync(registry)
             model = serve.get_multiplexed_model_id()
+            if model in self.unreadable:
+                error = openai_api.as_http_error(DeltaUnavailableError(
+                    f"delta {model!r} could not be read on replica {self.id}: "
+                    f"{self.unreadable[model]}"))
+                yield ("start", error.status, [(b"content-type", b"application/json"),
+                                               (b"x-dzjax-replica", self.id.encode())],
+                       None, self.devices)
+                yield ("body", json.dumps(error.payload()).encode())
+                return
             hit = None
             if model and model != self.server.base_name and model in self.server.models():
                 before = self.taken_on[model]
                 await self.take_on(model)
                 hit = self.taken_on[model] == before
-            async for kind, *rest in in_process.request(self.app, method, path, query, headers, body):
+            async for kind, *rest in in_process.request(self.app, method, path, query, headers,
+                                                        body):
                 if kind == "start":
                     status, out_headers = rest
                     yield ("start", status, out_headers + [(b"x-dzjax-replica",
-                                                            self.id.encode())], hit)
+                                                            self.id.encode())],
+                           hit, self.devices)
                 else:
                     yield ("body", rest[0])
 
@@ -193,25 +314,74 @@ def _replica_class(resident: int):
     return DeltaReplica
 
 
+class DeltaRegistry:
+    """The deltas the replicas serve, kept by the ingress: what `admin.Admin` loads into and
+    unloads from, in place of a server. `check(name, path)` reads and checks a delta file on
+    one replica (raising a DzjaxError); `snapshot()` travels with every forwarded request."""
+
+    def __init__(self, base_name: str, deltas: dict[str, str], check):
+        self.base_name, self.check = base_name, check
+        self.paths = dict(deltas)
+        self.epoch = uuid.uuid4().hex  # (a restarted ingress starts over from the given deltas)
+        self.version = 0
+        self._lock = threading.Lock()  # (loads run on a thread)
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return [self.base_name, *sorted(self.paths)]
+
+    def add_delta(self, name: str, path) -> None:
+        self.check(name, str(path))
+        with self._lock:
+            if name in self.paths:
+                raise DzjaxError(f"a delta named {name!r} is already served")
+            self.paths[name] = str(path)
+            self.version += 1
+
+    def remove_delta(self, name: str) -> None:
+        with self._lock:
+            if name not in self.paths:
+                raise ModelNotFoundError(f"no delta named {name!r} is served")
+            del self.paths[name]
+            self.version += 1
+
+    def snapshot(self) -> tuple:
+        with self._lock:
+            return self.epoch, self.version, tuple(sorted(self.paths.items()))
+
+
 @serve.deployment(name="Ingress")
 class Ingress:
-    """The HTTP entry: each request to a replica that has its delta, retried if it died."""
+    """The HTTP entry: each request to a replica that has its delta, retried if it died; the
+    served deltas' registry, and their endpoints."""
 
-    def __init__(self, replicas, max_retries: int = MAX_RETRIES, deltas=(),
-                 max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None):
+    def __init__(self, replicas, max_retries: int = MAX_RETRIES, deltas: dict | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None,
+                 delta_dir: str | None = None, base_name: str = BASE_NAME):
         self.replicas, self.max_retries = replicas, max_retries
         self.expected = admin.bearer(api_key)
-        self.deltas, self.max_request_bytes = frozenset(deltas), max_request_bytes
+        self.max_request_bytes = max_request_bytes
+        self.registry = DeltaRegistry(base_name, deltas or {}, self._check_on_a_replica)
+        self.loop = None  # (the event loop requests run on: a load's check waits on it)
+        manager = admin.Admin(self.registry, delta_dir, functools.partial(
+            http.json_object, max_bytes=max_request_bytes))
+        self.managing = {path: http.openai_errors(endpoint)
+                         for path, method, endpoint in manager.routes() if path != "/metrics"}
         self.counts = collections.Counter()
         self.by_replica = collections.Counter()
+        self.devices: dict[str, int] = {}
 
     async def __call__(self, request: Request) -> Response:
         # Checked here too (each replica's app checks it again): a request without the key is
         # not routed, so it cannot make a replica take a delta on.
         if not admin.key_given(self.expected, request.url.path, dict(request.headers.raw)):
             return admin.unauthorized()
-        if request.url.path == "/v1/ray/stats":
+        path = request.url.path
+        if path == "/v1/ray/stats":
             return JSONResponse(self.stats())
+        if path in self.managing and request.method == "POST":
+            self.loop = asyncio.get_running_loop()
+            return await self.managing[path](request)
         body = bytearray()
         async for piece in request.stream():  # bounded before anything is parsed
             body += piece
@@ -221,8 +391,13 @@ class Ingress:
                     "type": "invalid_request_error", "param": None,
                     "code": "request_too_large"}}, status_code=413)
         body = bytes(body)
-        model = in_process.model_of(body)
-        if model not in self.deltas:  # the base, or a name no replica serves (it answers 404)
+        model = in_process.model_of(body) if path in _GENERATION else \
+            path.removeprefix("/v1/models/") if path.startswith("/v1/models/") else ""
+        served = self.registry.models()
+        if model and model not in served:  # (one unloaded may still run on a replica)
+            error = openai_api.as_http_error(not_served(model, served))
+            return JSONResponse(error.payload(), status_code=error.status)
+        if model not in self.registry.paths:  # the base, or no model: any replica
             model = ""
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS]
         self.counts["requests"] += 1
@@ -241,10 +416,12 @@ class Ingress:
     async def _forward(self, request: Request, model: str, headers: list, body: bytes):
         handle = self.replicas.options(stream=True, multiplexed_model_id=model)
         stream = handle.forward.remote(request.method, request.url.path,
-                                       request.url.query.encode(), headers, body)
-        _, status, out_headers, hit = await stream.__anext__()
+                                       request.url.query.encode(), headers, body,
+                                       self.registry.snapshot())
+        _, status, out_headers, hit, devices = await stream.__anext__()
         out = {k.decode(): v.decode() for k, v in out_headers}
         replica = out.get("x-dzjax-replica", "?")
+        self.devices[replica] = devices
         if out.get("content-type", "").startswith("text/event-stream"):
             # Retryable until the first generated token is here (a chat stream's first event
             # is its role, sent before any generation).
@@ -256,9 +433,34 @@ class Ingress:
                     break
             self._count(hit, replica)
             return StreamingResponse(_rest(first, stream), status_code=status, headers=out)
-        chunks = [chunk async for _, chunk in stream]  # whole before answering: retryable
+        content = b"".join([chunk async for _, chunk in stream])  # whole first: retryable
         self._count(hit, replica)
-        return Response(b"".join(chunks), status_code=status, headers=out)
+        if request.url.path == "/v1/models" and status == 200:
+            content = self._listed(content)
+            out.pop("content-length", None)
+        return Response(content, status_code=status, headers=out)
+
+    def _listed(self, content: bytes) -> bytes:
+        """A replica's model list without the deltas unloaded since (still freed there)."""
+        listing = json.loads(content)
+        served = set(self.registry.models())
+        listing["data"] = [card for card in listing["data"] if card["id"] in served]
+        return json.dumps(listing).encode()
+
+    def _check_on_a_replica(self, name: str, path: str) -> None:
+        """`DeltaRegistry.check`, on a load's thread: one replica reads and checks the file."""
+        future = asyncio.run_coroutine_threadsafe(self._check(name, path), self.loop)
+        error = future.result()
+        if error is not None:
+            raise DzjaxError(error)
+
+    async def _check(self, name: str, path: str) -> str | None:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self.replicas.check_delta.remote(name, path)
+            except REPLICA_GONE:
+                self.counts["retries"] += attempt < self.max_retries
+        raise ServerClosedError(f"no replica answered after {self.max_retries + 1} tries")
 
     def _count(self, hit, replica: str) -> None:
         self.by_replica[replica] += 1
@@ -271,7 +473,7 @@ class Ingress:
         return {"requests": c["requests"], "retries": c["retries"], "failed": c["failed"],
                 "hits": c["hits"], "misses": c["misses"],
                 "hit_rate": c["hits"] / routed if routed else None,
-                "by_replica": dict(self.by_replica)}
+                "by_replica": dict(self.by_replica), "devices_by_replica": dict(self.devices)}
 
 
 async def _rest(first: list[bytes], stream):

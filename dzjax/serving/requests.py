@@ -27,6 +27,11 @@ class ModelNotFoundError(RequestError):
     """A request names a model that is not served."""
 
 
+def not_served(model: str, served: list[str]) -> ModelNotFoundError:
+    """The error of a request naming `model`, which is not among the `served` models."""
+    return ModelNotFoundError(f"model {model!r} is not served; served: {served}")
+
+
 class DeltaUnavailableError(DzjaxError):
     """A request's delta could not be read or loaded (its file is gone or damaged): the server's
     fault, not the request's; a later request tries again."""

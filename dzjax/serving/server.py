@@ -22,8 +22,10 @@ from dzjax.models.text import check_text, encode_prompt
 from dzjax.serving import multihost
 from dzjax.serving.engine import Engine, EngineConfig
 from dzjax.serving.metrics import Metrics
-from dzjax.serving.requests import (Event, ModelNotFoundError, Request, RequestError,
-                                    SamplingParams, ServerClosedError, TokenLogprob)
+from dzjax.serving.requests import (Event, Request, RequestError, SamplingParams,
+                                    ServerClosedError, TokenLogprob, not_served)
+
+BASE_NAME = "base"  # the model name of base-only requests, unless given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ class RequestHandle:
 class Server:
     """Serves a base model and many deltas with continuous batching (see `dzjax.serve`)."""
 
-    def __init__(self, base: Base, deltas: dict | None = None, *, base_name: str = "base",
+    def __init__(self, base: Base, deltas: dict | None = None, *, base_name: str = BASE_NAME,
                  role: multihost.Leader | None = None, **options):
         self.base_name = base_name
         self.metrics = Metrics(base_name)  # Prometheus (`metrics_text`, HTTP `/metrics`)
@@ -153,7 +155,7 @@ class Server:
         if not isinstance(model, str):
             raise RequestError(f"model must be a string, got {type(model).__name__}")
         if model not in self.engine.delta_names():
-            raise ModelNotFoundError(f"model {model!r} is not served; served: {self.models()}")
+            raise not_served(model, self.models())
         return model
 
     # -- requests ------------------------------------------------------------------------------
