@@ -13,10 +13,11 @@ measured on the deployment itself with a few sequential requests (not the worklo
 CPU time the router's processes (Ray's proxy, the ingress: `hops`) spend on them per request
 and per token (psutil; the part of it a lone request waits for is `hop_share`), and the
 replicas' contention for shared cores from a closed loop that keeps every replica's batch full
-(the step time then against one replica's alone). The workload then runs twice on the
-replicas, the first pass to compile every shape on each, the second measured. Every request
-asks for logprobs=0, in the calibration too: the synthetic model has no tokenizer, and a stream
-without text carries a chunk per token only with its log-probability.
+(the step time then against one replica's alone). The workload then runs on the replicas
+once to compile every shape on each, then `--passes` times measured: the real figures are
+the medians of the passes (their range is reported too, and the programs compiled during
+each). Every request asks for logprobs=0, in the calibration too: the synthetic model has no
+tokenizer, and a stream without text carries a chunk per token only with its log-probability.
 Results: benchmarks/results/simulate-<backend>-<date>.json.
 """
 
@@ -148,6 +149,18 @@ def closed_loop(url: str, workload, concurrency: int, seconds: float) -> float:
     return total / (time.perf_counter() - start)
 
 
+def median_summary(passes: list[dict]) -> dict:
+    """Each figure of `summarize`'s summaries (and the router's counts): its median over the
+    passes."""
+    def median(values):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: median([v[k] for v in values]) for k in first if k != "per_request"}
+        return statistics.median(values) if isinstance(first, (int, float)) and \
+            not isinstance(first, bool) and None not in values else first
+    return median(passes)
+
+
 ROUTER_PROCESSES = ("ProxyActor", "ServeReplica:dzjax:Ingress")  # in the order a request passes
 
 
@@ -173,9 +186,13 @@ def cpu_seconds(processes: list) -> list[float]:
     return [sum(sum(p.cpu_times()[:2]) for p in group) for group in processes]
 
 
-def _routing(url: str) -> dict:
+def _routing(url: str, refresh: bool = False) -> dict:
+    """The ingress's stats; refresh: after a few /health requests, which bring each replica's
+    compilation count up to date."""
     import httpx2
 
+    for _ in range(8 if refresh else 0):
+        httpx2.get(url + "/health", timeout=30)
     return httpx2.get(url + "/v1/ray/stats", timeout=30).json()
 
 
@@ -191,6 +208,8 @@ def main() -> None:
     p.add_argument("--prompt-len", default="16:32")
     p.add_argument("--output-len", default="8:32")
     p.add_argument("--slo", type=float, default=5.0, help="latency SLO, seconds")
+    p.add_argument("--passes", type=int, default=3,
+                   help="measured passes of the workload (the real figures: their medians)")
     p.add_argument("--cache-dir", type=pathlib.Path,
                    default=pathlib.Path(tempfile.gettempdir()) / "dzjax-bench")
     p.add_argument("--out", type=pathlib.Path, default=None)
@@ -264,12 +283,21 @@ def main() -> None:
         alone = costs.decode(args.max_batch, min(args.max_batch, args.max_resident)) \
             + costs.token_s * args.max_batch
         costs = dataclasses.replace(costs, contention={args.replicas: max(1.0, step / alone)})
-        before = _routing(url)
-        real = summarize(run_real(url, workload), len(workload), args.slo)
-        after = _routing(url)
-        real["router"] = {k: after[k] - before[k] for k in ("hits", "misses")}
-        real["router"]["hit_rate"] = real["router"]["hits"] / max(
-            1, real["router"]["hits"] + real["router"]["misses"])
+        passes = []  # the workload served `--passes` times: the real figure is their median
+        for _ in range(args.passes):
+            before = _routing(url, refresh=True)
+            passes.append(summarize(run_real(url, workload), len(workload), args.slo))
+            after = _routing(url, refresh=True)
+            passes[-1]["traces_during_run"] = sum(  # (programs compiled while measured)
+                sum(after["replicas"][r]["traces"].values())
+                - sum(before["replicas"][r]["traces"].values())
+                for r in after["replicas"].keys() & before["replicas"].keys())
+            routed = {k: after[k] - before[k] for k in ("hits", "misses")}
+            passes[-1]["router"] = routed | {"hit_rate": routed["hits"] / max(
+                1, routed["hits"] + routed["misses"])}
+        real = median_summary(passes)
+        print("programs compiled during each measured pass:",
+              [r["traces_during_run"] for r in passes], flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -278,10 +306,15 @@ def main() -> None:
     # (warm as the real replicas were: they served the workload once before the measured run)
     predicted = simulate(workload, deployment, costs, slo_s=args.slo, warm=workload)
 
+    def spread(key, sub=None):
+        values = [r[key] if sub is None else r[key][sub] for r in passes]
+        return [min(values), max(values)]
+
     def error(key, sub=None):
         want = real[key] if sub is None else real[key][sub]
         got = predicted[key] if sub is None else predicted[key][sub]
-        return {"real": want, "predicted": got, "error": (got - want) / want if want else None}
+        return {"real": want, "predicted": got, "error": (got - want) / want if want else None,
+                "real_passes_range": spread(key, sub)}
     comparison = {"throughput_tokens_per_s": error("throughput_tokens_per_s"),
                   "ttft_p50_s": error("ttft_s", "p50"), "ttft_p99_s": error("ttft_s", "p99"),
                   "latency_p50_s": error("latency_s", "p50"),
@@ -291,18 +324,21 @@ def main() -> None:
           f"{predicted['router']['hit_rate']:.3f}")
     print("costs on the deployment:", json.dumps(costs.to_json()))
     for name, c in comparison.items():
-        print(f"{name:26s} real {c['real']:9.3f}  predicted {c['predicted']:9.3f}  "
-              f"error {100 * c['error']:+6.1f}%" if c["error"] is not None else name)
+        low, high = c["real_passes_range"]
+        print(f"{name:26s} real {c['real']:9.3f} ({low:.3f}-{high:.3f})  predicted "
+              f"{c['predicted']:9.3f}  error {100 * c['error']:+6.1f}%"
+              if c["error"] is not None else name)
     backend = jax.default_backend()
     out = args.out or pathlib.Path(__file__).parent / "results" / (
         f"simulate-{backend}-{datetime.date.today()}.json")
-    for summary in (real, predicted):
+    for summary in (*passes, predicted):
         summary.pop("per_request")
     out.write_text(json.dumps({
         "command": " ".join(["PYTHONPATH=. python benchmarks/simulate.py", *sys.argv[1:]]),
         "backend": backend, "date": str(datetime.date.today()), "config": vars(args) | {
             "cache_dir": None, "out": None, "model": dataclasses.asdict(synthetic)},
-        "costs": costs.to_json(), "real": real, "predicted": predicted,
+        "costs": costs.to_json(), "real": real, "real_passes": passes,
+        "predicted": predicted,
         "comparison": comparison}, indent=2, default=str) + "\n")
     print("wrote", out)
 

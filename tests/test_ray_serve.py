@@ -80,11 +80,11 @@ def test_the_command_line_serves_replicas_until_stopped(tmp_path):
         want = dzjax.generate(base, [PROMPTS[1]], max_tokens=6)[0]
         for _ in range(40):
             assert ask(client, "base", PROMPTS[1], 6) == want
-            devices = httpx2.get(url + "/v1/ray/stats", timeout=60, headers={
-                "authorization": "Bearer sesame"}).json()["devices_by_replica"]
-            if len(devices) == 2:
+            replicas = httpx2.get(url + "/v1/ray/stats", timeout=60, headers={
+                "authorization": "Bearer sesame"}).json()["replicas"]
+            if len(replicas) == 2:
                 break
-        assert list(devices.values()) == [2, 2], devices
+        assert [r["devices"] for r in replicas.values()] == [2, 2], replicas
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
     finally:

@@ -10,14 +10,15 @@ The deployment graph:
             reads the body's `model` and sends the request on with it as the multiplexed model
             id; a request whose replica died before answering is sent again (another replica
             or the restarted one), up to `max_retries` times. GET /v1/ray/stats: the routing
-            counts (requests, resident hits and misses, retries, answers and devices by
-            replica). It keeps the served deltas (`DeltaRegistry`), and answers the delta
-            endpoints (/v1/load_delta, /v1/unload_delta and their LoRA aliases) with the single
-            server's checks, when given a `delta_dir`. A load is read and checked on one
-            replica; every request carries the registry's state, and a replica whose deltas
-            differ brings them in line before answering it (a replica started later too). An
-            unloaded delta is refused (404) at once; a replica frees it when the requests
-            running on it there end.
+            counts (requests, resident hits and misses, retries, answers by replica), and
+            each replica's devices and compilations as of its latest answer. It keeps the
+            served deltas (`DeltaRegistry`), and answers the delta endpoints (/v1/load_delta,
+            /v1/unload_delta and their LoRA aliases) with the single server's checks, when
+            given a `delta_dir`. A load is read and checked on one replica; every request
+            carries the registry's state, and a replica whose deltas differ brings them in
+            line before answering it (a replica started later too). An unloaded delta is
+            refused (404) at once; a replica frees it when the requests running on it there
+            end.
   Replica   (num_replicas, or autoscaled): a `dzjax.serve` server over the base and every
             delta (registered as files: read when first asked for), and dzjax's own HTTP app,
             which answers the forwarded request as a single server would (the same fields,
@@ -277,8 +278,8 @@ def _replica_class(resident: int):
         async def forward(self, method: str, path: str, query: bytes, headers: list,
                           body: bytes, registry: tuple):
             """Answer one HTTP request with dzjax's app, the served deltas first brought in
-            line with the ingress's `registry`: ("start", status, headers, hit, devices),
-            then the body's chunks."""
+            line with the ingress's `registry`: ("start", status, headers, hit, info), then
+            the body's chunks; info: this replica's devices and compilations (`_info`)."""
             if registry != self.synced:
                 await self._sync(registry)
             model = serve.get_multiplexed_model_id()
@@ -288,7 +289,7 @@ def _replica_class(resident: int):
                     f"{self.unreadable[model]}"))
                 yield ("start", error.status, [(b"content-type", b"application/json"),
                                                (b"x-dzjax-replica", self.id.encode())],
-                       None, self.devices)
+                       None, self._info())
                 yield ("body", json.dumps(error.payload()).encode())
                 return
             hit = None
@@ -302,9 +303,16 @@ def _replica_class(resident: int):
                     status, out_headers = rest
                     yield ("start", status, out_headers + [(b"x-dzjax-replica",
                                                             self.id.encode())],
-                           hit, self.devices)
+                           hit, self._info())
                 else:
                     yield ("body", rest[0])
+
+        def _info(self) -> dict:
+            """The devices the model is split over, and the programs compiled so far (from
+            the engine's latest snapshot: never waits)."""
+            alive = self.server.alive
+            return {"devices": self.devices,
+                    "traces": self.server.engine.latest_stats()["traces"] if alive else None}
 
         def __del__(self):
             server = getattr(self, "server", None)
@@ -369,7 +377,7 @@ class Ingress:
                          for path, method, endpoint in manager.routes() if path != "/metrics"}
         self.counts = collections.Counter()
         self.by_replica = collections.Counter()
-        self.devices: dict[str, int] = {}
+        self.replica_info: dict[str, dict] = {}  # each replica's latest `_info`
 
     async def __call__(self, request: Request) -> Response:
         # Checked here too (each replica's app checks it again): a request without the key is
@@ -418,10 +426,10 @@ class Ingress:
         stream = handle.forward.remote(request.method, request.url.path,
                                        request.url.query.encode(), headers, body,
                                        self.registry.snapshot())
-        _, status, out_headers, hit, devices = await stream.__anext__()
+        _, status, out_headers, hit, info = await stream.__anext__()
         out = {k.decode(): v.decode() for k, v in out_headers}
         replica = out.get("x-dzjax-replica", "?")
-        self.devices[replica] = devices
+        self.replica_info[replica] = info
         if out.get("content-type", "").startswith("text/event-stream"):
             # Retryable until the first generated token is here (a chat stream's first event
             # is its role, sent before any generation).
@@ -473,7 +481,7 @@ class Ingress:
         return {"requests": c["requests"], "retries": c["retries"], "failed": c["failed"],
                 "hits": c["hits"], "misses": c["misses"],
                 "hit_rate": c["hits"] / routed if routed else None,
-                "by_replica": dict(self.by_replica), "devices_by_replica": dict(self.devices)}
+                "by_replica": dict(self.by_replica), "replicas": dict(self.replica_info)}
 
 
 async def _rest(first: list[bytes], stream):
