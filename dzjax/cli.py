@@ -311,10 +311,10 @@ def _serve_replicas(args, deltas: dict) -> None:
 
     if args.replicas is not None and args.autoscaling_config is not None:
         raise DzjaxError("give --replicas or --autoscaling-config, not both")
-    from dzjax.serving import http, ray_serve
+    from dzjax.serving import admin, ray_serve
 
     key = _api_key(args)
-    http.warn_if_open(args.host, args.port, key, args.delta_dir)
+    admin.warn_if_open(args.host, args.port, key, args.delta_dir)
     options = serve_options(argparse.Namespace(**{**vars(args), "tensor_parallel": None}))
     app = ray_serve.application(
         args.base, deltas, num_replicas=args.replicas,

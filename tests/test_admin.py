@@ -9,8 +9,7 @@ import time
 import pytest
 
 from dzjax.errors import DzjaxError
-from dzjax.serving import http
-from dzjax.serving.admin import Admin
+from dzjax.serving.admin import Admin, warn_if_open
 from dzjax.serving.openai_api import HTTPError, as_http_error
 from dzjax.serving.requests import ModelNotFoundError, ServerClosedError
 
@@ -123,8 +122,12 @@ def test_loads_run_one_at_a_time(tmp_path):
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("[::1]", True),
                                              ("localhost", True), ("0.0.0.0", False),
                                              ("10.1.2.3", False), ("example.org", False)])
-def test_an_unguarded_delta_dir_is_warned_of_off_loopback(host, loopback):
-    assert http._loopback(host) is loopback
+def test_an_unguarded_delta_dir_is_warned_of_off_loopback(host, loopback, caplog):
+    warn_if_open(host, 8000, None, "deltas/")
+    warn_if_open(host, 8000, "key", "deltas/")  # (a key: never warned)
+    warn_if_open(host, 8000, None, None)  # (no delta dir: never warned)
+    warned = [r for r in caplog.records if "can be loaded over HTTP" in r.getMessage()]
+    assert len(warned) == (0 if loopback else 1)
 
 
 def test_an_unloaded_deltas_series_stay_gone_until_it_is_served_again():

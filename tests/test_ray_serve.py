@@ -8,6 +8,7 @@ without Ray."""
 
 import concurrent.futures
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,7 +116,7 @@ def cluster(tmp_path_factory):
 
     def expected(model: str, prompt: str, max_tokens: int) -> str:
         return dzjax.generate(base, [prompt], delta=deltas.get(model), max_tokens=max_tokens)[0]
-    yield url, client, expected, sorted(served), tmp
+    yield url, client, expected, sorted(served), tmp, {}  # (the last: what tests pass on)
     client.close()
     serve.shutdown()
     ray.shutdown()
@@ -132,7 +133,7 @@ def stats(url: str) -> dict:
 
 @pytest.mark.slow
 def test_every_request_is_answered_as_generate_would_and_routed_to_its_delta(cluster):
-    url, client, expected, names, _ = cluster
+    url, client, expected, names, _, shared = cluster
     models = ["base", *names]
     assert sorted(m.id for m in client.models.list().data) == sorted(models)
     work = [(models[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(30)]
@@ -157,8 +158,9 @@ def test_every_request_is_answered_as_generate_would_and_routed_to_its_delta(clu
 def test_a_replica_killed_under_load_loses_no_request(cluster):
     import ray
 
-    url, client, expected, names, _ = cluster
+    url, client, expected, names, _, shared = cluster
     before = stats(url)
+    shared["replicas before the kill"] = set(before["by_replica"])
     work = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(ask, client, model, prompt, 48) for model, prompt in work]
@@ -207,7 +209,7 @@ def manage(url: str, path: str, body: dict) -> tuple[int, dict]:
 def test_deltas_loaded_over_http_are_served_by_every_replica_and_unloaded_by_all(cluster):
     """Run after the kill: one replica is the restarted one, built with the deltas given at
     deployment, and serves the loaded delta from its first request."""
-    url, client, expected, names, tmp = cluster
+    url, client, expected, names, tmp, shared = cluster
     wait_for_replicas(2)
     (tmp / "junk.dz.safetensors").write_bytes(b"not a delta file")
     assert manage(url, "/v1/load_delta", {"name": "ft4", "path": "ft4.dz.safetensors"}) == (
@@ -227,7 +229,9 @@ def test_deltas_loaded_over_http_are_served_by_every_replica_and_unloaded_by_all
         answers = list(pool.map(lambda i: complete(url, "ft4", PROMPTS[i % 3], 40), range(16)))
     for i, (status, text, _) in enumerate(answers):
         assert (status, text) == (200, expected("ft4", PROMPTS[i % 3], 40))
-    assert len({replica for *_, replica in answers}) == 2, answers
+    replicas = {replica for *_, replica in answers}
+    assert len(replicas) == 2, answers
+    assert replicas - shared["replicas before the kill"], "the restarted replica answered"
 
     # Unloaded while a stream runs on it: the stream ends as generate's; new requests are
     # refused at once (404), the listing drops it, a second unload finds nothing.
@@ -254,6 +258,19 @@ def test_deltas_loaded_over_http_are_served_by_every_replica_and_unloaded_by_all
         (200, expected("ft4", PROMPTS[1], 24))}
     assert manage(url, "/v1/unload_lora_adapter", {"lora_name": "again"})[0] == 200
     assert sorted(m.id for m in client.models.list().data) == ["base", *names]
+
+    # Unloaded, the file replaced, loaded again under the same name: every replica reads the
+    # new file (16 requests at once: on both).
+    for source in ("ft0", "ft1"):
+        shutil.copyfile(tmp / f"{source}.dz.safetensors", tmp / "swap.dz.safetensors")
+        assert manage(url, "/v1/load_delta", {"name": "swap",
+                                              "path": "swap.dz.safetensors"})[0] == 200
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: complete(url, "swap", PROMPTS[2], 40), range(16)))
+        assert {(status, text) for status, text, _ in answers} == {
+            (200, expected(source, PROMPTS[2], 40))}, source
+        assert len({replica for *_, replica in answers}) == 2
+        assert manage(url, "/v1/unload_delta", {"name": "swap"})[0] == 200
 
 
 def test_replicas_and_autoscaling_are_not_given_together(capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -115,6 +116,20 @@ class Admin:
             raise HTTPError(409, str(e), param=name_field, code="delta_in_use") from None
         log.info("delta %r unloaded", name)
         return JSONResponse({"id": name, "object": "model", "status": "unloaded"})
+
+
+def warn_if_open(host: str, port: int, api_key: str | None, delta_dir) -> None:
+    """Log a warning when anyone who reaches host:port could load deltas (no API key)."""
+    if delta_dir is not None and api_key is None and not _loopback(host):
+        log.warning("deltas can be loaded over HTTP (--delta-dir) by anyone who reaches %s:%d: "
+                    "set --api-key (or $DZJAX_API_KEY), or listen on 127.0.0.1", host, port)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import json
 import logging
 import secrets
@@ -454,13 +453,6 @@ async def _serve_and_announce(http, server: Server) -> Exception | None:
     return server.engine.failed
 
 
-def warn_if_open(host: str, port: int, api_key: str | None, delta_dir) -> None:
-    """Log a warning when anyone who reaches host:port could load deltas (no API key)."""
-    if delta_dir is not None and api_key is None and not _loopback(host):
-        log.warning("deltas can be loaded over HTTP (--delta-dir) by anyone who reaches %s:%d: "
-                    "set --api-key (or $DZJAX_API_KEY), or listen on 127.0.0.1", host, port)
-
-
 def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info", max_request_bytes: int = MAX_REQUEST_BYTES,
                shutdown_timeout_s: float = 30.0, api_key: str | None = None,
@@ -472,7 +464,7 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
 
     # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: let both
     # arrive here as KeyboardInterrupt (not a kill, for SIGTERM), so that the engine is closed.
-    warn_if_open(host, port, api_key, delta_dir)
+    admin.warn_if_open(host, port, api_key, delta_dir)
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         app = make_app(server, max_request_bytes=max_request_bytes, api_key=api_key,
@@ -488,13 +480,6 @@ def run_server(server: Server, *, host: str = "127.0.0.1", port: int = 8000,
         server.close(timeout=shutdown_timeout_s)
     if stopped is not None:
         raise DzjaxError(f"the serving engine stopped: {stopped}")
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def interrupt(signum, frame) -> None:

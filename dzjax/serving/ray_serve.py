@@ -12,7 +12,8 @@ The deployment graph:
             or the restarted one), up to `max_retries` times. GET /v1/ray/stats: the routing
             counts (requests, resident hits and misses, retries, answers by replica), and
             each replica's devices and compilations as of its latest answer. It keeps the
-            served deltas (`DeltaRegistry`), and answers the delta endpoints (/v1/load_delta,
+            served deltas (`delta_registry.DeltaRegistry`; each replica follows it with a
+            `delta_registry.Follower`), and answers the delta endpoints (/v1/load_delta,
             /v1/unload_delta and their LoRA aliases) with the single server's checks, when
             given a `delta_dir`. A load is read and checked on one replica; every request
             carries the registry's state, and a replica whose deltas differ brings them in
@@ -36,8 +37,6 @@ import asyncio
 import collections
 import functools
 import json
-import threading
-import uuid
 from pathlib import Path
 
 from ray import serve
@@ -48,8 +47,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from dzjax.errors import DzjaxError
 from dzjax.serving import admin, http, in_process, openai_api
 from dzjax.serving.http import MAX_REQUEST_BYTES  # a request body at most (413 beyond)
-from dzjax.serving.requests import (DeltaUnavailableError, ModelNotFoundError,
-                                    ServerClosedError, not_served)
+from dzjax.serving.delta_registry import DeltaRegistry, Follower
+from dzjax.serving.requests import DeltaUnavailableError, ServerClosedError, not_served
 from dzjax.serving.server import BASE_NAME
 
 MAX_RETRIES = 3  # a request is sent again at most this many times when its replica dies
@@ -79,8 +78,9 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
       over HTTP (the same path on every node; None: loading is off), with the registry in the
       ingress (keep it one replica; a restarted ingress serves the deltas given here again).
       tensor_parallel: N splits each replica's model over N devices of its own; its
-      ray_actor_options default to {"num_gpus": N} where this process's JAX backend is a GPU,
-      else to N CPU devices of the replica's process (XLA's host device count). options:
+      ray_actor_options default to {"num_gpus": N} where the Ray cluster has GPUs (joined or
+      started here if need be), else to N CPU devices of the replica's process (XLA's host
+      device count). options:
       `dzjax.serve`'s, for every replica (not `mesh`: a replica builds its own).
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -129,14 +129,19 @@ def application(base, deltas: dict[str, str] | None = None, *, num_replicas: int
 
 
 def _devices(n: int) -> dict:
-    """A replica's resources for a model split over n devices: n GPUs where this process runs
-    JAX on GPUs, else n CPU devices of the replica's own process."""
-    import jax
+    """A replica's resources for a model split over n devices: n GPUs where the Ray cluster has
+    GPUs (joined, or started, here: JAX is not started in this process), else n CPU devices of
+    the replica's own process."""
+    import os
 
-    if jax.default_backend() == "gpu":
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    if ray.cluster_resources().get("GPU", 0) > 0:
         return {"num_cpus": 0, "num_gpus": n}
-    return {"num_cpus": 0, "runtime_env": {"env_vars": {
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}}}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    return {"num_cpus": 0, "runtime_env": {"env_vars": {"XLA_FLAGS": flags.strip()}}}
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -147,7 +152,8 @@ def run(app, *, host: str = "127.0.0.1", port: int = 8000) -> None:
 
     import ray
 
-    ray.init()
+    if not ray.is_initialized():  # (`application` may have joined it)
+        ray.init()
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="dzjax", route_prefix="/")
     # A stop, as Ctrl-C: Serve is shut down (set after ray.init, which installs its own).
@@ -217,12 +223,10 @@ def _replica_class(resident: int):
             self.server = dzjax_serve(load_base(base, **loading), deltas, **options)
             self.app = http.make_app(self.server, **http_options)
             self.id = serve.get_replica_context().replica_id.unique_id
-            self.devices = tensor_parallel or 1
+            self.devices = options["mesh"].devices.size if "mesh" in options else 1
             self.taken_on = collections.Counter()  # multiplexed loads, by model
             self.shutdown_timeout_s = shutdown_timeout_s
-            self.synced = None  # the registry state the served deltas match (None: not yet)
-            self.unreadable: dict[str, str] = {}  # delta -> why this replica could not read it
-            self._syncing = asyncio.Lock()
+            self.deltas = Follower(self.server, deltas, self.id)  # (the ingress's registry)
 
         @serve.multiplexed(max_num_models_per_replica=resident)
         async def take_on(self, model: str) -> str:
@@ -230,63 +234,21 @@ def _replica_class(resident: int):
             self.taken_on[model] += 1
             return model
 
-        async def check_delta(self, name: str, path: str) -> str | None:
-            """For a load at the ingress: read and check the delta file, and serve it here
-            (the other replicas take it on at their next request). Why not, or None."""
-            try:
-                await self._serve_delta(name, path)
-            except DzjaxError as e:
-                return str(e)
-            return None
-
-        async def _serve_delta(self, name: str, path: str) -> None:
-            served = self.server.model_roots()
-            if served.get(name) == path:
-                return
-            if name in served:  # unloaded, then loaded again from another file
-                await asyncio.to_thread(self.server.remove_delta, name)
-            await asyncio.to_thread(self.server.add_delta, name, path)  # (reads the file)
-
-        async def _sync(self, registry: tuple) -> None:
-            """Serve the deltas of the ingress's registry (epoch, version, ((name, path), ...))
-            and no others; a delta still in use here is freed at a later request."""
-            async with self._syncing:
-                if registry == self.synced:
-                    return
-                wanted = dict(registry[2])
-                served = self.server.model_roots()
-                served.pop(self.server.base_name)
-                complete = True
-                for name in served.keys() - wanted.keys():  # unloaded
-                    try:
-                        await asyncio.to_thread(self.server.remove_delta, name)
-                    except ModelNotFoundError:
-                        pass
-                    except DzjaxError:  # requests run on it here
-                        complete = False
-                for name, path in wanted.items():
-                    try:
-                        await self._serve_delta(name, path)
-                    except DzjaxError as e:  # (its requests here get the error)
-                        self.unreadable[name] = str(e)
-                        complete = False
-                    else:
-                        self.unreadable.pop(name, None)
-                if complete:
-                    self.synced = registry
+        async def check_delta(self, name: str, path: str) -> tuple | None:
+            """For a load at the ingress: `Follower.check`."""
+            return await self.deltas.check(name, path)
 
         async def forward(self, method: str, path: str, query: bytes, headers: list,
                           body: bytes, registry: tuple):
             """Answer one HTTP request with dzjax's app, the served deltas first brought in
             line with the ingress's `registry`: ("start", status, headers, hit, info), then
             the body's chunks; info: this replica's devices and compilations (`_info`)."""
-            if registry != self.synced:
-                await self._sync(registry)
+            if self.deltas.due(registry):  # (shielded: a client gone midway stops no read)
+                await asyncio.shield(self.deltas.sync(registry))
             model = serve.get_multiplexed_model_id()
-            if model in self.unreadable:
-                error = openai_api.as_http_error(DeltaUnavailableError(
-                    f"delta {model!r} could not be read on replica {self.id}: "
-                    f"{self.unreadable[model]}"))
+            why = await self.deltas.unavailable(model) if model else None
+            if why is not None:
+                error = openai_api.as_http_error(DeltaUnavailableError(why))
                 yield ("start", error.status, [(b"content-type", b"application/json"),
                                                (b"x-dzjax-replica", self.id.encode())],
                        None, self._info())
@@ -320,42 +282,6 @@ def _replica_class(resident: int):
                 server.close(timeout=self.shutdown_timeout_s)
 
     return DeltaReplica
-
-
-class DeltaRegistry:
-    """The deltas the replicas serve, kept by the ingress: what `admin.Admin` loads into and
-    unloads from, in place of a server. `check(name, path)` reads and checks a delta file on
-    one replica (raising a DzjaxError); `snapshot()` travels with every forwarded request."""
-
-    def __init__(self, base_name: str, deltas: dict[str, str], check):
-        self.base_name, self.check = base_name, check
-        self.paths = dict(deltas)
-        self.epoch = uuid.uuid4().hex  # (a restarted ingress starts over from the given deltas)
-        self.version = 0
-        self._lock = threading.Lock()  # (loads run on a thread)
-
-    def models(self) -> list[str]:
-        with self._lock:
-            return [self.base_name, *sorted(self.paths)]
-
-    def add_delta(self, name: str, path) -> None:
-        self.check(name, str(path))
-        with self._lock:
-            if name in self.paths:
-                raise DzjaxError(f"a delta named {name!r} is already served")
-            self.paths[name] = str(path)
-            self.version += 1
-
-    def remove_delta(self, name: str) -> None:
-        with self._lock:
-            if name not in self.paths:
-                raise ModelNotFoundError(f"no delta named {name!r} is served")
-            del self.paths[name]
-            self.version += 1
-
-    def snapshot(self) -> tuple:
-        with self._lock:
-            return self.epoch, self.version, tuple(sorted(self.paths.items()))
 
 
 @serve.deployment(name="Ingress")
@@ -405,8 +331,8 @@ class Ingress:
         if model and model not in served:  # (one unloaded may still run on a replica)
             error = openai_api.as_http_error(not_served(model, served))
             return JSONResponse(error.payload(), status_code=error.status)
-        if model not in self.registry.paths:  # the base, or no model: any replica
-            model = ""
+        if path not in _GENERATION or model not in self.registry.paths:
+            model = ""  # (routed by delta: generation only) the base, or no model: any replica
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS]
         self.counts["requests"] += 1
         for attempt in range(self.max_retries + 1):
@@ -458,11 +384,12 @@ class Ingress:
     def _check_on_a_replica(self, name: str, path: str) -> None:
         """`DeltaRegistry.check`, on a load's thread: one replica reads and checks the file."""
         future = asyncio.run_coroutine_threadsafe(self._check(name, path), self.loop)
-        error = future.result()
-        if error is not None:
-            raise DzjaxError(error)
+        refused = future.result()
+        if refused is not None:
+            kind, why = refused
+            raise ServerClosedError(why) if kind == "closed" else DzjaxError(why)
 
-    async def _check(self, name: str, path: str) -> str | None:
+    async def _check(self, name: str, path: str) -> tuple | None:
         for attempt in range(self.max_retries + 1):
             try:
                 return await self.replicas.check_delta.remote(name, path)

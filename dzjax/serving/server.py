@@ -125,6 +125,13 @@ class Server:
             raise DzjaxError(f"{name!r} names the base model")
         self.engine.add_delta(name, delta)
 
+    def check_delta(self, name: str, delta) -> None:
+        """Read and check a delta (a `dzjax.Delta` or a file path) as `add_delta` would,
+        without serving it: raises a DzjaxError saying what does not fit."""
+        if name == self.base_name:
+            raise DzjaxError(f"{name!r} names the base model")
+        self.engine.pool.validate(name, delta)
+
     def remove_delta(self, name: str) -> None:
         """Stop serving a delta; refused while requests run on it, queued ones fail."""
         self.engine.remove_delta(name)
