@@ -136,6 +136,10 @@ def test_every_request_is_answered_as_generate_would_and_routed_to_its_delta(clu
     url, client, expected, names, _, shared = cluster
     models = ["base", *names]
     assert sorted(m.id for m in client.models.list().data) == sorted(models)
+    for name in names:  # each taken on once (a miss), then Ray's routers learn where it is
+        assert ask(client, name, PROMPTS[0], 2) == expected(name, PROMPTS[0], 2)
+    time.sleep(2.0)
+    before = stats(url)
     work = [(models[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(30)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda w: ask(client, *w, 8), work))
@@ -145,13 +149,13 @@ def test_every_request_is_answered_as_generate_would_and_routed_to_its_delta(clu
                                        temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == expected(names[0], PROMPTS[0], 8)
     s = stats(url)
-    assert s["requests"] >= 32 and s["failed"] == 0
-    deltas = s["hits"] + s["misses"]
-    assert deltas == sum(m != "base" for m, _ in work) + 1  # base requests are not counted
+    assert s["requests"] >= 36 and s["failed"] == 0
+    hits, misses = s["hits"] - before["hits"], s["misses"] - before["misses"]
+    assert hits + misses == sum(m != "base" for m, _ in work) + 1  # base: not counted
     assert len(s["by_replica"]) == 2  # both replicas answered
-    # Four deltas fit the two replicas' four slots: after each is first taken on, they stay.
-    assert s["hit_rate"] >= 0.6, s
-    print("ray serve routing:", s)
+    # Four deltas fit the two replicas' four slots: taken on once, they stay.
+    assert hits / (hits + misses) >= 0.6, (hits, misses, s)
+    print(f"ray serve routing: {hits} hits, {misses} misses after the first loads:", s)
 
 
 @pytest.mark.slow
