@@ -186,8 +186,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dtype", choices=_DTYPES, default="bfloat16",
                         help="dtype the base weights are held in")
     parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
-                        help="split the model over the first N devices (a tensor-parallel mesh; with "
-                        "--replicas, over N devices of each replica)")
+                        help="split the model over the first N devices (a tensor-parallel "
+                        "mesh; with --replicas, over N devices of each replica)")
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                         help="serve one model over the devices of several processes "
                         "(jax.distributed; with --num-processes and --process-id): process 0 "
@@ -213,8 +213,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "--replicas), e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
 
 
-def serve_options(args: argparse.Namespace) -> dict:
-    """The `dzjax.serve` options that the serve command's arguments set."""
+def serve_options(args: argparse.Namespace, *, mesh: bool = True) -> dict:
+    """The `dzjax.serve` options that the serve command's arguments set (mesh=False: not the
+    mesh, which replicas build for themselves)."""
     options = {"base_name": args.base_name, "max_batch": args.max_batch,
                "max_seq_len": args.max_seq_len, "max_resident_deltas": args.max_resident_deltas,
                "dtype": args.dtype, "delta_read_timeout_s": args.delta_read_timeout,
@@ -223,7 +224,7 @@ def serve_options(args: argparse.Namespace) -> dict:
                "pipeline_decode": args.pipeline_decode, "prefix_sharing": args.prefix_sharing,
                "worker_timeout_s": getattr(args, "worker_timeout", None)}
     # With --coordinator, a mesh always (None: every device of every process).
-    if args.tensor_parallel or getattr(args, "coordinator", None) is not None:
+    if mesh and (args.tensor_parallel or getattr(args, "coordinator", None) is not None):
         from dzjax.models.sharding import make_mesh
         options["mesh"] = make_mesh(args.tensor_parallel)
     return {k: v for k, v in options.items() if v is not None}
@@ -315,13 +316,12 @@ def _serve_replicas(args, deltas: dict) -> None:
 
     key = _api_key(args)
     admin.warn_if_open(args.host, args.port, key, args.delta_dir)
-    options = serve_options(argparse.Namespace(**{**vars(args), "tensor_parallel": None}))
     app = ray_serve.application(
         args.base, deltas, num_replicas=args.replicas,
         autoscaling_config=args.autoscaling_config, weights_dtype=args.weights_dtype,
         max_request_bytes=args.max_request_bytes, shutdown_timeout_s=args.shutdown_timeout,
         api_key=key, delta_dir=args.delta_dir, tensor_parallel=args.tensor_parallel,
-        **options)  # (each replica builds its own mesh)
+        **serve_options(args, mesh=False))  # (each replica builds its own mesh)
     ray_serve.run(app, host=args.host, port=args.port)
 
 

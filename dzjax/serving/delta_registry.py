@@ -28,6 +28,7 @@ class DeltaRegistry:
         self.epoch = uuid.uuid4().hex  # (a restarted ingress starts over from the given deltas)
         self.version = 0
         self._lock = threading.Lock()  # (loads run on a thread)
+        self._changed()
 
     def models(self) -> list[str]:
         with self._lock:
@@ -40,6 +41,7 @@ class DeltaRegistry:
                 raise DzjaxError(f"a delta named {name!r} is already served")
             self.version += 1
             self.paths[name] = (str(path), self.version)
+            self._changed()
 
     def remove_delta(self, name: str) -> None:
         with self._lock:
@@ -47,12 +49,16 @@ class DeltaRegistry:
                 raise ModelNotFoundError(f"no delta named {name!r} is served")
             del self.paths[name]
             self.version += 1
+            self._changed()
 
     def snapshot(self) -> tuple:
-        """(epoch, version, ((name, path, load), ...)): what a replica follows."""
-        with self._lock:
-            return self.epoch, self.version, tuple(sorted(
-                (name, path, load) for name, (path, load) in self.paths.items()))
+        """(epoch, version, ((name, path, load), ...)): what a replica follows (sent with every
+        request: built once per change)."""
+        return self._snapshot
+
+    def _changed(self) -> None:  # (under the lock, or before any thread sees the registry)
+        self._snapshot = self.epoch, self.version, tuple(sorted(
+            (name, path, load) for name, (path, load) in self.paths.items()))
 
 
 class Follower:

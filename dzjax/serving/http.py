@@ -60,7 +60,8 @@ MAX_REQUEST_BYTES = 8 << 20  # a request body at most (the default of `make_app`
 MAX_JSON_DEPTH = 32  # nesting of a request body (OpenAI's bodies need 5)
 
 
-def _error_response(e: Exception) -> JSONResponse:
+def error_response(e: Exception) -> JSONResponse:
+    """The answer to an exception raised for a request, in OpenAI's shape."""
     if isinstance(e, HTTPException):  # Starlette's own (no such route, wrong method)
         e = HTTPError(e.status_code, e.detail)
     error = as_http_error(e)
@@ -76,14 +77,14 @@ def openai_errors(endpoint):
         try:
             return await endpoint(request)
         except Exception as e:
-            return _error_response(e)
+            return error_response(e)
 
     return wrapped
 
 
 async def _starlette_error(request: Request, e: HTTPException) -> Response:
     """Starlette's own errors (no such route, wrong method) in OpenAI's shape too."""
-    return _error_response(e)
+    return error_response(e)
 
 
 async def json_object(request: Request, max_bytes: int) -> dict:

@@ -325,12 +325,13 @@ class Ingress:
                     "type": "invalid_request_error", "param": None,
                     "code": "request_too_large"}}, status_code=413)
         body = bytes(body)
-        model = in_process.model_of(body) if path in _GENERATION else \
-            path.removeprefix("/v1/models/") if path.startswith("/v1/models/") else ""
-        served = self.registry.models()
-        if model and model not in served:  # (one unloaded may still run on a replica)
-            error = openai_api.as_http_error(not_served(model, served))
-            return JSONResponse(error.payload(), status_code=error.status)
+        if path in _GENERATION:
+            model = in_process.model_of(body)
+        else:  # (a model's card names it in its path; other paths name none)
+            model = path.removeprefix("/v1/models/") if path.startswith("/v1/models/") else ""
+        if model and model != self.registry.base_name and model not in self.registry.paths:
+            # (one unloaded may still run on a replica: answered here)
+            return http.error_response(not_served(model, self.registry.models()))
         if path not in _GENERATION or model not in self.registry.paths:
             model = ""  # (routed by delta: generation only) the base, or no model: any replica
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS]

@@ -121,16 +121,18 @@ class Server:
 
     def add_delta(self, name: str, delta) -> None:
         """Serve another delta (a `dzjax.Delta` or a file path) under `name`, while running."""
-        if name == self.base_name:
-            raise DzjaxError(f"{name!r} names the base model")
+        self._not_base(name)
         self.engine.add_delta(name, delta)
 
     def check_delta(self, name: str, delta) -> None:
         """Read and check a delta (a `dzjax.Delta` or a file path) as `add_delta` would,
         without serving it: raises a DzjaxError saying what does not fit."""
+        self._not_base(name)
+        self.engine.pool.validate(name, delta)
+
+    def _not_base(self, name: str) -> None:
         if name == self.base_name:
             raise DzjaxError(f"{name!r} names the base model")
-        self.engine.pool.validate(name, delta)
 
     def remove_delta(self, name: str) -> None:
         """Stop serving a delta; refused while requests run on it, queued ones fail."""
