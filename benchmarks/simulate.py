@@ -6,18 +6,21 @@ attainment.
   PYTHONPATH=. python benchmarks/simulate.py [--replicas 2] [--rate 6] [--requests 120]
   (needs the ray extra: pip install -e '.[ray]')
 
-The costs are measured on one in-process server before Ray starts (`measure_costs`): decode
-steps by rows and active deltas, prefills by rows, a delta's load from disk and from host
-memory; the router's and HTTP's time per request, and the time to stream a token on, are
-measured on the deployment itself with a few sequential requests (not the workload), with the
-CPU time the router's processes (Ray's proxy, the ingress: `hops`) spend on them per request
-and per token (psutil; the part of it a lone request waits for is `hop_share`), and the
-replicas' contention for shared cores from a closed loop that keeps every replica's batch full
-(the step time then against one replica's alone). The workload then runs on the replicas
-once to compile every shape on each, then `--passes` times measured: the real figures are
-the medians of the passes (their range is reported too, and the programs compiled during
-each). Every request asks for logprobs=0, in the calibration too: the synthetic model has no
-tokenizer, and a stream without text carries a chunk per token only with its log-probability.
+The replica's costs are measured on one in-process server before Ray starts (`measure_costs`):
+decode steps by rows and active deltas, prefills by rows, a delta's load from disk and from
+host memory. The workload then runs on the replicas once to compile every shape on each, then
+`--passes` times measured, each pass calibrated on the deployment just before it
+(`calibrate`: the machine's speed drifts over minutes): a few sequential requests (not the
+workload) give the router's and HTTP's time per request and the time to stream a token on,
+with the CPU time the router's processes (Ray's proxy, the ingress: `hops`) spend on them
+per request and per token (psutil; the part of it a lone request waits for is `hop_share`);
+closed loops of the workload's requests at 4 concurrencies give the contention for the
+shared cores (`dzjax.bench.simulate.fit_contention`). Each pass is predicted from its own
+calibration; the real and predicted figures are the medians over the passes (the real
+passes' range, and each pass's error, are reported too, with the programs compiled during
+each pass). Every request asks for logprobs=0, in the calibration too: the synthetic model
+has no tokenizer, and a stream without text carries a chunk per token only with its
+log-probability.
 Results: benchmarks/results/simulate-<backend>-<date>.json.
 """
 
@@ -95,7 +98,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_real(url: str, workload, *, ignore_first: bool = False) -> list:
+def _stream(client, r) -> float:
+    """Stream request `r`'s completion to its end; when its first token came."""
+    first = None
+    for chunk in client.completions.create(model=r.model, prompt=list(r.prompt),
+                                           max_tokens=r.max_tokens, temperature=0,
+                                           stream=True, logprobs=0,
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices and first is None:
+            first = time.perf_counter()
+    return first
+
+
+def run_real(url: str, workload) -> list:
     """Send `workload` at its arrival times (streaming completions); the outcomes."""
     import openai
 
@@ -106,14 +121,7 @@ def run_real(url: str, workload, *, ignore_first: bool = False) -> list:
     def one(r, start):
         time.sleep(max(0.0, start + r.arrival - time.perf_counter()))
         sent = time.perf_counter()
-        first, tokens = None, 0
-        for chunk in client.completions.create(model=r.model, prompt=list(r.prompt),
-                                               max_tokens=r.max_tokens, temperature=0,
-                                               stream=True, logprobs=0,
-                                               extra_body={"ignore_eos": True}):
-            if chunk.choices and first is None:
-                first = time.perf_counter()
-            tokens += 1
+        first = _stream(client, r)
         end = time.perf_counter()
         return Outcome(r.index, r.model, sent - start, first - start, end - start,
                        r.max_tokens)
@@ -124,27 +132,25 @@ def run_real(url: str, workload, *, ignore_first: bool = False) -> list:
     return outcomes
 
 
-def closed_loop(url: str, workload, concurrency: int, seconds: float) -> float:
-    """Tokens/s of `concurrency` clients each sending the workload's requests one after
-    another for `seconds` (the shapes the warm-up compiled)."""
+def closed_loop(url: str, workload, clients: int, seconds: float) -> float:
+    """Tokens/s of `clients` clients, client k streaming `workload[k::clients]` one request
+    after another (and again) for `seconds` (none sent after): as
+    `dzjax.bench.simulate.closed_loop` predicts it."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
 
     def worker(k):
         tokens = 0
-        for r in workload[k::concurrency] * 100:
-            if time.perf_counter() > deadline:
+        for r in workload[k::clients] * 1000:
+            if time.perf_counter() >= start + seconds:
                 break
-            client.completions.create(model=r.model, prompt=list(r.prompt),
-                                      max_tokens=r.max_tokens, temperature=0, logprobs=0,
-                                      extra_body={"ignore_eos": True})  # (as the workload)
+            _stream(client, r)
             tokens += r.max_tokens
         return tokens
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        total = sum(pool.map(worker, range(concurrency)))
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(worker, range(clients)))
     client.close()
     return total / (time.perf_counter() - start)
 
@@ -196,6 +202,47 @@ def _routing(url: str, refresh: bool = False) -> dict:
     return httpx2.get(url + "/v1/ray/stats", timeout=30).json()
 
 
+CLOSED_S = 8.0  # seconds of each closed loop
+
+
+def calibrate(url: str, workload, costs, deployment, router, probes: int = 6) -> dict:
+    """The deployment's own costs, measured on it now, added to `costs` (the replica's, from
+    `measure_costs`): sequential requests (one at a time, so one row) give the router's and
+    HTTP's time per request (`route_s`) and the time to stream each token on (`token_s`),
+    and the work of each of the router's processes (their CPU time) per request and per
+    streamed token (`hops`, `hop_share`); closed loops of R, R*B/2, R*B and 2*R*B clients
+    (R replicas of B rows) give the contention of everything sharing the cores
+    (`fit_contention`). {"costs": the costs (JSON), "closed_loops_tokens_per_s": the loops'
+    figures, "lone_latency_s": a lone request of the workload's longest length}."""
+    from dzjax.bench.simulate import fit_contention
+
+    def sequential(max_tokens):
+        before = cpu_seconds(router)
+        latency = statistics.median(o.finished - o.arrival for o in run_real(url, [
+            dataclasses.replace(r, arrival=i * 0.5, max_tokens=max_tokens)
+            for i, r in enumerate(workload[:probes])]))
+        return latency, [(b - a) / probes for a, b in zip(before, cpu_seconds(router))]
+    longest = max(r.max_tokens for r in workload)  # (a shape the warm-up compiled)
+    (one, work_one), (whole, work_whole) = sequential(1), sequential(longest)
+    per_token = [max(0.0, (w - o) / (longest - 1)) for o, w in zip(work_one, work_whole)]
+    hops = tuple((max(0.0, o - t), t) for o, t in zip(work_one, per_token))
+    # Alone, a one-token request waits for its hops' work on its path, and for the rest of
+    # the way (route_s): when the work is more than that wait, only a share of it is.
+    path = max(0.0, one - costs.prefill(1))
+    work = sum(r + t for r, t in hops)
+    share = min(1.0, path / work) if work else 1.0
+    costs = dataclasses.replace(
+        costs, hops=hops, hop_share=share, route_s=max(0.0, path - share * work),
+        token_s=max(0.0, (whole - one) / (longest - 1) - costs.decode(1, 1)))
+    r, b = deployment.replicas, deployment.max_batch
+    loops = {c: closed_loop(url, workload, c, CLOSED_S)
+             for c in sorted({r, max(1, r * b // 2), r * b, 2 * r * b})}
+    contention = fit_contention(workload, deployment, costs, loops, seconds=CLOSED_S,
+                                warm=workload)
+    return {"costs": dataclasses.replace(costs, contention=contention).to_json(),
+            "closed_loops_tokens_per_s": loops, "lone_latency_s": whole}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replicas", type=int, default=2)
@@ -221,7 +268,7 @@ def main() -> None:
 
     from dzjax.bench.metrics import summarize
     from dzjax.bench.models import SyntheticConfig, build_synthetic
-    from dzjax.bench.simulate import Deployment, simulate
+    from dzjax.bench.simulate import Costs, Deployment, simulate
     from dzjax.bench.workload import Lengths, WorkloadConfig, make_workload
     from dzjax.serving import ray_serve
 
@@ -240,6 +287,8 @@ def main() -> None:
         num_requests=args.requests, rate=args.rate, popularity=args.popularity,
         prompt_len=lengths, output_len=Lengths.parse(args.output_len), seed=0))
 
+    deployment = Deployment(replicas=args.replicas, max_batch=args.max_batch,
+                            max_resident_deltas=args.max_resident)
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": jax.default_backend()}})
     port = _free_port()
@@ -252,39 +301,11 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         run_real(url, workload)  # compile every shape on every replica
-        # The deployment's own costs, from sequential requests (one at a time, so one row):
-        # the hop per request, and the time to stream each token on; and the work of each
-        # of the router's processes (their CPU time) per request and per streamed token.
         router = router_processes()
-        probes = 6
-
-        def sequential(max_tokens):
-            before = cpu_seconds(router)
-            latency = statistics.median(o.finished - o.arrival for o in run_real(url, [
-                dataclasses.replace(r, arrival=i * 0.5, max_tokens=max_tokens)
-                for i, r in enumerate(workload[:probes])]))
-            return latency, [(b - a) / probes for a, b in zip(before, cpu_seconds(router))]
-        longest = max(r.max_tokens for r in workload)  # (a shape the warm-up compiled)
-        (one, work_one), (whole, work_whole) = sequential(1), sequential(longest)
-        per_token = [max(0.0, (w - o) / (longest - 1)) for o, w in zip(work_one, work_whole)]
-        hops = tuple((max(0.0, o - t), t) for o, t in zip(work_one, per_token))
-        # Alone, a one-token request waits for its hops' work on its path, and for the rest
-        # of the hop (route_s): when the work is more than that wait, only a share of it is.
-        path = max(0.0, one - costs.prefill(1))
-        work = sum(r + t for r, t in hops)
-        share = min(1.0, path / work) if work else 1.0
-        costs = dataclasses.replace(
-            costs, hops=hops, hop_share=share, route_s=max(0.0, path - share * work),
-            token_s=max(0.0, (whole - one) / (longest - 1) - costs.decode(1, 1)))
-        # Every replica busy with a full batch (closed loop): the step time then, against the
-        # step time of one busy replica, is the contention of replicas sharing the cores.
-        rows = args.replicas * args.max_batch
-        step = rows / closed_loop(url, workload, rows, seconds=8.0)
-        alone = costs.decode(args.max_batch, min(args.max_batch, args.max_resident)) \
-            + costs.token_s * args.max_batch
-        costs = dataclasses.replace(costs, contention={args.replicas: max(1.0, step / alone)})
-        passes = []  # the workload served `--passes` times: the real figure is their median
-        for _ in range(args.passes):
+        passes, calibrations = [], []  # each pass calibrated just before it: the machine's
+        for _ in range(args.passes):   # speed drifts over minutes
+            calibrations.append(calibrate(url, workload, costs, deployment, router))
+            print("calibrated:", json.dumps(calibrations[-1]["costs"]), flush=True)
             before = _routing(url, refresh=True)
             passes.append(summarize(run_real(url, workload), len(workload), args.slo))
             after = _routing(url, refresh=True)
@@ -295,26 +316,27 @@ def main() -> None:
             routed = {k: after[k] - before[k] for k in ("hits", "misses")}
             passes[-1]["router"] = routed | {"hit_rate": routed["hits"] / max(
                 1, routed["hits"] + routed["misses"])}
-        real = median_summary(passes)
         print("programs compiled during each measured pass:",
               [r["traces_during_run"] for r in passes], flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
-    deployment = Deployment(replicas=args.replicas, max_batch=args.max_batch,
-                            max_resident_deltas=args.max_resident)
-    # (warm as the real replicas were: they served the workload once before the measured run)
-    predicted = simulate(workload, deployment, costs, slo_s=args.slo, warm=workload)
+    # Each pass predicted from its own calibration, warm as the real replicas were (they
+    # served the workload before); real and predicted figures: the medians over the passes.
+    predictions = [simulate(workload, deployment, Costs.from_json(c["costs"]), slo_s=args.slo,
+                            warm=workload) for c in calibrations]
+    real, predicted = median_summary(passes), median_summary(predictions)
 
-    def spread(key, sub=None):
-        values = [r[key] if sub is None else r[key][sub] for r in passes]
-        return [min(values), max(values)]
+    def pick(summary, key, sub):
+        return summary[key] if sub is None else summary[key][sub]
 
     def error(key, sub=None):
-        want = real[key] if sub is None else real[key][sub]
-        got = predicted[key] if sub is None else predicted[key][sub]
+        want, got = pick(real, key, sub), pick(predicted, key, sub)
+        reals = [pick(r, key, sub) for r in passes]
         return {"real": want, "predicted": got, "error": (got - want) / want if want else None,
-                "real_passes_range": spread(key, sub)}
+                "real_passes_range": [min(reals), max(reals)],
+                "passes_error": [(pick(q, key, sub) - w) / w if w else None
+                                 for q, w in zip(predictions, reals)]}
     comparison = {"throughput_tokens_per_s": error("throughput_tokens_per_s"),
                   "ttft_p50_s": error("ttft_s", "p50"), "ttft_p99_s": error("ttft_s", "p99"),
                   "latency_p50_s": error("latency_s", "p50"),
@@ -322,23 +344,23 @@ def main() -> None:
                   "slo_attainment": error("slo_attainment")}
     print(f"router hit rate: real {real['router']['hit_rate']:.3f}, predicted "
           f"{predicted['router']['hit_rate']:.3f}")
-    print("costs on the deployment:", json.dumps(costs.to_json()))
     for name, c in comparison.items():
         low, high = c["real_passes_range"]
+        each = " ".join(f"{100 * e:+.0f}%" for e in c["passes_error"] if e is not None)
         print(f"{name:26s} real {c['real']:9.3f} ({low:.3f}-{high:.3f})  predicted "
-              f"{c['predicted']:9.3f}  error {100 * c['error']:+6.1f}%"
+              f"{c['predicted']:9.3f}  error {100 * c['error']:+6.1f}%  (passes {each})"
               if c["error"] is not None else name)
     backend = jax.default_backend()
     out = args.out or pathlib.Path(__file__).parent / "results" / (
         f"simulate-{backend}-{datetime.date.today()}.json")
-    for summary in (*passes, predicted):
+    for summary in (*passes, *predictions):
         summary.pop("per_request")
     out.write_text(json.dumps({
         "command": " ".join(["PYTHONPATH=. python benchmarks/simulate.py", *sys.argv[1:]]),
         "backend": backend, "date": str(datetime.date.today()), "config": vars(args) | {
             "cache_dir": None, "out": None, "model": dataclasses.asdict(synthetic)},
-        "costs": costs.to_json(), "real": real, "real_passes": passes,
-        "predicted": predicted,
+        "costs": costs.to_json(), "calibrations": calibrations, "real": real,
+        "real_passes": passes, "predicted": predicted, "predicted_passes": predictions,
         "comparison": comparison}, indent=2, default=str) + "\n")
     print("wrote", out)
 

@@ -2,10 +2,11 @@
 documented rules: batching, prefill and decode costs, loads by tier, affinity routing."""
 
 import dataclasses
+import json
 
 import pytest
 
-from dzjax.bench.simulate import Costs, Deployment, simulate
+from dzjax.bench.simulate import Costs, Deployment, closed_loop, fit_contention, simulate
 from dzjax.bench.workload import BenchRequest
 from dzjax.errors import DzjaxError
 
@@ -154,3 +155,48 @@ def test_a_hop_stays_busy_with_what_it_passed_on():
     assert a[3] == pytest.approx(0.005 + COSTS.prefill(1), abs=1e-6)
     # b needs 5 ms of the hop's time before it is passed on, at half speed: 10 ms
     assert b[3] == pytest.approx(0.010 + COSTS.prefill(1), abs=1e-6)
+
+
+def test_costs_read_back_what_they_wrote():
+    full = dataclasses.replace(HOPS, contention={2: 1.5, 4: 2.0}, token_s=0.001, hop_share=0.5)
+    assert Costs.from_json(json.loads(json.dumps(full.to_json()))) == full
+
+
+def test_a_closed_loop_sends_each_clients_next_request_as_its_last_one_ends():
+    # one client, 5 tokens a request: route, prefill, 4 decode steps; sent at 0, 0.082, 0.164
+    # and 0.246 (before 0.3), the last ends at 0.328
+    one = [request(0, 0.0, "base", 5)]
+    cycle = 0.004 + COSTS.prefill(1) + 4 * COSTS.decode(1, 0)
+    assert cycle == pytest.approx(0.082)
+    assert closed_loop(one, Deployment(replicas=1), COSTS, clients=1, seconds=0.3) == \
+        pytest.approx(20 / (4 * cycle))
+    # two clients: their requests are batched (prefill 2, 4 steps of 2 rows), twice
+    two = [request(0, 0.0, "base", 5), request(1, 0.0, "base", 5)]
+    cycle = 0.004 + COSTS.prefill(2) + 4 * COSTS.decode(2, 0)
+    assert closed_loop(two, Deployment(replicas=1), COSTS, clients=2, seconds=0.15) == \
+        pytest.approx(20 / (2 * cycle))
+    with pytest.raises(DzjaxError, match="clients"):
+        closed_loop(two, Deployment(replicas=1), COSTS, clients=3, seconds=1.0)
+
+
+def test_contention_grows_with_the_requests_in_flight_and_slows_the_replicas_steps():
+    shared = dataclasses.replace(COSTS, contention={2: 1.5, 4: 2.0})
+    assert [shared.slowdown(n) for n in (0, 1, 3, 4, 10)] == pytest.approx(
+        [1.0, 1.0, 1.75, 2.0, 2.0])  # held at the last point beyond it
+    assert COSTS.slowdown(5) == 1.0  # none given: none
+    # a lone request at a factor 2: its step twice as long, the hops' work and route_s not
+    out = simulate([request(0, 0.0, "base", 1)], Deployment(replicas=1),
+                   dataclasses.replace(HOPS, contention={1: 2.0}))
+    ttft = (0.010 + 0.020) + 0.004 + 2 * COSTS.prefill(1) + (0.003 + 0.002)
+    assert out["per_request"][0][3] == pytest.approx(ttft, abs=1e-6)
+
+
+def test_contention_is_fitted_to_a_measured_closed_loop():
+    two = [request(0, 0.0, "base", 5), request(1, 0.0, "base", 5)]
+    work = COSTS.prefill(2) + 4 * COSTS.decode(2, 0)  # a cycle's replica time, at factor 1
+    slower = 10 / (0.004 + 2.0 * work)  # tokens/s a cycle at a factor 2 gives
+    faster = 200.0  # a factor of (0.05 - 0.004) / work, below 1
+    fitted = fit_contention(two, Deployment(replicas=1), COSTS, {2: slower}, seconds=0.15)
+    assert fitted[2] == pytest.approx(2.0, rel=0.01)
+    fitted = fit_contention(two, Deployment(replicas=1), COSTS, {2: faster}, seconds=0.15)
+    assert fitted[2] == pytest.approx((0.05 - 0.004) / work, rel=0.01) and fitted[2] < 1

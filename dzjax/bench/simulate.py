@@ -5,10 +5,11 @@ a workload (`dzjax.bench.workload`: D deltas, a popularity skew, Poisson arrival
 What it models, as the engine and `dzjax.serving.ray_serve` run:
   router   each request passes the router's processes (`hops`: Ray's proxy, the ingress; each
            a single-threaded event loop that also forwards every streamed token, sharing its
-           time among all it holds), and `route_s` more, and goes to the least busy replica (below its
-           `max_ongoing`) whose multiplexed set holds its delta, or else to the least busy one
-           (which adds the delta to its set, least recently used out); base-only requests to
-           the least busy; while every replica is at its limit, requests wait at the router.
+           time among all it holds), and `route_s` more, and goes to the least busy replica
+           (below its `max_ongoing`) whose multiplexed set holds its delta, or else to the
+           least busy one (which adds the delta to its set, least recently used out);
+           base-only requests to the least busy; while every replica is at its limit,
+           requests wait at the router.
   replica  the engine's loop, admitting with the engine's own scheduler
            (`dzjax.serving.scheduler.schedule`: first come first served with bounded
            overtaking, device slots reused least recently used first, reads from disk in the
@@ -20,6 +21,9 @@ What it models, as the engine and `dzjax.serving.ray_serve` run:
            many distinct deltas they use. Requests arriving during a step wait for the next.
            Each token then passes the hops back (the ingress, then the proxy) to the client:
            TTFT and latency are when the first and the last token have passed them.
+  sharing  on a machine whose cores the replicas and the hops share, the replicas' steps are
+           slowed by a factor that depends on the requests in flight (`Costs.contention`), fitted to closed
+           loops measured on the deployment (`closed_loop`, `fit_contention`).
   Not modelled: KV pages (the pool is taken as large enough: no page waits, no preemption),
   prefix sharing, the decode pipeline of accelerators, stop strings and EOS (every request
   generates its max_tokens).
@@ -60,9 +64,14 @@ class Costs:
       holds: its work per request and per streamed token. () = none.
     hop_share: the part of a hop's work that a request or token waits for (the rest the hop
       does after passing it on: closing, accounting); the hop stays busy for all of it.
-    contention: {replicas busy at once: factor on a step's time}, interpolated (1 where not
-      given): replicas that share a machine's cores (as on a CPU host) slow each other down;
-      replicas on their own devices have none.
+    contention: {requests in flight in the deployment: factor on the time of the replicas'
+      steps then}, interpolated from {1: 1.0} and held at the last given point beyond it: on
+      a machine whose cores the replicas, the hops and the client share (as on a CPU host)
+      they slow each other down, and more so the more they have to do (the hops' work, as
+      measured, is not scaled: scaling it too predicted TTFT up to 42% high). Measured on the deployment against the other costs (`fit_contention`
+      on closed loops), it also takes in how far the deployment's speed differs from the
+      costs' (a factor below 1: faster than when they were measured). {} = none (replicas on
+      their own devices).
     """
 
     decode_s: dict
@@ -81,8 +90,9 @@ class Costs:
         per_active = {a: _interpolate(table, rows) for a, table in by_active.items()}
         return max(_interpolate(per_active, active), 0.0)
 
-    def slowdown(self, busy: int) -> float:
-        return max(_interpolate({1: 1.0, **self.contention}, busy), 1.0)
+    def slowdown(self, in_flight: int) -> float:
+        table = {1: 1.0, **self.contention}
+        return _interpolate(table, min(max(in_flight, min(table)), max(table)))
 
     def prefill(self, rows: int) -> float:
         return max(_interpolate(self.prefill_s, rows), 0.0)
@@ -93,6 +103,15 @@ class Costs:
                 "load_s": dict(self.load_s), "route_s": self.route_s, "token_s": self.token_s,
                 "contention": [[k, v] for k, v in sorted(self.contention.items())],
                 "hops": [list(h) for h in self.hops], "hop_share": self.hop_share}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Costs":
+        """The costs `to_json` wrote."""
+        return cls(decode_s={(r, a): s for r, a, s in data["decode_s"]},
+                   prefill_s={r: s for r, s in data["prefill_s"]}, load_s=dict(data["load_s"]),
+                   route_s=data["route_s"], token_s=data["token_s"],
+                   contention={k: v for k, v in data["contention"]},
+                   hops=tuple(tuple(h) for h in data["hops"]), hop_share=data["hop_share"])
 
 
 def _interpolate(table: dict, x: float) -> float:
@@ -160,9 +179,10 @@ class _Replica:
         """When a background read ends (the next time a waiting request may run), if any."""
         return min(self.reading.values(), default=None)
 
-    def step(self, now: float, costs: Costs, emitted: list, busy: int = 1) -> tuple[float, bool]:
-        """One engine step starting at `now` while `busy` replicas (this one included) have
-        work: its seconds, and whether it did anything. The tokens it makes are appended to
+    def step(self, now: float, costs: Costs, emitted: list,
+             in_flight: int = 1) -> tuple[float, bool]:
+        """One engine step starting at `now` while `in_flight` requests are in the deployment:
+        its seconds, and whether it did anything. The tokens it makes are appended to
         `emitted` as (time, request, first, last)."""
         for i, row in enumerate(self.rows):  # the rows the last step finished are free now
             if row is not None and row[1] == 0:
@@ -203,14 +223,14 @@ class _Replica:
             admitted.append(self.rows[a.row])
         if admitted:  # the prefill gives each its first token
             spent += costs.prefill(len(admitted))
-            first = now + spent * costs.slowdown(busy)
+            first = now + spent * costs.slowdown(in_flight)
             for row in admitted:
                 emitted.append((first, row[0], True, row[1] == 0))
         decoding = [row for row in self.running if row[1] > 0]  # (the admitted ones too)
         if decoding:
             active = len({row[0].model for row in decoding} - {base})
             spent += costs.decode(len(decoding), active) + costs.token_s * len(decoding)
-        spent *= costs.slowdown(busy)
+        spent *= costs.slowdown(in_flight)
         end = now + spent
         for row in decoding:  # (a row done is freed at the next step, when this one ends)
             row[1] -= 1
@@ -302,13 +322,68 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
     return summary
 
 
+def closed_loop(workload: list[BenchRequest], deployment: Deployment, costs: Costs, *,
+                clients: int, seconds: float, warm: list[BenchRequest] = ()) -> float:
+    """Predicted tokens/s of `clients` clients, client k sending `workload[k::clients]` in turn
+    (and again), each request as its previous one ends, for `seconds` (none sent after):
+    the tokens generated over the time to the last one's end (as
+    `benchmarks/simulate.py` measures a real closed loop)."""
+    if not 1 <= clients <= len(workload):
+        raise DzjaxError(f"clients must be between 1 and {len(workload)}, got {clients!r}")
+    replicas = [_Replica(deployment) for _ in range(deployment.replicas)]
+    start = 0.0
+    if warm:
+        start = max(o.finished for o in _serve(replicas, list(warm), deployment, costs,
+                                               collections.Counter())) + 1.0
+    turns = {k: 0 for k in range(clients)}
+    client_of = {}
+
+    def send(k: int, now: float) -> BenchRequest:
+        mine = workload[k::clients]
+        r = dataclasses.replace(mine[turns[k] % len(mine)], arrival=now,
+                                index=len(client_of))
+        turns[k] += 1
+        client_of[r.index] = k
+        return r
+
+    def follow(outcome: Outcome) -> list[BenchRequest]:
+        now = outcome.finished
+        return [send(client_of[outcome.index], now)] if now < start + seconds else []
+
+    first = [send(k, start) for k in range(clients)]
+    done = _serve(replicas, first, deployment, costs, collections.Counter(), follow=follow)
+    return sum(o.tokens for o in done) / (max(o.finished for o in done) - start)
+
+
+def fit_contention(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
+                   measured: dict, *, seconds: float, warm: list[BenchRequest] = (),
+                   bounds: tuple[float, float] = (0.25, 8.0)) -> dict:
+    """`Costs.contention` from closed loops measured on the deployment: {clients: tokens/s}.
+    For each, the factor (within `bounds`, to 1%) with which `closed_loop` predicts the
+    measured tokens/s: in a closed loop of c clients c requests are in flight (nearly all
+    the time), so the factor is the one at c."""
+    fitted = {}
+    for clients, want in sorted(measured.items()):
+        low, high = bounds
+        while high / low > 1.01:  # (tokens/s falls as the factor grows)
+            mid = (low * high) ** 0.5
+            trial = dataclasses.replace(costs, contention={1: mid, clients: mid})
+            got = closed_loop(workload, deployment, trial, clients=clients, seconds=seconds,
+                              warm=warm)
+            low, high = (mid, high) if got > want else (low, mid)
+        fitted[clients] = (low * high) ** 0.5
+    return fitted
+
+
 def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: Deployment,
-           costs: Costs, counts: collections.Counter) -> list[Outcome]:
-    """Run `workload` through the router and `replicas` (as they are) to the end."""
+           costs: Costs, counts: collections.Counter, follow=None) -> list[Outcome]:
+    """Run `workload` through the router and `replicas` (as they are) to the end. `follow`:
+    called with each request's outcome as it ends, returns the requests it sends then."""
     events, done = [], []
     order = iter(range(1 << 62))  # ties in time keep the order events were made in
     hops = [_Hop(costs.hop_share) for _ in costs.hops]
     first_seen: dict[int, float] = {}
+    in_flight = 0  # requests past the first hop whose last token is not out yet
 
     def give(now, i, work, item):  # hop i takes `item` (an event's kind and payload)
         hops[i].add(now, work, item)
@@ -331,6 +406,8 @@ def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: D
             continue
         if kind == "request":  # (request, hop): at hop `hop` on its way in; -1: arrived
             r, hop = payload
+            if hop == 0:
+                in_flight += 1
             if 0 <= hop < len(hops):
                 give(now, hop, costs.hops[hop][0], ("request", (r, hop + 1)))
             elif hop == len(hops):  # past the hops: the rest of the way (`route_s`)
@@ -346,13 +423,15 @@ def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: D
             if first:
                 first_seen[r.index] = now
             if last:
+                in_flight -= 1
                 done.append(Outcome(r.index, r.model, r.arrival, first_seen.pop(r.index), now,
                                     r.max_tokens))
+                for nxt in follow(done[-1]) if follow else ():
+                    heapq.heappush(events, (nxt.arrival, next(order), "request", (nxt, 0)))
         else:
             replica = payload
-            busy = sum(bool(r.queue or r.running) for r in replicas)
             emitted = []
-            spent, progressed = replica.step(now, costs, emitted, busy)
+            spent, progressed = replica.step(now, costs, emitted, in_flight)
             for at, r, first, last in emitted:
                 heapq.heappush(events, (at, next(order), "token", (r, first, last, 0)))
             replica.free_at = now + spent
