@@ -189,6 +189,15 @@ def test_contention_grows_with_the_requests_in_flight_and_slows_the_replicas_ste
                    dataclasses.replace(HOPS, contention={1: 2.0}))
     ttft = (0.010 + 0.020) + 0.004 + 2 * COSTS.prefill(1) + (0.003 + 0.002)
     assert out["per_request"][0][3] == pytest.approx(ttft, abs=1e-6)
+    # in flight: two at once on two replicas, both at the factor for 2; one after the other
+    # (the first done), each alone at 1
+    two = dataclasses.replace(COSTS, contention={2: 2.0})
+    together = simulate([request(0, 0.0, "base", 1), request(1, 0.0, "base", 1)],
+                        Deployment(replicas=2), two)
+    apart = simulate([request(0, 0.0, "base", 1), request(1, 10.0, "base", 1)],
+                     Deployment(replicas=2), two)
+    assert [r[3] for r in together["per_request"]] == pytest.approx([0.004 + 0.060] * 2)
+    assert [r[3] for r in apart["per_request"]] == pytest.approx([0.004 + 0.030] * 2)
 
 
 def test_contention_is_fitted_to_a_measured_closed_loop():
