@@ -261,6 +261,9 @@ def main() -> None:
                    default=pathlib.Path(tempfile.gettempdir()) / "dzjax-bench")
     p.add_argument("--out", type=pathlib.Path, default=None)
     args = p.parse_args()
+    if args.requests < 2 * args.replicas * args.max_batch:  # (the largest closed loop's clients)
+        p.error(f"--requests must be at least 2 * replicas * max_batch = "
+                f"{2 * args.replicas * args.max_batch}, got {args.requests}")
 
     import jax
     import ray

@@ -209,3 +209,5 @@ def test_contention_is_fitted_to_a_measured_closed_loop():
     assert fitted[2] == pytest.approx(2.0, rel=0.01)
     fitted = fit_contention(two, Deployment(replicas=1), COSTS, {2: faster}, seconds=0.15)
     assert fitted[2] == pytest.approx((0.05 - 0.004) / work, rel=0.01) and fitted[2] < 1
+    with pytest.raises(DzjaxError, match="closed loop of 2 clients"):  # beyond the bounds
+        fit_contention(two, Deployment(replicas=1), COSTS, {2: 1e6}, seconds=0.15)

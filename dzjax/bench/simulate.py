@@ -22,8 +22,9 @@ What it models, as the engine and `dzjax.serving.ray_serve` run:
            Each token then passes the hops back (the ingress, then the proxy) to the client:
            TTFT and latency are when the first and the last token have passed them.
   sharing  on a machine whose cores the replicas and the hops share, the replicas' steps are
-           slowed by a factor that depends on the requests in flight (`Costs.contention`), fitted to closed
-           loops measured on the deployment (`closed_loop`, `fit_contention`).
+           slowed by a factor that depends on the requests in flight (`Costs.contention`),
+           fitted to closed loops measured on the deployment (`closed_loop`,
+           `fit_contention`).
   Not modelled: KV pages (the pool is taken as large enough: no page waits, no preemption),
   prefix sharing, the decode pipeline of accelerators, stop strings and EOS (every request
   generates its max_tokens).
@@ -68,10 +69,12 @@ class Costs:
       steps then}, interpolated from {1: 1.0} and held at the last given point beyond it: on
       a machine whose cores the replicas, the hops and the client share (as on a CPU host)
       they slow each other down, and more so the more they have to do (the hops' work, as
-      measured, is not scaled: scaling it too predicted TTFT up to 42% high). Measured on the deployment against the other costs (`fit_contention`
-      on closed loops), it also takes in how far the deployment's speed differs from the
-      costs' (a factor below 1: faster than when they were measured). {} = none (replicas on
-      their own devices).
+      measured, is not scaled: scaling it too predicted TTFT up to 42% high). Measured on the
+      deployment against the other costs (`fit_contention` on closed loops), it also takes
+      in how far the deployment's speed differs from the costs' (a factor below 1: faster
+      than when they were measured; below the smallest loop fitted the factor runs to 1.0
+      at one request, unless a loop of 1 client gives it). {} = none (replicas on their own
+      devices).
     """
 
     decode_s: dict
@@ -361,7 +364,9 @@ def fit_contention(workload: list[BenchRequest], deployment: Deployment, costs: 
     """`Costs.contention` from closed loops measured on the deployment: {clients: tokens/s}.
     For each, the factor (within `bounds`, to 1%) with which `closed_loop` predicts the
     measured tokens/s: in a closed loop of c clients c requests are in flight (nearly all
-    the time), so the factor is the one at c."""
+    the time: fewer only in the loop's tail, after `seconds`), so the factor is the one at
+    c. Each is fitted on its own, a constant factor. A rate that no factor within `bounds`
+    gives is refused."""
     fitted = {}
     for clients, want in sorted(measured.items()):
         low, high = bounds
@@ -371,6 +376,9 @@ def fit_contention(workload: list[BenchRequest], deployment: Deployment, costs: 
             got = closed_loop(workload, deployment, trial, clients=clients, seconds=seconds,
                               warm=warm)
             low, high = (mid, high) if got > want else (low, mid)
+        if low <= bounds[0] or high >= bounds[1]:
+            raise DzjaxError(f"the closed loop of {clients} clients measured {want:.4g} "
+                             f"tokens/s, which no contention within {bounds} predicts")
         fitted[clients] = (low * high) ** 0.5
     return fitted
 
@@ -383,7 +391,7 @@ def _serve(replicas: list[_Replica], workload: list[BenchRequest], deployment: D
     order = iter(range(1 << 62))  # ties in time keep the order events were made in
     hops = [_Hop(costs.hop_share) for _ in costs.hops]
     first_seen: dict[int, float] = {}
-    in_flight = 0  # requests past the first hop whose last token is not out yet
+    in_flight = 0  # requests that reached the first hop whose last token is not out yet
 
     def give(now, i, work, item):  # hop i takes `item` (an event's kind and payload)
         hops[i].add(now, work, item)
