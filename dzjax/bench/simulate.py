@@ -308,11 +308,7 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
     summary (throughput, TTFT and latency percentiles, SLO attainment, per request), and the
     router's resident hits and misses. `warm`: requests served first (not counted), so that
     the workload meets replicas in the state they leave (as a real run after a warm-up)."""
-    replicas = [_Replica(deployment) for _ in range(deployment.replicas)]
-    start = 0.0
-    if warm:
-        start = max(o.finished for o in _serve(replicas, list(warm), deployment, costs,
-                                               collections.Counter())) + 1.0
+    replicas, start = _warmed(deployment, costs, warm)
     counts = collections.Counter()
     shifted = [dataclasses.replace(r, arrival=r.arrival + start) for r in workload]
     done = [dataclasses.replace(o, arrival=o.arrival - start, first_token=o.first_token - start,
@@ -325,6 +321,16 @@ def simulate(workload: list[BenchRequest], deployment: Deployment, costs: Costs,
     return summary
 
 
+def _warmed(deployment: Deployment, costs: Costs, warm: list[BenchRequest]):
+    """The deployment's replicas after serving `warm` (none: fresh), and when the workload
+    may start (a second after the warm-up's last request ended; 0 without one)."""
+    replicas = [_Replica(deployment) for _ in range(deployment.replicas)]
+    if not warm:
+        return replicas, 0.0
+    done = _serve(replicas, list(warm), deployment, costs, collections.Counter())
+    return replicas, max(o.finished for o in done) + 1.0
+
+
 def closed_loop(workload: list[BenchRequest], deployment: Deployment, costs: Costs, *,
                 clients: int, seconds: float, warm: list[BenchRequest] = ()) -> float:
     """Predicted tokens/s of `clients` clients, client k sending `workload[k::clients]` in turn
@@ -333,11 +339,7 @@ def closed_loop(workload: list[BenchRequest], deployment: Deployment, costs: Cos
     `benchmarks/simulate.py` measures a real closed loop)."""
     if not 1 <= clients <= len(workload):
         raise DzjaxError(f"clients must be between 1 and {len(workload)}, got {clients!r}")
-    replicas = [_Replica(deployment) for _ in range(deployment.replicas)]
-    start = 0.0
-    if warm:
-        start = max(o.finished for o in _serve(replicas, list(warm), deployment, costs,
-                                               collections.Counter())) + 1.0
+    replicas, start = _warmed(deployment, costs, warm)
     turns = {k: 0 for k in range(clients)}
     client_of = {}
 
