@@ -387,10 +387,18 @@ def model(quick: bool = False) -> dict:
                     # Every row tile reads its strips' weights again; split-K partial sums are
                     # written (the rows of x only) and read back whole by the sum.
                     partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
-                    read = groups * row_tiles * weights + x_bytes + partials + m * n * 4
+                    # The 2:4 phase route reads the zero points twice (as bytes for the
+                    # epilogue, as 32-bit words for the pruned entries: `phases.zero_words`).
+                    again = (int(np.prod(fmt.stored_arrays(k, n)["zeros"][0]))
+                             if c.phases and fmt.nm is not None and not fmt.symmetric else 0)
+                    # A ragged split (`tiling.split_steps`) runs steps past K, masked off.
+                    total = k // c.block_k
+                    run = c.split_k * tiling.split_steps(total, c.split_k) / total
+                    read = (groups * row_tiles * (weights + again) * run + x_bytes + partials
+                            + m * n * 4)
                     filled = tiling.filled(busy, c.num_warps)
                     t_mem = read / (HBM_BYTES_PER_S * filled)
-                    dequantized = groups * row_tiles * k * n  # weights built, counting re-reads
+                    dequantized = groups * row_tiles * k * n * run  # weights built, re-reads too
                     # float32 -> bf16 roundings remain only where weights are built in float32.
                     cvt = dequant_dtype(fmt, jnp.bfloat16) == jnp.float32 and not c.phases
                     t_cvt = dequantized / (CVT_PER_S * filled) if cvt else 0.0

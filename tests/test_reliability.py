@@ -333,6 +333,27 @@ def test_zero_points_beyond_the_codes_are_refused(deltas, tmp_path):
         dzjax.load_delta(bad)
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["repeated", "decreasing"])
+def test_2_4_positions_out_of_order_are_refused(deltas, tmp_path, swap):
+    """The kernels place each kept value by its position and count on increasing positions (a
+    file `convert` wrote has them): one group's two positions made equal, or swapped."""
+    _, paths, _ = deltas
+    key = "model.layers.0.mlp.up_proj.meta"
+
+    def poison(t):
+        t[key] = t[key].copy()
+        word = int(t[key][0, 7])  # stored rows 0, 1 (group 0 of column 7): bits 0-1 and 2-3
+        first, second = word & 3, word >> 2 & 3
+        assert first < second  # as written
+        new = (second | first << 2) if swap else (first | first << 2)
+        t[key][0, 7] = np.uint32(word & ~0xF | new)
+    bad = rewrite(paths["ft0"], tmp_path / "meta.dz", edit_tensors=poison)
+    with pytest.raises(DeltaFileError, match=rf"'{key}': the 2:4 positions of group 0 of column 7 "
+                                             r"are \[\d, \d\]; each group's must be distinct, "
+                                             "increasing and below 4"):
+        dzjax.load_delta(bad)
+
+
 @pytest.mark.parametrize("version", [True, 2.0, "2", 1])
 def test_only_the_integer_format_version_is_read(deltas, tmp_path, version):
     _, paths, _ = deltas

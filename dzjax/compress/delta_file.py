@@ -46,6 +46,7 @@ from dzjax.errors import DzjaxError
 from dzjax.models.config import config_from_dict
 from dzjax.models.loading import Base, flatten_params, hf_key_map, unflatten
 from dzjax.models.safetensors_io import SafetensorsFile, write_safetensors
+from dzjax.pallas_kernels import packing
 from dzjax.pallas_kernels.formats import FIELDS, Format, QuantizedTensor
 
 FORMAT_VERSION = 2
@@ -385,5 +386,22 @@ def _read_quantized(reader: _TensorReader, name, entry, hf_shape):
             raise DeltaFileError(f"{reader.path}: tensor {key!r} holds zero points up to "
                                  f"{int(arrays[field].max())}; {fmt.bits}-bit codes need them "
                                  f"below {2 ** fmt.bits}")
+        if field == "meta":
+            _check_positions(arrays[field], fmt, reader.path, key)
     return QuantizedTensor(**{f: None if arrays.get(f) is None else jnp.asarray(arrays[f])
                               for f in FIELDS}, shape=(k, n), format=fmt)
+
+
+def _check_positions(meta: np.ndarray, fmt: Format, path, key) -> None:
+    """n:m positions must increase within each group (distinct; what `convert` writes): the
+    kernels place each kept value by its position and rely on that order."""
+    n, m = fmt.nm
+    ib = packing.index_bits(m)
+    rows = meta.shape[0] * packing.WORD_BITS // ib
+    positions = np.asarray(packing.unpack_codes(meta, ib, rows)).reshape(rows // n, n, -1)
+    bad = np.argwhere((np.diff(positions, axis=1) <= 0).any(axis=1)) if n > 1 else []
+    if len(bad) or int(positions.max(initial=0)) >= m:
+        group, col = (bad[0] if len(bad) else np.argwhere(positions.max(axis=1) >= m)[0])
+        raise DeltaFileError(f"{path}: tensor {key!r}: the {n}:{m} positions of group {group} "
+                             f"of column {col} are {positions[group, :, col].tolist()}; each "
+                             f"group's must be distinct, increasing and below {m}")

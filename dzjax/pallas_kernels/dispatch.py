@@ -13,8 +13,9 @@ The prefill route: with "pallas" or "interpret", a call with at least `PREFILL_R
 a prompt chunk, not a decode batch) dequantizes each used delta once and multiplies its rows with
 a dense matmul (cuBLAS through XLA) in tiles of `PREFILL_TILE` rows, instead of the fused kernel,
 which dequantizes every column strip again for each tile of 64 rows. Its weights are rounded
-to x's dtype as on the XLA path; the fused kernels' phase route (dense 2/4/8-bit codes, 16-bit
-x, up to 32-row tiles; `phases.py`) multiplies by the float32 weights instead, so a decode step
+to x's dtype as on the XLA path; the fused kernels' phase route (2/4/8-bit codes, dense or 2:4
+in long enough scale groups, 16-bit x, up to 32-row tiles; `phases.py`) multiplies by the
+float32 weights instead, so a decode step
 and a prompt chunk of the same delta differ by that rounding (~1e-3 of the delta's
 contribution); elsewhere they agree to float32 rounding.
 """

@@ -40,7 +40,8 @@ from dzjax.pallas_kernels import phases
 from dzjax.pallas_kernels.single_delta import (check_inputs, dequant_block, dequant_dtype,
                                                dequantize_xla, dot_precision, dot_tile,
                                                pallas_operands, round_to)
-from dzjax.pallas_kernels.tiling import DeltaMatmulConfig, route_tiling
+from dzjax.pallas_kernels.tiling import (DeltaMatmulConfig, k_loop_body, route_tiling,
+                                        split_steps)
 from dzjax.pallas_kernels.formats import QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -229,8 +230,10 @@ class MultiDeltaConfig(DeltaMatmulConfig):
 # Kernel.
 
 
-def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slots: int,
-                        has_zeros: bool, has_meta: bool, phase: bool, asm: bool):
+def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int,
+                        total: int | None, slots: int, has_zeros: bool, has_meta: bool,
+                        phase: bool, asm: bool):
+    # steps, total: as in `single_delta._delta_matmul_kernel`
     # asm: compiled, not interpret mode (`phases.step`)
     # active_ref   # [G] int32: active_slots (G = min(M, S)), padded with S
     # starts_ref   # [S + 2] int32: group_starts
@@ -241,12 +244,17 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slot
     # scales_ref   # [S, K / group_size, block_n] bf16
     # zeros_ref    # [S, K / group_size, block_n] uint8   (asymmetric only)
     # meta_ref     # [S, K' * index_bits / 32, block_n] uint32   (n:m only)
+    # zero_words_ref, table_ref  # the 2:4 phase route's `phases.nm_operands` (with a slot axis)
     # o_ref        # [M + block_m, block_n] float32: this K split's partial sums
     active_ref, starts_ref, sizes_ref, x_ref, *rest, o_ref = refs
     sums_ref = rest.pop(0) if phase else None
     qweight_ref, scales_ref = rest.pop(0), rest.pop(0)
     zeros_ref = rest.pop(0) if has_zeros else None
     meta_ref = rest.pop(0) if has_meta else None
+    nm = None
+    if phase and has_meta:
+        zero_words_ref = rest.pop(0) if has_zeros else None
+        nm = (meta_ref, zero_words_ref, rest.pop(0))
     slot = active_ref[pl.program_id(0)]
     start, size = starts_ref[slot], sizes_ref[slot]
     # A padding entry (slot == S) runs no row tile. (Integer arithmetic, not where(slot < S, ...):
@@ -260,17 +268,17 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int, slot
         row0 = start + t * block_m
         in_group = rows < start + size - row0  # rows of the next group are computed, not stored
 
-        def k_step(step, acc):
-            kb = first + step
+        def advance(kb, acc):
             if phase:
                 return phases.step(qweight_ref, scales_ref, zeros_ref, x_ref, sums_ref, kb, acc,
                                    fmt=fmt, block_k=block_k, rows=pl.ds(row0, block_m),
-                                   slot=mine, asm=asm)
+                                   slot=mine, asm=asm, nm=nm)
             w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
                               block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype), slot=mine)
             x = x_ref[pl.ds(row0, block_m), pl.ds(kb * block_k, block_k)]
             return acc + dot_tile(x, w)
 
+        k_step = k_loop_body(advance, first, total)
         tile = (block_m, o_ref.shape[1])
         if phase:  # transposed (`phases.step`)
             acc = lax.fori_loop(0, steps, k_step, jnp.zeros(tile[::-1], jnp.float32)).T
@@ -309,7 +317,9 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k
-    steps = k // config.block_k // split
+    total = k // config.block_k
+    steps = split_steps(total, split)
+    ragged = steps * split != total  # the last split runs past K (`tiling.split_steps`)
     # One spare row tile so that a tile starting at any row stays in bounds.
     xs = jnp.pad(batch.sort_rows(x), ((0, bm), (0, 0)))
     xs = list(phases.phase_inputs(xs, fmt, config.block_k)) if config.phases else [xs]
@@ -318,8 +328,15 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     # Every slot's column strip j; the kernel picks its active slot's.
     weight_specs = [pl.BlockSpec((slots, a.shape[1], bn), lambda g, j, s: (0, 0, j))
                     for a in operands]
+    if config.phases and fmt.nm is not None:
+        *words, table = phases.nm_operands(stack.zeros, fmt, config.block_k, bn)
+        operands += [*words, table]
+        weight_specs += [pl.BlockSpec((slots, a.shape[1], bn // 4), lambda g, j, s: (0, 0, j))
+                         for a in words]
+        weight_specs.append(pl.BlockSpec(table.shape, lambda g, j, s: (0, 0)))
     kernel = functools.partial(
         _multi_delta_kernel, fmt=fmt, block_m=bm, block_k=config.block_k, steps=steps,
+        total=total if ragged else None,
         slots=slots, has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None,
         phase=config.phases, asm=not interpret)
     whole = lambda shape: pl.BlockSpec(shape, lambda g, j, s: (0,) * len(shape))

@@ -1,4 +1,4 @@
-"""The register-resident route of both delta kernels: dense 2/4/8-bit codes, 16-bit activations.
+"""The register-resident route of both delta kernels: 2/4/8-bit codes, dense or 2:4, 16-bit x.
 
 The canonical packing (`packing.py`) puts stored rows p * (32 / bits) + r of a column into word
 p at bit offset r * bits. The general route unpacks a K step's words [P, bn] into [block_k, bn]
@@ -37,6 +37,26 @@ columns x 8 K per m16n8k8) and the rows of x its N. So a decode tile is 8 rows, 
 costs a quarter of an MMA instruction instead of half, and the per-output epilogue halves too.
 (The A fragment of W.T holds, per thread, the same elements as the B fragments of W for two
 adjacent 8-column tiles, so nothing moves.) The kernels store yT transposed back.
+
+2:4 sparsity (`nm_tiles`): a word holds the kept values of 16 / bits groups of 4 inputs, two
+a group, and covers D = 64 / bits dense rows. The phases are the dense rows' places in the word:
+phase 4a + t is input t of group a. Its tile takes kept value 0 of group a where that value's
+position is t, else kept value 1 where its position is t, else the zero point as 1 + zero /
+2**b, which the correction above turns into exactly 0: two dequantizations per group instead of
+four, then a compare and a select per dense weight for each kept value that can sit there
+(positions increase within a group, which the delta file loader checks: kept value 1 is never
+at input 0, nor kept value 0 at input 3). A step is at most one scale group (its zero point
+fills the pruned entries), so 2:4 takes this route where a group holds the shortest step: 4-bit
+g128 and longer, 8-bit g64, 2-bit g256.
+
+Every operand of that arithmetic must come from a load or a constant, or Triton builds the
+tiles in another layout and moves each through shared memory (compiled for sm_90: one more
+shared load and a quarter store a weight, 8.5 instructions a weight in all instead of 6.6 at
+4-bit g128). So what would be a broadcast or an iota is loaded: a code word's positions are in
+meta word p // per (per = bits / 2 code words a meta word), gathered row by row and shifted by
+an amount read from a small table (`nm_table`); the zero points of the step's group are gathered
+as 32-bit words of four (`zero_words`, a bitcast of the stored bytes: 8-bit loads stop Triton
+too) into a [p, bn] tile and shifted by the table's column amount.
 """
 
 from __future__ import annotations
@@ -75,16 +95,27 @@ _ONE_BITS = 0x3F800000  # 1.0f
 
 def serves(fmt: Format, x_dtype) -> bool:
     """Whether this route serves `fmt` for activations of `x_dtype` (given a K step it can use,
-    see `min_block_k`, and row tiles of at most `MAX_BLOCK_M`): dense codes of 2, 4 or 8 bits in
-    scale groups of whole words (a word's codes share a group), bf16 or f16 activations (float32
-    activations would be rounded to TF32 by the dot: they take the general route)."""
-    return (fmt.nm is None and fmt.bits in (2, 4, 8) and fmt.group_size % (32 // fmt.bits) == 0
-            and jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+    see `min_block_k`, and row tiles of at most `MAX_BLOCK_M`): codes of 2, 4 or 8 bits, dense in
+    scale groups of whole words (a word's codes share a group) or 2:4 in groups of at least the
+    shortest step (`step_nm`), with bf16 or f16 activations (float32 activations would be
+    rounded to TF32 by the dot: they take the general route)."""
+    if fmt.bits not in (2, 4, 8) or fmt.unstructured or \
+            jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    if fmt.nm is None:
+        return fmt.group_size % (32 // fmt.bits) == 0
+    return fmt.nm == (2, 4) and fmt.group_size >= min_block_k(fmt)
+
+
+def word_rows(fmt: Format) -> int:
+    """The dense rows one code word covers: its codes, twice that with 2:4."""
+    n, m = fmt.nm or (1, 1)
+    return 32 // fmt.bits * m // n
 
 
 def min_block_k(fmt: Format) -> int:
     """The shortest K step whose phase tiles have `MIN_WORD_ROWS` word rows."""
-    return MIN_WORD_ROWS * 32 // fmt.bits
+    return MIN_WORD_ROWS * word_rows(fmt)
 
 
 def max_block_k(fmt: Format, target: int) -> int:
@@ -96,7 +127,7 @@ def max_block_k(fmt: Format, target: int) -> int:
 def layout(fmt: Format, block_k: int) -> tuple[int, int, int, int]:
     """(phases, word rows per phase tile, rows per scale unit, scale units per step): a unit is
     a group, or the whole step when the group is at least a step."""
-    phases = 32 // fmt.bits
+    phases = word_rows(fmt)
     unit = min(fmt.group_size, block_k)
     return phases, block_k // phases, unit, block_k // unit
 
@@ -154,12 +185,87 @@ def phase_weights(words, bits: int, phase: int, *, asm: bool):
     return lax.bitcast_convert_type(moved + jnp.uint32(_ONE_BITS), jnp.float32)
 
 
+def nm_table(fmt: Format, block_k: int, block_n: int) -> np.ndarray:
+    """[2p, bn] uint32 constants of the 2:4 route (see `nm_positions` and `nm_zero_bits`), two
+    copies of [p, bn], step kb reading copy kb % 2: bits
+    0-4 the right shift that brings row p's code word's positions to the bottom of its meta
+    word, (32 / per) * (p % per) with per = bits / 2 code words a meta word; bits 8-12 the right
+    shift of column n's zero point in its word of four, 8 * (n % 4).
+
+    A kernel input, not an iota: Triton builds the weight tiles in the dot's operand layout only
+    when every operand of the arithmetic comes from a load or a constant; an iota among them
+    (or a broadcast, a reshape, an 8-bit load) makes it build each tile in another layout and
+    move it through shared memory, every phase (compiled for sm_90: 1 LDS and 0.25 STS a weight
+    more). Two copies, so that the load varies with the step: hoisted out of the K loop, the
+    table is defined outside it, and that also keeps Triton from it (the same round trip)."""
+    _, p, _, _ = layout(fmt, block_k)
+    per = fmt.bits // 2
+    rows = (32 // per) * (np.arange(p) % per)
+    cols = 8 * (np.arange(block_n) % 4)
+    return np.tile(rows[:, None] | cols[None, :] << 8, (2, 1)).astype(np.uint32)
+
+
+def zero_words(zeros: jax.Array) -> jax.Array:
+    """uint8 zero points [..., G, N] seen as uint32 [..., G, N / 4], four columns a word (a
+    bitcast, no copy): 32-bit loads for `nm_zero_bits`."""
+    *lead, g, n = zeros.shape
+    return lax.bitcast_convert_type(zeros.reshape(*lead, g, n // 4, 4), jnp.uint32)
+
+
+def nm_operands(zeros, fmt: Format, block_k: int, block_n: int) -> list[jax.Array]:
+    """The 2:4 route's extra kernel inputs, in kernel order: `zero_words(zeros)` (asymmetric
+    formats only) and `nm_table`."""
+    extra = [] if fmt.symmetric else [zero_words(zeros)]
+    return extra + [jnp.asarray(nm_table(fmt, block_k, block_n))]
+
+
+def nm_positions(meta_ref, lead, kb, p: int, bits: int, table):
+    """[p, bn] uint32: for each of step kb's p code words (2:4), the meta word holding its kept
+    values' positions, shifted so that they sit at the bottom (stored row j of the code word at
+    bits 2j; bits above belong to other code words). A meta word holds the positions of
+    per = bits / 2 code words: it is loaded once for each (a gather of rows) and shifted by
+    `nm_table`'s amount."""
+    per = bits // 2
+    if per == 1:
+        return meta_ref[(*lead, pl.ds(kb * p, p), slice(None))]
+    rows = kb * (p // per) + lax.broadcasted_iota(jnp.int32, (p,), 0) // per
+    return meta_ref[(*lead, rows, slice(None))] >> (table & jnp.uint32(31))
+
+
+def nm_zero_bits(zero_words_ref, lead, group, p: int, bits: int, table):
+    """[p, bn] uint32: the bits of 1 + zero / 2**bits (the weight that dequantizes to 0) for
+    each column of scale group `group`, every row alike (a gather from `zero_words`)."""
+    bn = table.shape[1]
+    rows = jnp.zeros((p, 1), jnp.int32) + group
+    cols = lax.broadcasted_iota(jnp.int32, (1, bn), 1) // 4
+    z = (zero_words_ref[(*lead, rows, cols)] >> (table >> jnp.uint32(8))) & jnp.uint32(255)
+    return (z << jnp.uint32(23 - bits)) + jnp.uint32(_ONE_BITS)
+
+
+def nm_tiles(words, positions, zero_bits, bits: int, *, asm: bool):
+    """(phase, [p, bn] float32 weights) of each dense phase of 2:4 code words: phase 4a + t is
+    input t of the word's group a, 1 + c / 2**bits where one of the group's kept values sits
+    there, else the zero point's (`zero_bits`: the bits of 1 + zero / 2**bits)."""
+    for a in range(16 // bits):  # the groups of 4 inputs a word holds
+        kept = [lax.bitcast_convert_type(phase_weights(words, bits, 2 * a + i, asm=asm),
+                                         jnp.uint32) for i in (0, 1)]
+        fields = [positions & jnp.uint32(3 << 4 * a + 2 * i) for i in (0, 1)]
+        for t in range(4):
+            w = zero_bits
+            # Increasing positions: kept value 1 is never at input 0, nor kept value 0 at 3.
+            if t > 0:
+                w = jnp.where(fields[1] == jnp.uint32(t << 4 * a + 2), kept[1], w)
+            if t < 3:
+                w = jnp.where(fields[0] == jnp.uint32(t << 4 * a), kept[0], w)
+            yield 4 * a + t, lax.bitcast_convert_type(w, jnp.float32)
+
+
 def step(qweight_ref, scales_ref, zeros_ref, xp_ref, sums_ref, kb, yt, *, fmt: Format,
-         block_k: int, rows, slot=None, asm: bool = False):
+         block_k: int, rows, slot=None, asm: bool = False, nm=None):
     """yt + (x[rows] @ W).T for K step `kb`, from the whole-K refs of one column strip: the
     route accumulates transposed, [block_n, block_m] (see the module docstring).
 
-    qweight_ref  # [K * bits / 32, bn] uint32 (with a leading slot axis when `slot` is given)
+    qweight_ref  # [K' * bits / 32, bn] uint32 (with a leading slot axis when `slot` is given)
     scales_ref   # [K / group_size, bn] bf16
     zeros_ref    # [K / group_size, bn] uint8, or None when symmetric
     xp_ref       # [M', K * units] float32, `phase_inputs`
@@ -167,14 +273,27 @@ def step(qweight_ref, scales_ref, zeros_ref, xp_ref, sums_ref, kb, yt, *, fmt: F
     rows         # the rows of xp / sums this program multiplies (a slice or pl.ds)
     asm          # dequantize with inline PTX (`phase_weights`): compiled kernels, not
                  # interpret mode
+    nm           # 2:4 only: (meta_ref [K' / 16, bn] uint32, zero_words_ref [K / group_size,
+                 # bn / 4] uint32 or None when symmetric, the loaded `nm_table`)
     """
     bits = fmt.bits
     phases, p, unit, units = layout(fmt, block_k)
     lead = () if slot is None else (slot,)
     words = qweight_ref[(*lead, pl.ds(kb * p, p), slice(None))]
+    if fmt.nm is None:
+        tiles = ((r, phase_weights(words, bits, r, asm=asm)) for r in range(phases))
+    else:  # one unit, the step's group (`serves`)
+        meta_ref, zero_words_ref, table_ref = nm
+        table = table_ref[pl.ds(kb % 2 * p, p), :]
+        group = kb * block_k // fmt.group_size
+        zero_bits = (jnp.uint32(_ONE_BITS + (2 ** (bits - 1) << 23 - bits))
+                     if zero_words_ref is None
+                     else nm_zero_bits(zero_words_ref, lead, group, p, bits, table))
+        tiles = nm_tiles(words, nm_positions(meta_ref, lead, kb, p, bits, table), zero_bits,
+                         bits, asm=asm)
     accs = [jnp.zeros(yt.shape, jnp.float32) for _ in range(units)]
-    for r in range(phases):
-        wt = phase_weights(words, bits, r, asm=asm).T
+    for r, w in tiles:
+        wt = w.T
         for j in range(units):
             start = ((kb * units + j) * phases + r) * p
             accs[j] = accs[j] + jnp.dot(wt, xp_ref[rows, pl.ds(start, p)].T,

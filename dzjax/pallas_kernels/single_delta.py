@@ -42,7 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dzjax.pallas_kernels import packing, phases
-from dzjax.pallas_kernels.tiling import DeltaMatmulConfig, check_pallas_format
+from dzjax.pallas_kernels.tiling import (DeltaMatmulConfig, check_pallas_format,
+                                        k_loop_body, split_steps)
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -236,8 +237,11 @@ def dot_precision(dtype):
 # Kernel.
 
 
-def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros: bool,
-                         has_meta: bool, phase: bool, asm: bool):
+def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int,
+                         total: int | None, has_zeros: bool, has_meta: bool, phase: bool,
+                         asm: bool):
+    # steps: K steps a program runs (`tiling.split_steps`); total: all K steps, or None when
+    #   the splits share them exactly
     # asm: compiled, not interpret mode (`phases.step`)
     # x_ref        # [block_m, K]  activations (bf16 / f16 / f32); on the phase route two refs,
     #              # the permuted float32 x and its sums (`phases.phase_inputs`)
@@ -245,23 +249,29 @@ def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int, has_zeros
     # scales_ref   # [K / group_size, block_n] bf16
     # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric formats only)
     # meta_ref     # [K' * index_bits / 32, block_n] uint32   (n:m formats only)
+    # zero_words_ref, table_ref  # the 2:4 phase route's `phases.nm_operands`
     # o_ref        # [block_m, block_n] float32: this K split's partial sum
     x_ref, *rest, o_ref = refs
     sums_ref = rest.pop(0) if phase else None
     qweight_ref, scales_ref = rest.pop(0), rest.pop(0)
     zeros_ref = rest.pop(0) if has_zeros else None
     meta_ref = rest.pop(0) if has_meta else None
+    nm = None
+    if phase and has_meta:
+        zero_words_ref = rest.pop(0) if has_zeros else None
+        nm = (meta_ref, zero_words_ref, rest.pop(0))
     first = pl.program_id(2) * steps
 
-    def body(step, acc):
-        kb = first + step
+    def advance(kb, acc):
         if phase:
             return phases.step(qweight_ref, scales_ref, zeros_ref, x_ref, sums_ref, kb, acc,
-                               fmt=fmt, block_k=block_k, rows=slice(None), asm=asm)
+                               fmt=fmt, block_k=block_k, rows=slice(None), asm=asm, nm=nm)
         w = dequant_block(qweight_ref, scales_ref, zeros_ref, meta_ref, kb, fmt=fmt,
                           block_k=block_k, dtype=dequant_dtype(fmt, x_ref.dtype))
         x = x_ref[:, pl.ds(kb * block_k, block_k)]
         return acc + dot_tile(x, w)
+
+    body = k_loop_body(advance, first, total)
 
     if phase:  # transposed (`phases.step`)
         o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[::-1], jnp.float32)).T
@@ -306,7 +316,7 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
       [M, N] float32. On the general route the weights are those of
       `reference.delta_matmul_ref`, float32 values rounded once to x's dtype (built directly in
       bf16 where `dequant_dtype` allows: the same bits); on the phase route (`config.phases`,
-      the default for dense 2/4/8-bit codes and 16-bit x) the exact float32 weights.
+      the default for 2/4/8-bit codes, dense or 2:4, and 16-bit x) the exact float32 weights.
       Accumulation is float32.
     """
     check_inputs(x, q)
@@ -320,14 +330,23 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     bm, bn, split = config.block_m, config.block_n, config.split_k
     # No padding of x or of the partial sums to whole row tiles: a last tile that overhangs M
     # (all of it at M = 1) is loaded and stored under the bounds mask Pallas adds.
-    steps = k // config.block_k // split
+    total = k // config.block_k
+    steps = split_steps(total, split)
+    ragged = steps * split != total  # the last split runs past K (`tiling.split_steps`)
 
     operands = pallas_operands(q)
     # Whole-K column strips of every stored array; the kernel walks K itself.
     weight_specs = [pl.BlockSpec((a.shape[0], bn), lambda i, j, s: (0, j)) for a in operands]
+    if config.phases and fmt.nm is not None:
+        *words, table = phases.nm_operands(q.zeros, fmt, config.block_k, bn)
+        operands += [*words, table]
+        weight_specs += [pl.BlockSpec((a.shape[0], bn // 4), lambda i, j, s: (0, j))
+                         for a in words]
+        weight_specs.append(pl.BlockSpec(table.shape, lambda i, j, s: (0, 0)))
     xs = list(phases.phase_inputs(x, fmt, config.block_k)) if config.phases else [x]
     kernel = functools.partial(
         _delta_matmul_kernel, fmt=fmt, block_k=config.block_k, steps=steps,
+        total=total if ragged else None,
         has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None, phase=config.phases,
         asm=not interpret)
     partial_sums = pl.pallas_call(

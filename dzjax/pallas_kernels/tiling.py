@@ -103,8 +103,9 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     """The heuristic tiling of both kernels for M rows of x (`row_tiles` tiles of block_m rows
     per column strip, each reading the strip's weights). block_m covers M (at most 64 rows). Of
     the column strips (128 or 64), K steps (`pick_block_k`'s, halved down to 64) and K splits
-    (1 to 8, into whole steps), the one with the least predicted time: the bytes read (weights
-    per row tile, plus split-K partial sums written and read back) over the share of the SMs its
+    (1, 2, 4 or 8, into whole steps, `split_steps`), the one with the least predicted time: the
+    bytes read (weights per row tile, and again for the steps a ragged split runs past K, plus
+    split-K partial sums written and read back) over the share of the SMs its
     programs' warps fill, WARPS_FILLED filling all; within 10% of the least, the widest strip
     and longest step: the compiled PTX (`benchmarks/kernels.py --ptx`) shows 128-column strips
     issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
@@ -119,13 +120,16 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     for block_n in dict.fromkeys(pick_block_n(n, t) for t in strips):
         block_k = pick_block_k(k, fmt, max_block_k or pick_block_k_target(fmt))
         while True:
-            steps, split_k = k // block_k, 1
-            while split_k <= 8 and steps % split_k == 0:
+            steps = k // block_k
+            for split_k in (1, 2, 4, 8):
+                if split_steps(steps, split_k) is None:
+                    continue
+                run = split_k * split_steps(steps, split_k)  # steps run, some past K
                 programs = row_tiles * (n // block_n) * split_k
                 partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
-                cost = (row_tiles * weight_bytes + partials) / filled(programs, warps(block_n))
+                cost = ((row_tiles * weight_bytes * run / steps + partials)
+                        / filled(programs, warps(block_n)))
                 candidates.append((cost, -block_n, -block_k, split_k))
-                split_k *= 2
             if block_k // 2 < max(64, min_block_k) or not block_k_ok(block_k // 2, k, fmt):
                 break
             block_k //= 2
@@ -136,6 +140,27 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     return dict(block_m=block_m, block_n=-neg_n, block_k=-neg_k, split_k=split_k,
                 num_warps=warps(-neg_n),
                 num_stages=stages_for(fmt, -neg_n, -neg_k))
+
+
+def split_steps(steps: int, split_k: int) -> int | None:
+    """K steps per program when `steps` are split `split_k` ways: ceil(steps / split_k), the
+    last split running past K (its extra steps are computed and masked off: a ragged split, so
+    that K = 11008, 86 steps of 128 = 2 x 43, still splits 4 or 8 ways); None when a split
+    would have no step of its own."""
+    per = -(-steps // split_k)
+    return per if split_k >= 1 and (split_k - 1) * per < steps else None
+
+
+def k_loop_body(advance, first, total: int | None):
+    """The K loop's body: `advance(kb, acc)` for step kb = first + step. With `total` (the K
+    steps of a ragged split, `split_steps`), a step past them leaves acc as it is (it is
+    computed on the last step, then masked off)."""
+    def body(step, acc):
+        kb = first + step
+        if total is None:
+            return advance(kb, acc)
+        return jnp.where(kb < total, advance(jnp.minimum(kb, total - 1), acc), acc)
+    return body
 
 
 def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int) -> dict:
@@ -149,9 +174,14 @@ def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int
             bk = 0
         if bk >= low:
             block_m = phases.MIN_BLOCK_M if m <= phases.MIN_BLOCK_M else row_tile(m)
-            return dict(tiling(m, k, n, fmt, row_tiles=row_tiles, min_block_k=low,
-                               max_block_k=high, block_m=block_m, strips=phases.STRIPS,
-                               warps=phases.warps), phases=True)
+            out = dict(tiling(m, k, n, fmt, row_tiles=row_tiles, min_block_k=low,
+                              max_block_k=high, block_m=block_m, strips=phases.STRIPS,
+                              warps=phases.warps), phases=True)
+            if fmt.nm is not None and fmt.bits == 8:
+                # With 3 stages ptxas spills the multi-delta kernel (24 bytes at 4096 x 4096,
+                # 16 rows; none with 2, 238 registers): the compiler check in the tests.
+                out["num_stages"] = 2
+            return out
     return tiling(m, k, n, fmt, row_tiles=row_tiles)
 
 
@@ -200,11 +230,16 @@ class DeltaMatmulConfig:
         if not block_k_ok(self.block_k, k, fmt):
             raise ValueError(f"block_k={self.block_k} must divide K={k} and hold whole packed words "
                              f"and scale groups (group_size={fmt.group_size}, nm={fmt.nm})")
-        if (k // self.block_k) % self.split_k:
-            raise ValueError(f"split_k={self.split_k} must divide the {k // self.block_k} K steps")
+        if split_steps(k // self.block_k, self.split_k) is None:
+            raise ValueError(f"split_k={self.split_k} leaves a K split without a step of the "
+                             f"{k // self.block_k}")
         if self.phases and self.block_k < phases.min_block_k(fmt):
             raise ValueError(f"the phase route needs block_k >= {phases.min_block_k(fmt)} at "
                              f"{fmt.bits} bits, got {self.block_k}")
         if self.phases and not phases.serves(fmt, x_dtype):
-            raise ValueError(f"the phase route serves dense 2/4/8-bit codes with bf16/f16 "
+            raise ValueError(f"the phase route serves 2/4/8-bit codes, dense or 2:4 in groups of "
+                             f"at least {phases.min_block_k(fmt)} rows, with bf16/f16 "
                              f"activations, not {fmt} with {jnp.dtype(x_dtype)} activations")
+        if self.phases and fmt.nm is not None and self.block_k > fmt.group_size:
+            raise ValueError(f"the phase route's 2:4 steps are at most a scale group "
+                             f"({fmt.group_size} rows), got block_k={self.block_k}")
