@@ -222,8 +222,9 @@ class TestDeltaMatmulKernelEdges:
         assert_close(delta_matmul_pallas(x, q, config=config, interpret=True), expected(x, w))
 
     def test_the_route_each_case_takes(self):
-        """The phase route: dense 2/4/8-bit codes, 16-bit x, row tiles of at most 32 rows (from
-        64 on the sm_90 dot is a wgmma that reads its B operand from shared memory)."""
+        """The phase route: 2/4/8-bit codes, dense (unstructured sparsity too) or 2:4, 16-bit x,
+        row tiles of at most 32 rows (from 64 on the sm_90 dot is a wgmma that reads its B
+        operand from shared memory)."""
         route = lambda m, fmt, dtype=jnp.bfloat16: DeltaMatmulConfig.heuristic(
             m, 4096, 4096, fmt, dtype).phases
         for bits in (2, 4, 8):
@@ -238,6 +239,7 @@ class TestDeltaMatmulKernelEdges:
             assert not route(1, Format(bits=bits, group_size=short, nm=(2, 4)))
             assert not route(1, Format(bits=bits, group_size=served, nm=(2, 4)), jnp.float32)
         assert not route(1, Format(bits=4, group_size=128, nm=(1, 4)))  # only 2:4
+        assert route(1, Format(bits=4, group_size=128, unstructured=True))  # zero points: dense
         # Scale groups shorter than a word's codes take the general route, and are served right.
         for fmt in (Format(bits=2, group_size=8), Format(bits=4, group_size=4),
                     Format(bits=8, group_size=2)):

@@ -244,7 +244,8 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int,
     # scales_ref   # [S, K / group_size, block_n] bf16
     # zeros_ref    # [S, K / group_size, block_n] uint8   (asymmetric only)
     # meta_ref     # [S, K' * index_bits / 32, block_n] uint32   (n:m only)
-    # zero_words_ref, table_ref  # the 2:4 phase route's `phases.nm_operands` (with a slot axis)
+    # zero_words_ref, table_ref  # the 2:4 phase route's `phases.nm_operands` (zero words
+    #              # with a slot axis, the table without)
     # o_ref        # [M + block_m, block_n] float32: this K split's partial sums
     active_ref, starts_ref, sizes_ref, x_ref, *rest, o_ref = refs
     sums_ref = rest.pop(0) if phase else None

@@ -99,7 +99,7 @@ def serves(fmt: Format, x_dtype) -> bool:
     scale groups of whole words (a word's codes share a group) or 2:4 in groups of at least the
     shortest step (`step_nm`), with bf16 or f16 activations (float32 activations would be
     rounded to TF32 by the dot: they take the general route)."""
-    if fmt.bits not in (2, 4, 8) or fmt.unstructured or \
+    if fmt.bits not in (2, 4, 8) or \
             jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     if fmt.nm is None:

@@ -147,8 +147,10 @@ def split_steps(steps: int, split_k: int) -> int | None:
     last split running past K (its extra steps are computed and masked off: a ragged split, so
     that K = 11008, 86 steps of 128 = 2 x 43, still splits 4 or 8 ways); None when a split
     would have no step of its own."""
+    if split_k < 1:
+        return None
     per = -(-steps // split_k)
-    return per if split_k >= 1 and (split_k - 1) * per < steps else None
+    return per if (split_k - 1) * per < steps else None
 
 
 def k_loop_body(advance, first, total: int | None):
