@@ -398,7 +398,9 @@ def _check_positions(meta: np.ndarray, fmt: Format, path, key) -> None:
     n, m = fmt.nm
     ib = packing.index_bits(m)
     rows = meta.shape[0] * packing.WORD_BITS // ib
-    with jax.default_device(jax.devices("cpu")[0]):  # host memory, not the accelerator's
+    # In host memory, not the accelerator's (this process's own CPU: in a multi-process run
+    # jax.devices("cpu")[0] may belong to another process).
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         positions = np.asarray(packing.unpack_codes(meta, ib, rows)).reshape(rows // n, n, -1)
     bad = np.argwhere((np.diff(positions, axis=1) <= 0).any(axis=1)) if n > 1 else []
     if len(bad) or int(positions.max(initial=0)) >= m:
