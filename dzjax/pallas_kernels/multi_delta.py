@@ -40,8 +40,8 @@ from dzjax.pallas_kernels import phases
 from dzjax.pallas_kernels.single_delta import (check_inputs, dequant_block, dequant_dtype,
                                                dequantize_xla, dot_precision, dot_tile,
                                                pallas_operands, round_to)
-from dzjax.pallas_kernels.tiling import (DeltaMatmulConfig, k_loop_body, route_tiling,
-                                        split_steps)
+from dzjax.pallas_kernels.tiling import (DeltaMatmulConfig, k_loop_body, k_split,
+                                        route_tiling)
 from dzjax.pallas_kernels.formats import QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -318,9 +318,7 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     bm, bn, split = config.block_m, config.block_n, config.split_k
-    total = k // config.block_k
-    steps = split_steps(total, split)
-    ragged = steps * split != total  # the last split runs past K (`tiling.split_steps`)
+    steps, total = k_split(k // config.block_k, split)  # total: None unless ragged
     # One spare row tile so that a tile starting at any row stays in bounds.
     xs = jnp.pad(batch.sort_rows(x), ((0, bm), (0, 0)))
     xs = list(phases.phase_inputs(xs, fmt, config.block_k)) if config.phases else [xs]
@@ -337,7 +335,7 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
         weight_specs.append(pl.BlockSpec(table.shape, lambda g, j, s: (0, 0)))
     kernel = functools.partial(
         _multi_delta_kernel, fmt=fmt, block_m=bm, block_k=config.block_k, steps=steps,
-        total=total if ragged else None,
+        total=total,
         slots=slots, has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None,
         phase=config.phases, asm=not interpret)
     whole = lambda shape: pl.BlockSpec(shape, lambda g, j, s: (0,) * len(shape))

@@ -234,7 +234,10 @@ def nm_positions(meta_ref, lead, kb, p: int, bits: int, table):
 
 def nm_zero_bits(zero_words_ref, lead, group, p: int, bits: int, table):
     """[p, bn] uint32: the bits of 1 + zero / 2**bits (the weight that dequantizes to 0) for
-    each column of scale group `group`, every row alike (a gather from `zero_words`)."""
+    each column of scale group `group`, every row alike (a gather from `zero_words`); a
+    constant for symmetric formats (`zero_words_ref` None, zero 2**(bits - 1))."""
+    if zero_words_ref is None:
+        return jnp.uint32(_ONE_BITS + (2 ** (bits - 1) << 23 - bits))
     bn = table.shape[1]
     rows = jnp.zeros((p, 1), jnp.int32) + group
     cols = lax.broadcasted_iota(jnp.int32, (1, bn), 1) // 4
@@ -286,9 +289,7 @@ def step(qweight_ref, scales_ref, zeros_ref, xp_ref, sums_ref, kb, yt, *, fmt: F
         meta_ref, zero_words_ref, table_ref = nm
         table = table_ref[pl.ds(kb % 2 * p, p), :]
         group = kb * block_k // fmt.group_size
-        zero_bits = (jnp.uint32(_ONE_BITS + (2 ** (bits - 1) << 23 - bits))
-                     if zero_words_ref is None
-                     else nm_zero_bits(zero_words_ref, lead, group, p, bits, table))
+        zero_bits = nm_zero_bits(zero_words_ref, lead, group, p, bits, table)
         tiles = nm_tiles(words, nm_positions(meta_ref, lead, kb, p, bits, table), zero_bits,
                          bits, asm=asm)
     accs = [jnp.zeros(yt.shape, jnp.float32) for _ in range(units)]

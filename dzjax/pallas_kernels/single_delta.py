@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from dzjax.pallas_kernels import packing, phases
 from dzjax.pallas_kernels.tiling import (DeltaMatmulConfig, check_pallas_format,
-                                        k_loop_body, split_steps)
+                                        k_loop_body, k_split)
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor, pad_rows
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -330,9 +330,7 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     bm, bn, split = config.block_m, config.block_n, config.split_k
     # No padding of x or of the partial sums to whole row tiles: a last tile that overhangs M
     # (all of it at M = 1) is loaded and stored under the bounds mask Pallas adds.
-    total = k // config.block_k
-    steps = split_steps(total, split)
-    ragged = steps * split != total  # the last split runs past K (`tiling.split_steps`)
+    steps, total = k_split(k // config.block_k, split)  # total: None unless ragged
 
     operands = pallas_operands(q)
     # Whole-K column strips of every stored array; the kernel walks K itself.
@@ -346,7 +344,7 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     xs = list(phases.phase_inputs(x, fmt, config.block_k)) if config.phases else [x]
     kernel = functools.partial(
         _delta_matmul_kernel, fmt=fmt, block_k=config.block_k, steps=steps,
-        total=total if ragged else None,
+        total=total,
         has_zeros=not fmt.symmetric, has_meta=fmt.nm is not None, phase=config.phases,
         asm=not interpret)
     partial_sums = pl.pallas_call(

@@ -122,9 +122,10 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
         while True:
             steps = k // block_k
             for split_k in (1, 2, 4, 8):
-                if split_steps(steps, split_k) is None:
+                per = split_steps(steps, split_k)
+                if per is None:
                     continue
-                run = split_k * split_steps(steps, split_k)  # steps run, some past K
+                run = split_k * per  # steps run, some past K
                 programs = row_tiles * (n // block_n) * split_k
                 partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
                 cost = ((row_tiles * weight_bytes * run / steps + partials)
@@ -151,6 +152,13 @@ def split_steps(steps: int, split_k: int) -> int | None:
         return None
     per = -(-steps // split_k)
     return per if (split_k - 1) * per < steps else None
+
+
+def k_split(steps: int, split_k: int) -> tuple[int, int | None]:
+    """(K steps a program runs, the `total` for `k_loop_body`: `steps` when the split is
+    ragged, None when the splits share them exactly)."""
+    per = split_steps(steps, split_k)
+    return per, (steps if per * split_k != steps else None)
 
 
 def k_loop_body(advance, first, total: int | None):
