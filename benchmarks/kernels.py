@@ -380,10 +380,12 @@ def model(quick: bool = False) -> dict:
                         groups, out_rows = active, m + c.block_m
                     busy = groups * row_tiles * (n // c.block_n) * c.split_k
                     ideal = active * weights + m * k * 2 + m * n * 4
-                    # The phase route reads x as float32, permuted (and masked per scale group
-                    # when groups are shorter than a step), written by one XLA pass before.
+                    # The phase route reads x permuted (and masked per scale group when groups
+                    # are shorter than a step), written by one XLA pass before: in bf16 for
+                    # 16-bit pairs, else as float32.
                     units = phases.layout(fmt, c.block_k)[3]
-                    x_bytes = m * k * 2 + (2 * m * k * 4 * units if c.phases else 0)
+                    size = 2 if phases.pairs(fmt, jnp.bfloat16) else 4
+                    x_bytes = m * k * 2 + (2 * m * k * size * units if c.phases else 0)
                     # Every row tile reads its strips' weights again; split-K partial sums are
                     # written (the rows of x only) and read back whole by the sum.
                     partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4

@@ -168,3 +168,72 @@ def test_the_phase_asm_builds_the_bits_interpret_mode_builds(bits):
         np.testing.assert_array_equal(got, np.asarray(jnp_form).view(np.uint32))
         codes = (words >> (phase * bits)) & ((1 << bits) - 1)
         np.testing.assert_array_equal(got.view(np.float32), 1 + codes / 2.0 ** bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_pair_asm_builds_the_bits_interpret_mode_builds(bits, dtype):
+    """The 16-bit pair route (`phases.pair_asm`): its PTX run on random words, bit for bit
+    against the jnp form interpret mode runs, and each half against 2**bits + c in x's dtype;
+    `pair_weights` puts half h of word j at column 2j + h."""
+    import jax.numpy as jnp
+
+    from dzjax.pallas_kernels import phases
+
+    rng = np.random.default_rng(bits + len(dtype))
+    words = rng.integers(0, 2**32, size=(24, 8), dtype=np.uint32)
+    x_dtype = jnp.dtype(dtype)
+    for pair in range(16 // bits):
+        mask, shift, add = phases.pair_bits(bits, pair, x_dtype)
+        got = run_ptx(phases.pair_asm(bits, pair, x_dtype), words)
+        np.testing.assert_array_equal(
+            got, np.asarray(phases._moved(jnp.asarray(words), mask, shift, add, asm=False)))
+        tile = np.asarray(phases.pair_weights(jnp.asarray(words), bits, pair, x_dtype,
+                                              asm=False).astype(jnp.float32))
+        for h in (0, 1):
+            codes = (words >> (16 * h + pair * bits)) & ((1 << bits) - 1)
+            halves = (got >> (16 * h)) & 0xFFFF
+            value = np.asarray(jnp.asarray(halves.astype(np.uint16)).view(x_dtype), np.float32)
+            np.testing.assert_array_equal(value, 2.0 ** bits + codes)
+            np.testing.assert_array_equal(tile[:, h::2], 2.0 ** bits + codes)
+
+
+def run_prmt(asm: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """PTX `prmt.b32 d, a, b, selector` (default mode): byte i of d is byte s & 7 of the eight
+    bytes of (a, b), s the selector's nibble i, or that byte's top bit replicated if s & 8."""
+    import re
+
+    sel = int(re.fullmatch(r"prmt\.b32 \$0, \$1, \$2, (\d+);", asm).group(1))
+    source = np.concatenate([a[..., None], b[..., None]], axis=-1).astype(np.uint32)
+    src_bytes = [(source[..., j // 4] >> 8 * (j % 4)) & 0xFF for j in range(8)]
+    out = np.zeros(a.shape, np.uint32)
+    for i in range(4):
+        nibble = sel >> 4 * i & 0xF
+        byte = src_bytes[nibble & 7]
+        if nibble & 8:
+            byte = np.where(byte & 0x80, 0xFF, 0).astype(np.uint32)
+        out |= byte << 8 * i
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_prmt_masks_match_interpret_mode(bits):
+    """The 2:4 pair route's masks (`phases._masks`): the `prmt` compiled kernels run, executed
+    here on random conditions, equal the jnp form interpret mode runs; every half is 0xFFFF or
+    0, and it is 0xFFFF where its group's condition bit (4g + 3) is set."""
+    import jax.numpy as jnp
+
+    from dzjax.pallas_kernels import phases
+
+    cond = np.random.default_rng(bits).integers(0, 2**32, size=512, dtype=np.uint32)
+    if bits == 4:  # the route's positions copy (16 bits, and the same 20 bits up)
+        cond = (cond & 0xFFFF) * np.uint32(0x100001)
+    second = cond if bits == 4 else cond << np.uint32(4)
+    groups = 16 // bits
+    for pair in range(groups // 2):
+        got = run_prmt(phases.prmt_asm(bits, pair), cond, second)
+        np.testing.assert_array_equal(
+            got, np.asarray(phases._masks(jnp.asarray(cond), bits, pair, asm=False)))
+        for h, g in enumerate((pair, pair + groups // 2)):
+            want = np.where(cond >> (4 * g + 3) & 1, 0xFFFF, 0)
+            np.testing.assert_array_equal(got >> 16 * h & 0xFFFF, want)

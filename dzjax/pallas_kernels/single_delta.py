@@ -244,7 +244,8 @@ def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int,
     #   the splits share them exactly
     # asm: compiled, not interpret mode (`phases.step`)
     # x_ref        # [block_m, K]  activations (bf16 / f16 / f32); on the phase route two refs,
-    #              # the permuted float32 x and its sums (`phases.phase_inputs`)
+    #              # the permuted x (float32, or x's dtype in pairs) and its sums
+    #              # (`phases.phase_inputs`)
     # qweight_ref  # [K' * bits / 32, block_n] uint32
     # scales_ref   # [K / group_size, block_n] bf16
     # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric formats only)

@@ -173,17 +173,28 @@ def k_loop_body(advance, first, total: int | None):
     return body
 
 
-def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int) -> dict:
+def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int,
+                 split_rows: bool = False) -> dict:
     """`tiling` plus the route: the phase route (`phases.py`) where it serves the format and
-    activations and K has a step long enough for it, else the general one."""
-    if phases.serves(fmt, x_dtype) and row_tile(m) <= phases.MAX_BLOCK_M:
+    activations and K has a step long enough for it, else the general one. M above the phase
+    route's row tile takes the general route, or with `split_rows` (the multi-delta kernel,
+    whose M rows are usually several deltas' groups of fewer) the phase route's largest row
+    tile, M / block_m of them reading the weights: 32 rows, 16 for 8-bit codes (float32
+    weights: at 32 rows the multi-delta kernel spills, 132 bytes dense, 40 at 2:4)."""
+    most = phases.MAX_BLOCK_M
+    if split_rows and not phases.pairs(fmt, x_dtype):
+        most = 16
+    capped = split_rows and row_tile(m) > most
+    if capped:
+        row_tiles = -(-m // most)
+    if phases.serves(fmt, x_dtype) and (row_tile(m) <= most or capped):
         low, high = phases.min_block_k(fmt), phases.max_block_k(fmt, pick_block_k_target(fmt))
         try:
             bk = pick_block_k(k, fmt, high)
         except ValueError:
             bk = 0
         if bk >= low:
-            block_m = phases.MIN_BLOCK_M if m <= phases.MIN_BLOCK_M else row_tile(m)
+            block_m = phases.MIN_BLOCK_M if m <= phases.MIN_BLOCK_M else min(row_tile(m), most)
             out = dict(tiling(m, k, n, fmt, row_tiles=row_tiles, min_block_k=low,
                               max_block_k=high, block_m=block_m, strips=phases.STRIPS,
                               warps=phases.warps), phases=True)
@@ -192,7 +203,7 @@ def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int
                 # 16 rows; none with 2, 238 registers): the compiler check in the tests.
                 out["num_stages"] = 2
             return out
-    return tiling(m, k, n, fmt, row_tiles=row_tiles)
+    return tiling(m, k, n, fmt, row_tiles=1 if capped else row_tiles)
 
 
 def stages_for(fmt: Format, block_n: int, block_k: int) -> int:
