@@ -26,9 +26,10 @@ filled, the float32-to-bf16 conversions where
 weights are still built in float32 (8-bit; 16 per clock per SM at 1.98 GHz), and the instruction
 issue from the `--ptx` table (128 thread instructions per clock per SM). Printed with the
 fraction of the ideal bytes bound (compressed weights of the active deltas, x and the output,
-read once), and the prefill route at M = 2048 against the dense bf16 matmul (the "1 of 8
-active" and M = 512 cases of the sweep are not modelled); written to
-benchmarks/results/kernels-model.json. A model, not a measurement.
+read once), the prefill route at M = 2048 against the dense bf16 matmul (the "1 of 8
+active" and M = 512 cases of the sweep are not modelled), and a Llama-7B layer's projections
+in a decode step of M = 16 with 8 deltas active against the base's alone (`decode_steps`);
+written to benchmarks/results/kernels-model.json. A model, not a measurement.
 
 `--ptx` (needs the `triton` package, CPU only) compiles every tiling the dispatch picks in the
 sweep, and the other decode tilings at 4096 x 4096, for sm_90 and counts, in the PTX of the K
@@ -435,7 +436,36 @@ def model(quick: bool = False) -> dict:
     return {"what": "static model (no measurement)", "hbm_bytes_per_s": HBM_BYTES_PER_S,
             "sms": SMS, "cvt_per_s": CVT_PER_S, "issue_per_s": ISSUE_PER_S,
             "bf16_flops": BF16_FLOPS, "dense_efficiency": DENSE_EFFICIENCY,
-            "ptx_table": PTX_TABLE.name if table else None, "results": rows, "prefill": prefill}
+            "ptx_table": PTX_TABLE.name if table else None, "results": rows, "prefill": prefill,
+            "decode_step": [] if quick else decode_steps(rows)}
+
+
+# A Llama-7B layer's projections: q, k, v, o; gate, up; down.
+LAYER = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
+
+
+def decode_steps(rows, m: int = 16, deltas: int = 8) -> list[dict]:
+    """A decode step's projections with `deltas` deltas active against the base alone, per
+    format: the base's bf16 matmuls at the bytes bound plus the modeled delta kernels, and the
+    bytes alone (base once, every active delta's compressed weights), the least the ratio can
+    be. Attention and the rest of the step are left out (the same with and without deltas)."""
+    out = []
+    for name in FORMATS:
+        t_base = sum((k * n * 2 + m * k * 2 + m * n * 4) / HBM_BYTES_PER_S for k, n in LAYER)
+        t_delta = sum(next(r["predicted_us"] for r in rows if (r["k"], r["n"], r["batch"],
+                                                               r["format"], r["deltas"])
+                           == (k, n, m, name, deltas)) * 1e-6 for k, n in LAYER)
+        base_bytes = sum(k * n * 2 for k, n in LAYER)
+        delta_bytes = sum(r["ideal_bytes"] - m * r["k"] * 2 - m * r["n"] * 4 for r in rows
+                          if (r["batch"], r["format"], r["deltas"]) == (m, name, deltas)
+                          for k, n in LAYER if (r["k"], r["n"]) == (k, n))
+        out.append(dict(format=name, batch=m, active_deltas=deltas,
+                        step_vs_base=(t_base + t_delta) / t_base,
+                        bytes_vs_base=(base_bytes + delta_bytes) / base_bytes))
+        print(f"decode step, M={m}, {deltas} deltas, {name:<18}: "
+              f"{out[-1]['step_vs_base']:.2f}x the base-only step "
+              f"(bytes alone: {out[-1]['bytes_vs_base']:.2f}x)", flush=True)
+    return out
 
 
 def main(argv=None) -> pathlib.Path:

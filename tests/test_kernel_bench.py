@@ -69,6 +69,21 @@ def test_model_quick(tmp_path, monkeypatch):
         assert 0 < r["fraction_of_dense"] < 1
 
 
+def test_decode_step_ratio():
+    """A layer's delta kernels at the bytes bound, weights an eighth of bf16 (2 bits), 8 deltas:
+    the bytes alone are twice the base's, and the step adds x and the outputs."""
+    m, bw = 16, bench.HBM_BYTES_PER_S
+    rows = [dict(k=k, n=n, batch=m, format=name, deltas=8,
+                 ideal_bytes=8 * (k * n // 4) + m * k * 2 + m * n * 4,
+                 predicted_us=(8 * (k * n // 4) + m * k * 2 + m * n * 4) / bw * 1e6)
+            for name in bench.FORMATS for k, n in set(bench.LAYER)]
+    base = sum(k * n * 2 + m * k * 2 + m * n * 4 for k, n in bench.LAYER)
+    deltas = sum(2 * k * n + m * k * 2 + m * n * 4 for k, n in bench.LAYER)
+    for r in bench.decode_steps(rows, m=m, deltas=8):
+        assert r["bytes_vs_base"] == pytest.approx(2.0)
+        assert r["step_vs_base"] == pytest.approx(1 + deltas / base)
+
+
 @pytest.mark.parametrize("fmt", [Format(bits=4, group_size=128, nm=(2, 4)), None])
 def test_ptx_configs_include_every_dispatched_tiling(fmt):
     """The PTX table covers each tiling the model will look up (so it never guesses)."""
