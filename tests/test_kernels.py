@@ -405,11 +405,13 @@ class MultiDeltaSuite:
     def test_formats(self, fmt):
         self.check([1, 0, -1, 1, 2], num_slots=3, fmt=fmt, seed=zlib.crc32(fmt_id(fmt).encode()))
 
-    def test_2_4_phase_route(self):
-        """4-bit 2:4 g128, asymmetric (the phase route's 2:4 steps, per-slot zero points), with an
-        empty slot and base rows; symmetric and per channel in `test_formats`."""
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    def test_2_4_phase_route(self, dtype):
+        """4-bit 2:4 g128, asymmetric (the phase route's 2:4 steps, per-slot zero points; 16-bit
+        pairs in x's dtype), with an empty slot and base rows; symmetric and per channel in
+        `test_formats`."""
         fmt = Format(bits=4, group_size=128, nm=(2, 4))
-        self.check([3, -1, 0, 3, 3, 0, -1, 3, 0], num_slots=4, fmt=fmt, seed=11)
+        self.check([3, -1, 0, 3, 3, 0, -1, 3, 0], num_slots=4, fmt=fmt, dtype=dtype, seed=11)
 
 
 class TestMultiDeltaReference(MultiDeltaSuite):

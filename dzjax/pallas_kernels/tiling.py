@@ -183,7 +183,7 @@ def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int
     weights: at 32 rows the multi-delta kernel spills, 132 bytes dense, 40 at 2:4)."""
     most = phases.MAX_BLOCK_M
     if split_rows and not phases.pairs(fmt, x_dtype):
-        most = 16
+        most = phases.MAX_BLOCK_M // 2  # float32 weights
     capped = split_rows and row_tile(m) > most
     if capped:
         row_tiles = -(-m // most)
