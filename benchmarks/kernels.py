@@ -24,7 +24,8 @@ written and read back), how much of an H100/H200 its programs fill (their warps,
 scheduler, 4 per SM of 132), and a time: the largest of the bytes at 3.35 TB/s over the share
 filled, the float32-to-bf16 conversions where
 weights are still built in float32 (8-bit; 16 per clock per SM at 1.98 GHz), and the instruction
-issue from the `--ptx` table (128 thread instructions per clock per SM). Printed with the
+issue from the `--ptx` table (128 thread instructions per clock per SM; the multi-delta
+kernel's for the row tile that holds a group's M / D rows). Printed with the
 fraction of the ideal bytes bound (compressed weights of the active deltas, x and the output,
 read once), the prefill route at M = 2048 against the dense bf16 matmul (the "1 of 8
 active" and M = 512 cases of the sweep are not modelled), and a Llama-7B layer's projections
@@ -35,8 +36,9 @@ written to benchmarks/results/kernels-model.json. A model, not a measurement.
 sweep, and the other decode tilings at 4096 x 4096, for sm_90 and counts, in the PTX of the K
 loop, the instructions each thread issues per K step: divided by the weights a step dequantizes,
 the instructions per weight; and the same in the machine code (SASS, from the wheel's
-nvdisasm), which is what issues and what `--model` uses. Written to
-benchmarks/results/kernels-ptx.json.
+nvdisasm), which is what issues and what `--model` uses; for the multi-delta kernel on the phase
+route, each row tile's K loop (`multi_delta.row_tile_sizes`: a program takes the smallest that
+holds its group, and `--model` counts that one). Written to benchmarks/results/kernels-ptx.json.
 """
 
 from __future__ import annotations
@@ -314,6 +316,7 @@ def ptx_table(quick: bool = False) -> dict:
 
     from dzjax.pallas_kernels import delta_matmul_pallas, multi_delta_matmul_pallas
     from dzjax.pallas_kernels import compiled
+    from dzjax.pallas_kernels.multi_delta import row_tile_sizes
 
     rows = []
     for name, base_fmt in list(FORMATS.items())[:1] if quick else FORMATS.items():
@@ -334,21 +337,29 @@ def ptx_table(quick: bool = False) -> dict:
             loop = compiled.loop_instructions(kernel["ptx"])
             per_step = sum(loop.values())
             per_weight = per_step * 32 * c.num_warps / (c.block_k * c.block_n)
-            sass = sum(compiled.sass_loop_instructions(kernel["cubin"]).values())
+            loops = compiled.sass_loops(kernel["cubin"])
+            sass = sum(compiled.sass_loop_instructions(loops[-1] if loops else []).values())
             sass_per_weight = sass * 32 * c.num_warps / (c.block_k * c.block_n)
+            # The multi-delta kernel's K loop of each row tile (one loop a tile, or none).
+            sizes = row_tile_sizes(c.block_m, c.phases) if kind == "multi" else ()
+            by_rows = {str(t): sum(compiled.sass_loop_instructions(loop).values())
+                       * 32 * c.num_warps / (c.block_k * c.block_n)
+                       for t, loop in zip(sizes, loops)} if len(loops) == len(sizes) > 1 else {}
             key = {op: v for op, v in sorted(loop.items())
                    if op.startswith(("cvt", "mma", "wgmma", "st.shared", "ldmatrix", "selp"))}
             rows.append(dict(format=name, kernel=kind, batch=m, k=k, n=n, config=str(c),
                              tile=list(tile_key(kind, c)),
                              instructions_per_step=per_step, instructions_per_weight=per_weight,
                              sass_per_step=sass, sass_per_weight=sass_per_weight,
+                             sass_per_weight_by_rows=by_rows,
                              registers=report["registers"], spill_bytes=report["spill_bytes"],
                              key_instructions=key))
             print(f"{name:<18} {kind:<6} M={m:<3} {c.block_m}x{c.block_n}x{c.block_k} "
                   f"w{c.num_warps} split{c.split_k}: {per_step:5} instr/step "
                   f"{per_weight:5.2f}/weight (SASS {sass_per_weight:5.2f}) "
                   f"{'phases ' if c.phases else ''}{report['registers']:3} regs "
-                  f"{report['spill_bytes']} spill", flush=True)
+                  f"{report['spill_bytes']} spill"
+                  + "".join(f", {t} rows {v:.2f}" for t, v in by_rows.items()), flush=True)
     return {"what": "PTX of the K loop for sm_90 (triton, no GPU), per thread", "results": rows}
 
 
@@ -357,12 +368,14 @@ def model(quick: bool = False) -> dict:
     prefill route (see the docstring)."""
     from dzjax.pallas_kernels import DeltaMatmulConfig, MultiDeltaConfig
     from dzjax.pallas_kernels import phases
+    from dzjax.pallas_kernels.multi_delta import row_tile_index, row_tile_sizes
     from dzjax.pallas_kernels.single_delta import dequant_dtype
 
     table = json.loads(PTX_TABLE.read_text())["results"] if PTX_TABLE.exists() else []
     # What issues: the machine code's count where one was found (a K loop), else the PTX's.
     per_weight = {(r["format"], *r["tile"]): r.get("sass_per_weight") or r["instructions_per_weight"]
                   for r in table}
+    by_rows = {(r["format"], *r["tile"]): r.get("sass_per_weight_by_rows") or {} for r in table}
     rows, prefill = [], []
     for k, n in SHAPES[:1] if quick else SHAPES:
         for name, fmt in FORMATS.items():
@@ -406,6 +419,10 @@ def model(quick: bool = False) -> dict:
                     cvt = dequant_dtype(fmt, jnp.bfloat16) == jnp.float32 and not c.phases
                     t_cvt = dequantized / (CVT_PER_S * filled) if cvt else 0.0
                     ipw = per_weight.get((name, *tile_key(kind, c)))
+                    if kind == "multi":  # the row tile that holds a group's rows
+                        sizes = row_tile_sizes(c.block_m, c.phases)
+                        rows_taken = sizes[int(row_tile_index(-(-m // active), sizes))]
+                        ipw = by_rows.get((name, *tile_key(kind, c)), {}).get(str(rows_taken), ipw)
                     t_issue = 0.0 if ipw is None else dequantized * ipw / (ISSUE_PER_S * filled)
                     t = max(t_mem, t_cvt, t_issue)
                     bound = ("memory" if t == t_mem else "conversions" if t == t_cvt
@@ -442,13 +459,17 @@ def model(quick: bool = False) -> dict:
 
 # A Llama-7B layer's projections: q, k, v, o; gate, up; down.
 LAYER = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
+KV_BYTES_PER_TOKEN = 2 * 4096 * 2  # a Llama-7B layer's K and V of one token, bf16 (32 heads)
+CONTEXTS = (1024, 4096)  # tokens of KV cache a row, for the step with attention
 
 
 def decode_steps(rows, m: int = 16, deltas: int = 8) -> list[dict]:
     """A decode step's projections with `deltas` deltas active against the base alone, per
     format: the base's bf16 matmuls at the bytes bound plus the modeled delta kernels, and the
     bytes alone (base once, every active delta's compressed weights), the least the ratio can
-    be. Attention and the rest of the step are left out (the same with and without deltas)."""
+    be. Attention is left out there (it is the same with and without deltas, so it only brings
+    the ratio down); `with_attention` adds it, each row reading CONTEXTS tokens of KV cache at
+    the bytes bound (paged attention over a Llama-7B layer's 32 heads)."""
     out = []
     for name in FORMATS:
         t_base = sum((k * n * 2 + m * k * 2 + m * n * 4) / HBM_BYTES_PER_S for k, n in LAYER)
@@ -459,12 +480,17 @@ def decode_steps(rows, m: int = 16, deltas: int = 8) -> list[dict]:
         delta_bytes = sum(r["ideal_bytes"] - m * r["k"] * 2 - m * r["n"] * 4 for r in rows
                           if (r["batch"], r["format"], r["deltas"]) == (m, name, deltas)
                           for k, n in LAYER if (r["k"], r["n"]) == (k, n))
+        t_attention = {c: m * c * KV_BYTES_PER_TOKEN / HBM_BYTES_PER_S for c in CONTEXTS}
         out.append(dict(format=name, batch=m, active_deltas=deltas,
                         step_vs_base=(t_base + t_delta) / t_base,
-                        bytes_vs_base=(base_bytes + delta_bytes) / base_bytes))
+                        bytes_vs_base=(base_bytes + delta_bytes) / base_bytes,
+                        with_attention=[dict(context=c, step_vs_base=(t_base + t + t_delta)
+                                             / (t_base + t)) for c, t in t_attention.items()]))
         print(f"decode step, M={m}, {deltas} deltas, {name:<18}: "
               f"{out[-1]['step_vs_base']:.2f}x the base-only step "
-              f"(bytes alone: {out[-1]['bytes_vs_base']:.2f}x)", flush=True)
+              f"(bytes alone: {out[-1]['bytes_vs_base']:.2f}x; with attention over "
+              + ", ".join(f"{a['context']} tokens {a['step_vs_base']:.2f}x"
+                          for a in out[-1]["with_attention"]) + ")", flush=True)
     return out
 
 

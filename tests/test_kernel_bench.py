@@ -82,6 +82,10 @@ def test_decode_step_ratio():
     for r in bench.decode_steps(rows, m=m, deltas=8):
         assert r["bytes_vs_base"] == pytest.approx(2.0)
         assert r["step_vs_base"] == pytest.approx(1 + deltas / base)
+        # Attention reads m rows' KV cache (2 x 4096 bf16 a token) in both steps.
+        for a in r["with_attention"]:
+            kv = m * a["context"] * 2 * 4096 * 2
+            assert a["step_vs_base"] == pytest.approx(1 + deltas / (base + kv))
 
 
 @pytest.mark.parametrize("fmt", [Format(bits=4, group_size=128, nm=(2, 4)), None])

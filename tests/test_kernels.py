@@ -23,6 +23,7 @@ from dzjax.pallas_kernels import (DeltaMatmulConfig, Format, MultiDeltaConfig, d
                                   multi_delta_matmul_pallas, multi_delta_matmul_ref,
                                   quantize_to_format, stack_deltas, unstack_deltas, write_slot)
 from dzjax.pallas_kernels import compiled, dispatch
+from dzjax.pallas_kernels.multi_delta import row_tile_index, row_tile_sizes
 from dzjax.pallas_kernels.phases import pairs
 from dzjax.pallas_kernels.reference import dequantize
 
@@ -252,6 +253,24 @@ class TestDeltaMatmulKernelEdges:
         # K steps are one scale group where the group allows: 2-bit g128 steps 128 rows.
         assert DeltaMatmulConfig.heuristic(1, 4096, 4096, Format(bits=2, group_size=128)).block_k == 128
 
+    @pytest.mark.parametrize("bits", [2, 4])
+    def test_partial_sums_stay_small(self, bits):
+        """At M = 16 the split-K partial sums (written and read back, 4 bytes an output a split)
+        stay under a quarter of the dense weights' bytes while the programs' warps still fill an
+        H100: 32-column strips on 2 warps, half the splits of 64-column ones on 2. M = 1 keeps
+        64-column strips (its partial sums are small); 2:4 keeps a warp a 32 columns."""
+        from dzjax.pallas_kernels.tiling import WARPS_FILLED
+        fmt = Format(bits=bits, group_size=128)
+        k = n = 4096
+        c = DeltaMatmulConfig.heuristic(16, k, n, fmt)
+        weights = sum(int(np.prod(s)) * d.itemsize for s, d in fmt.stored_arrays(k, n).values())
+        assert c.split_k * 2 * 16 * n * 4 < weights / 4, c
+        assert n // c.block_n * c.split_k * c.num_warps >= 0.95 * WARPS_FILLED, c
+        assert (c.block_n, c.num_warps) == (32, 2)
+        assert DeltaMatmulConfig.heuristic(1, k, n, fmt).block_n == 64
+        nm = DeltaMatmulConfig.heuristic(16, k, n, Format(bits=4, group_size=128, nm=(2, 4)))
+        assert nm.num_warps == nm.block_n // 32, nm
+
     @pytest.mark.parametrize("fmt", [Format(bits=2, group_size=128), Format(bits=4, group_size=64),
                                      Format(bits=8, group_size=256, symmetric=True),
                                      Format(bits=4, group_size=128, nm=(2, 4)),
@@ -444,6 +463,27 @@ class TestMultiDeltaKernelEdges:
         y = multi_delta_matmul_pallas(x, stack, make_delta_batch(jnp.asarray(slots), 3),
                                       config=config, interpret=True)
         assert_close(y, expected_multi(x, ws, slots))
+
+    @pytest.mark.parametrize("fmt", [Format(bits=4, group_size=128, nm=(2, 4)),
+                                     Format(bits=2, group_size=128)], ids=fmt_id)
+    def test_row_tile_follows_the_group(self, fmt):
+        """On the phase route a program takes the smallest row tile that holds its group (8,
+        16 or 32 rows at block_m = 32, one kernel): groups of 3, 12, 25 and 40 rows (two
+        32-row tiles), each against the float64 product."""
+        rng = np.random.default_rng(9)
+        stack, ws = random_stack(rng, 5, fmt)
+        slots = [0] * 3 + [1] * 12 + [2] * 25 + [4] * 40 + [-1] * 2
+        rng.shuffle(slots)
+        x = random_x(rng, len(slots), K, jnp.bfloat16)
+        config = MultiDeltaConfig(block_m=32, block_n=32, block_k=128, split_k=2, num_warps=1,
+                                  phases=True)
+        y = multi_delta_matmul_pallas(x, stack, make_delta_batch(jnp.asarray(slots), 5),
+                                      config=config, interpret=True)
+        assert_close(y, expected_multi(x, ws, slots, exact=True))
+        sizes = row_tile_sizes(32, phase=True)
+        assert sizes == (8, 16, 32) and row_tile_sizes(32, phase=False) == (32,)
+        picked = [int(row_tile_index(jnp.int32(r), sizes)) for r in (1, 8, 9, 16, 17, 32, 40)]
+        assert picked == [0, 0, 1, 1, 2, 2, 2]
 
     def test_batch_shape_mismatch(self):
         stack, _ = random_stack(np.random.default_rng(0), 2, MULTI_FMT)
@@ -677,16 +717,23 @@ def compile_params():
     # the 64-row tile runs 8 warps): registers and spills at the sizes that are served.
     # The multi-delta kernel at 32 and 64 rows: the phase route's 32-row tiles (16 at 8 bits:
     # float32 weights, ptxas spills 132 bytes dense at 32 rows, 40 at 2:4).
+    # Dense 2/4-bit codes at 16 rows: 32-column strips on 2 warps (`phases.warps`).
     for llama in (Format(bits=4, group_size=128, nm=(2, 4)), Format(bits=2, group_size=128),
-                  Format(bits=8, group_size=128, nm=(2, 4)), Format(bits=8, group_size=4096)):
-        for kernel in ("single-m1", "single-m64", "multi-m16", "multi-m32", "multi-m64"):
+                  Format(bits=8, group_size=128, nm=(2, 4)), Format(bits=8, group_size=4096),
+                  Format(bits=4, group_size=128)):
+        for kernel in ("single-m1", "single-m16", "single-m64", "multi-m16", "multi-m32",
+                       "multi-m64"):
             for k, n in ((4096, 4096), (11008, 4096)):
                 # By default the 2:4 phase route's K loop (at K = 256 each program runs a step).
                 default = (kernel, k, llama.bits) in {("single-m1", 4096, 4),
+                                                      ("single-m16", 4096, 2),
                                                       ("multi-m16", 4096, 8),
                                                       ("multi-m64", 4096, 4),
                                                       ("multi-m32", 4096, 8)}
                 if llama.nm is None and llama.bits == 8 and kernel != "multi-m32":
+                    continue
+                if llama.nm is None and llama.bits == 4 and kernel not in ("single-m16",
+                                                                            "multi-m16"):
                     continue
                 out.append(pytest.param(llama, kernel, (k, n), id=f"{kernel}-{k}x{n}-{fmt_id(llama)}",
                                         marks=() if default else (pytest.mark.slow,)))
@@ -732,11 +779,17 @@ def check_phase_sass(cubin: bytes, config, fmt) -> None:
     One exception, bounded: 8-bit 2:4 (float32 weights, TF32 MMAs), where ptxas moves the
     first kept value's shifted mask (0x7f8000) before up to a quarter of the kept weights (7.2
     SASS instructions a weight at 4096 x 4096, M = 1, against 11.0 on the general route)."""
+    loops = compiled.sass_loops(cubin)
+    if loops and isinstance(config, MultiDeltaConfig):  # a K loop a row tile
+        assert len(loops) == len(row_tile_sizes(config.block_m, phase=True)), len(loops)
+    for loop in loops:  # none with one K step a program
+        check_phase_loop(loop, config, fmt)
+
+
+def check_phase_loop(loop: list[str], config, fmt) -> None:
+    """`check_phase_sass` on one K loop."""
     import re
 
-    loop = compiled.sass_loop(cubin)
-    if not loop:  # one K step per program: no loop
-        return
     n, m = fmt.nm or (1, 1)
     weights = config.block_k * n // m * config.block_n / (32 * config.num_warps)  # a thread's
     moved = [line.strip() for line in loop if re.search(r"MOV\S*\s+R\d+, .*0x[0-9a-f]{5,}", line)]
@@ -770,17 +823,19 @@ def check_ptx(ptx: str, *, bf16_weights: bool, phases: bool, weights: float = 0)
         # The K loop; a kernel of one K step per program has none: then the whole kernel, whose
         # epilogue moves the output tile through shared memory (only 16-bit stores and
         # transposing loads are weights there).
-        loop = compiled.loop_instructions(ptx)
         whole = collections.Counter(re.findall(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, re.M))
-        tile = {op: v for op, v in (loop or whole).items()
-                if op.startswith("st.shared.b16") or (op.startswith("ldmatrix") and ".trans" in op)}
-        if loop:  # a tile built in another layout is stored whole, in vector stores (or one
-            # 32-bit store a weight); the loop's few 32-bit stores move per-column scales and
-            # zero points into the accumulator's layout
-            stores = {op: v for op, v in loop.items() if op.startswith(("st.shared", "stmatrix"))}
-            if set(stores) - {"st.shared.b32"} or stores.get("st.shared.b32", 0) > weights / 4:
-                tile.update(stores)
-        assert not tile, f"the weight tile goes through shared memory: {tile}"
+        for loop in compiled.ptx_loops(ptx) or [None]:  # a K loop a multi-delta row tile
+            tile = {op: v for op, v in (loop or whole).items()
+                    if op.startswith("st.shared.b16")
+                    or (op.startswith("ldmatrix") and ".trans" in op)}
+            if loop:  # a tile built in another layout is stored whole, in vector stores (or
+                # one 32-bit store a weight); the loop's few 32-bit stores move per-column
+                # scales and zero points into the accumulator's layout
+                stores = {op: v for op, v in loop.items()
+                          if op.startswith(("st.shared", "stmatrix"))}
+                if set(stores) - {"st.shared.b32"} or stores.get("st.shared.b32", 0) > weights / 4:
+                    tile.update(stores)
+            assert not tile, f"the weight tile goes through shared memory: {tile}"
 
     to_float = re.findall(r"cvt(?:\.rn|\.rz)?\.f(?:16|32)\.[us](?:8|16|32)\b", ptx)
     assert not to_float, f"integer-to-float conversions in the kernel: {sorted(set(to_float))}"

@@ -9,6 +9,7 @@ per K step). Used by the compiler checks in the tests and by `benchmarks/kernels
   loop_instructions(ptx)               instruction counts of the K loop's body, per thread
   sass_loop(cubin)                     the K loop's machine code (nvdisasm), what issues
   sass_loop_instructions(cubin)        its instruction counts
+  ptx_loops(ptx), sass_loops(cubin)    every K loop: the multi-delta kernel has one a row tile
 
 `triton` is not a dependency (`pip install "dzjax[compile-check]"`); only `compile_sm90` and
 `ptxas_report` need it, and they raise ImportError without it. `triton_ir` uses a private hook of
@@ -136,34 +137,45 @@ def _tool(*names: str) -> Path:
     return path
 
 
-def _k_loop(text: str, label: str, branch: str, mma: str) -> list[str]:
-    """The lines of the innermost loop (one that holds no other) of assembly `text` that has a
-    tensor-core instruction: `label` matches a label line, `branch` a branch to a label (both
-    with the label as group 1), and `mma` a tensor-core instruction. Empty when there is none."""
+def _k_loops(text: str, label: str, branch: str, mma: str) -> list[list[str]]:
+    """The lines of each innermost loop (one that holds no other) of assembly `text` that has
+    tensor-core instructions, in increasing order of their count (the multi-delta kernel's
+    loops over 8, 16, ... rows; `multi_delta.row_tile_sizes`): `label` matches a label line,
+    `branch` a branch to a label (both with the label as group 1), and `mma` a tensor-core
+    instruction."""
     lines = text.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(label, line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)  # backward branches
              if (m := re.search(branch, line)) and labels.get(m.group(1), i) < i]
-    for start, end in sorted(loops, key=lambda s: s[1] - s[0]):
+    found = []
+    for start, end in sorted(loops):
         inner = any(start <= a and b <= end and (a, b) != (start, end) for a, b in loops)
         body = lines[start:end + 1]
-        if not inner and any(re.search(mma, line) for line in body):
-            return body
-    return []
+        mmas = sum(bool(re.search(mma, line)) for line in body)
+        if not inner and mmas:
+            found.append((mmas, start, body))
+    return [body for *_, body in sorted(found, key=lambda f: f[:2])]
 
 
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def sass_loop(cubin: bytes) -> list[str]:
-    """The K loop of the machine code (SASS, from the wheel's nvdisasm), as its lines: what the
-    SM issues, after ptxas has fused and dropped instructions. Empty when there is none."""
+def sass_loops(cubin: bytes) -> list[list[str]]:
+    """The K loops of the machine code (SASS, from the wheel's nvdisasm), as their lines, in
+    increasing order of tensor-core instructions (`_k_loops`): what the SM issues, after ptxas
+    has fused and dropped instructions."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([str(_tool("nvdisasm")), "-c", str(path)], capture_output=True,
                               text=True, check=True).stdout
-    return _k_loop(text, r"\s*\.?(L_x_\d+):", r"\bBRA\b.*?\.?(L_x_\d+)", r"\bHMMA\b")
+    return _k_loops(text, r"\s*\.?(L_x_\d+):", r"\bBRA\b.*?\.?(L_x_\d+)", r"\bHG?MMA\b")
+
+
+def sass_loop(cubin: bytes) -> list[str]:
+    """The K loop of the machine code of the kernel's whole row tile (the last of
+    `sass_loops`). Empty when there is none."""
+    return (sass_loops(cubin) or [[]])[-1]
 
 
 def sass_loop_instructions(cubin_or_loop: bytes | list[str]) -> collections.Counter:
@@ -173,12 +185,19 @@ def sass_loop_instructions(cubin_or_loop: bytes | list[str]) -> collections.Coun
     return collections.Counter(m.group(1) for line in loop if (m := _SASS_OP.search(line)))
 
 
+def ptx_loops(ptx: str) -> list[collections.Counter]:
+    """Instruction counts (per thread) of each K loop in the PTX: the innermost loops (ones that
+    hold no other) with tensor-core instructions, one K step each after Triton's pipelining,
+    in increasing order of those (`_k_loops`); the multi-delta kernel's loops over row tiles
+    around them are left out. Empty when there is none (a kernel whose K steps were fully
+    unrolled)."""
+    bodies = _k_loops(ptx, r"\s*(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);",
+                      r"^\s+(?:@!?%p\d+\s+)?(?:wg)?mma\.")
+    return [collections.Counter(m.group(1) for line in body
+                                if (m := re.match(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", line)))
+            for body in bodies]
+
+
 def loop_instructions(ptx: str) -> collections.Counter:
-    """Instruction counts (per thread) of the K loop in the PTX: the innermost loop (one that
-    holds no other) with a tensor-core instruction, one K step after Triton's pipelining; the
-    multi-delta kernel's loop over row tiles around it is left out. Empty when there is none
-    (a kernel whose K steps were fully unrolled)."""
-    body = _k_loop(ptx, r"\s*(\$L__BB\d+_\d+):", r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);",
-                   r"^\s+(?:@!?%p\d+\s+)?(?:wg)?mma\.")
-    return collections.Counter(m.group(1) for line in body
-                               if (m := re.match(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", line)))
+    """`ptx_loops`' counts for the kernel's whole row tile (the last), empty when there is none."""
+    return (ptx_loops(ptx) or [collections.Counter()])[-1]

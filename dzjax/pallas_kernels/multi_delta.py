@@ -12,12 +12,14 @@ Kernel mapping: the grid runs over the compact list of slots that have rows
 (`DeltaBatch.active_slots`, min(M, S) entries: no program for an idle slot or the base-only
 rows), output column strips of block_n, and K splits. Program (g, j, s) takes the g-th active
 slot, walks its rows in tiles of block_m starting at the group's first sorted row (a dynamic,
-unaligned start), streams that slot's packed weights for strip j and split s once per row tile
-(once in total when the group has at most block_m rows, the decode case) and stores only the rows
-of its group (masked store), so each output row is written by exactly one program per split.
-Padding entries of the list run zero iterations. Split-K is sized so that ONE active delta fills
-the GPU (`MultiDeltaConfig.heuristic`); with more active deltas the same split just makes more,
-shorter programs. Rows of the base-only group are never written: they are set to 0 afterwards.
+unaligned start; on the phase route the smallest power-of-two tile of 8 rows on that holds the
+group, `row_tile_sizes`), streams that slot's packed weights for strip j and split s once per
+row tile (once in total when the group has at most block_m rows, the decode case) and stores
+only the rows of its group (masked store), so each output row is written by exactly one
+program per split. Padding entries of the list run zero iterations. Split-K is sized so that ONE
+active delta fills the GPU (`MultiDeltaConfig.heuristic`); with more active deltas the same split
+just makes more, shorter programs. Rows of the base-only group are never written: they are set
+to 0 afterwards.
 
 Many rows per group (prefill) take another route: `dispatch.multi_delta_matmul` dequantizes each
 used slot once and multiplies its rows with a dense matmul (`multi_delta_matmul_xla`), from
@@ -224,8 +226,9 @@ class MultiDeltaConfig(DeltaMatmulConfig):
         groups are active is only known at run time, and one must fill the GPU alone (more
         make more programs). But above the phase route's row tile, its largest tiles where it
         serves (`split_rows`: 32 rows, 16 at 8 bits): at M = 64, 8 deltas of 8 rows each run
-        one 32-row tile, not a 64-row tile of the general route (SASS instructions a weight at
-        4096 x 4096: 5.5 against 12.2 at 4-bit 2:4, 3.3 against 6.7 at 2 bits)."""
+        one phase-route tile, not a 64-row tile of the general route, and of the tiles the
+        kernel holds (`row_tile_sizes`) the 8-row one (SASS instructions a weight at 4096 x
+        4096: 4.6 against 12.2 at 4-bit 2:4)."""
         return cls(**route_tiling(m, k, n, fmt, x_dtype, row_tiles=1, split_rows=True))
 
 
@@ -262,14 +265,18 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int,
         nm = (meta_ref, zero_words_ref, rest.pop(0))
     slot = active_ref[pl.program_id(0)]
     start, size = starts_ref[slot], sizes_ref[slot]
-    # A padding entry (slot == S) runs no row tile. (Integer arithmetic, not where(slot < S, ...):
-    # a boolean lowers to an i1 loop bound in Triton.)
-    tiles = (size + block_m - 1) // block_m * jnp.minimum(slots - slot, 1)
     mine = jnp.minimum(slot, slots - 1)  # in bounds even for padding, which reads nothing
     first = pl.program_id(2) * steps
-    rows = lax.broadcasted_iota(jnp.int32, (block_m, o_ref.shape[1]), 0)
 
-    def row_tile(t, carry):
+    def row_tiles(block_m):
+        """The group's rows in tiles of block_m from its first, a K loop each."""
+        # A padding entry (slot == S) runs no row tile. (Integer arithmetic, not
+        # where(slot < S, ...): a boolean lowers to an i1 loop bound in Triton.)
+        tiles = (size + block_m - 1) // block_m * jnp.minimum(slots - slot, 1)
+        lax.fori_loop(0, tiles, functools.partial(row_tile, block_m), 0)
+
+    def row_tile(block_m, t, carry):
+        rows = lax.broadcasted_iota(jnp.int32, (block_m, o_ref.shape[1]), 0)
         row0 = start + t * block_m
         in_group = rows < start + size - row0  # rows of the next group are computed, not stored
 
@@ -292,7 +299,28 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int,
         plgpu.store(o_ref.at[pl.ds(row0, block_m), :], acc, mask=in_group)
         return carry
 
-    lax.fori_loop(0, tiles, row_tile, 0)
+    sizes = row_tile_sizes(block_m, phase)
+    if len(sizes) == 1:
+        row_tiles(block_m)
+    else:
+        lax.switch(row_tile_index(size, sizes), [functools.partial(row_tiles, t) for t in sizes])
+
+
+def row_tile_sizes(block_m: int, phase: bool) -> tuple[int, ...]:
+    """The row tiles of a multi-delta program: block_m, but on the phase route each power of two
+    from `phases.MIN_BLOCK_M` to block_m, a K loop each in the kernel, the program taking the
+    smallest that holds its group. So the tile follows the run-time mix with one compiled
+    kernel for every mix: 8 deltas of 8 rows at block_m = 32 run the 8-row loop, a quarter of
+    the MMAs and epilogues of the 32-row one."""
+    if not phase:
+        return (block_m,)
+    return tuple(t for t in (8, 16, 32, 64) if phases.MIN_BLOCK_M <= t <= block_m)
+
+
+def row_tile_index(size, sizes: tuple[int, ...]):
+    """The index in `sizes` (increasing) of the smallest row tile that holds `size` rows, else
+    of the largest: int32 arithmetic (a boolean lowers to an i1 that Triton's loops refuse)."""
+    return sum(jnp.minimum(jnp.maximum(size - t, 0), 1) for t in sizes[:-1])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -87,16 +87,26 @@ MIN_BLOCK_M = 8  # the N of one MMA: the rows of x are the dot's columns (the ro
 # strip needs more than 255 registers (32-48 bytes spill, pairs at 2 and 4 bits) and its TF32
 # MMAs are 2 a weight: larger tiles take the general route.
 MAX_BLOCK_M = 32
-# Column strips of 64 or 32, one warp per 32 columns: the transposed dot's M is the strip, and
-# Triton makes a dot of M >= 64 on 4 warps a warpgroup MMA (wgmma), whose setup (descriptors,
-# fences) costs more than the phase route saves (compiled at 2 bits, 128 x 8 tiles: 4.5 SASS
-# instructions a weight, against 3.4 for 64 x 8 on 2 warps).
+# Column strips of 64 or 32, a warp a 32 columns (or 16, `warps`): the transposed dot's M is the
+# strip, and Triton makes a dot of M >= 64 on 4 warps a warpgroup MMA (wgmma), whose setup
+# (descriptors, fences) costs more than the phase route saves (compiled at 2 bits, 128 x 8
+# tiles: 4.5 SASS instructions a weight, against 3.4 for 64 x 8 on 2 warps).
 STRIPS = (64, 32)
 
 
-def warps(block_n: int) -> int:
-    """Warps for a strip of `block_n` columns on this route (see STRIPS)."""
-    return max(1, block_n // 32)
+def warps(block_n: int, fmt: Format, *, narrow: bool = True) -> tuple[int, ...]:
+    """The warps a strip of `block_n` columns may run on (see STRIPS): one a 32 columns, and
+    with `narrow`, for dense codes, a 32-column strip on 2 warps too, 16 columns a warp. Each
+    warp then loads all of x's operand for half the weights (3.2 SASS instructions a weight
+    against 2.5 at 2 bits, M = 16), but where split-K partial sums weigh it fills the GPU with
+    half the splits (M = 16 at 4096 x 4096: 4 splits of 64-column strips write 2 MB of partial
+    sums for 4.6 MB of 2-bit weights). The 2:4 route, bound by issue, keeps 32 columns a warp
+    (5.9 against 4.7 at 4 bits), and so does the multi-delta kernel (`narrow` False): its tiling
+    is sized for one active group, but with several its programs fill the GPU anyway, and the
+    instructions bound it (8 deltas of 2 rows at 2 bits: 83% of the bytes bound predicted on 2
+    narrow warps, 92% on one wide)."""
+    one = max(1, block_n // 32)
+    return (one, 2) if narrow and fmt.nm is None and block_n == 32 else (one,)
 
 
 _ONE_BITS = 0x3F800000  # 1.0f

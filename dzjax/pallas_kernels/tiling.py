@@ -109,15 +109,17 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
     programs' warps fill, WARPS_FILLED filling all; within 10% of the least, the widest strip
     and longest step: the compiled PTX (`benchmarks/kernels.py --ptx`) shows 128-column strips
     issuing 8-35% fewer instructions per weight than 64-column ones, and the decode kernels are
-    bound by instruction issue more than by bytes. K steps lie within [`min_block_k`,
-    `max_block_k`] (the phase route's bounds; by default >= 64 and `pick_block_k`'s target).
-    The phase route passes its own row tile, strips and warps per strip (`warps`)."""
+    bound by instruction issue more than by bytes; then the fewest warps a strip. K steps lie
+    within [`min_block_k`, `max_block_k`] (the phase route's bounds; by default >= 64 and
+    `pick_block_k`'s target). The phase route passes its own row tile, strips and the warps
+    a strip may take (`warps`: block_n -> a tuple; by default `warps_for`'s one)."""
     block_m = block_m or row_tile(m)
     weight_bytes = sum(int(np.prod(shape)) * dtype.itemsize
                        for shape, dtype in fmt.stored_arrays(k, n).values())
-    warps = warps or functools.partial(warps_for, block_m)
+    warps = warps or (lambda block_n: (warps_for(block_m, block_n),))
     candidates = []
-    for block_n in dict.fromkeys(pick_block_n(n, t) for t in strips):
+    for block_n, num_warps in ((bn, w) for bn in dict.fromkeys(pick_block_n(n, t) for t in strips)
+                               for w in warps(bn)):
         block_k = pick_block_k(k, fmt, max_block_k or pick_block_k_target(fmt))
         while True:
             steps = k // block_k
@@ -129,17 +131,17 @@ def tiling(m: int, k: int, n: int, fmt: Format, *, row_tiles: int,
                 programs = row_tiles * (n // block_n) * split_k
                 partials = 0 if split_k == 1 else split_k * 2 * m * n * 4
                 cost = ((row_tiles * weight_bytes * run / steps + partials)
-                        / filled(programs, warps(block_n)))
-                candidates.append((cost, -block_n, -block_k, split_k))
+                        / filled(programs, num_warps))
+                candidates.append((cost, -block_n, num_warps, -block_k, split_k))
             if block_k // 2 < max(64, min_block_k) or not block_k_ok(block_k // 2, k, fmt):
                 break
             block_k //= 2
     least = min(c[0] for c in candidates)
-    # Widest strip, then longest step, then least cost, among the near-best.
-    _, neg_n, neg_k, split_k = min((c for c in candidates if c[0] <= 1.1 * least),
-                                   key=lambda c: (c[1], c[2], c[0]))
+    # Widest strip, then fewest warps, then longest step, then least cost, among the near-best.
+    _, neg_n, num_warps, neg_k, split_k = min((c for c in candidates if c[0] <= 1.1 * least),
+                                              key=lambda c: (*c[1:4], c[0]))
     return dict(block_m=block_m, block_n=-neg_n, block_k=-neg_k, split_k=split_k,
-                num_warps=warps(-neg_n),
+                num_warps=num_warps,
                 num_stages=stages_for(fmt, -neg_n, -neg_k))
 
 
@@ -197,7 +199,8 @@ def route_tiling(m: int, k: int, n: int, fmt: Format, x_dtype, *, row_tiles: int
             block_m = phases.MIN_BLOCK_M if m <= phases.MIN_BLOCK_M else min(row_tile(m), most)
             out = dict(tiling(m, k, n, fmt, row_tiles=row_tiles, min_block_k=low,
                               max_block_k=high, block_m=block_m, strips=phases.STRIPS,
-                              warps=phases.warps), phases=True)
+                              warps=functools.partial(phases.warps, fmt=fmt,
+                                                      narrow=not split_rows)), phases=True)
             if fmt.nm is not None and fmt.bits == 8:
                 # With 3 stages ptxas spills the multi-delta kernel (24 bytes at 4096 x 4096,
                 # 16 rows; none with 2, 238 registers): the compiler check in the tests.
