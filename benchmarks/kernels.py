@@ -25,7 +25,7 @@ scheduler, 4 per SM of 132), and a time: the largest of the bytes at 3.35 TB/s o
 filled, the float32-to-bf16 conversions where
 weights are still built in float32 (8-bit; 16 per clock per SM at 1.98 GHz), and the instruction
 issue from the `--ptx` table (128 thread instructions per clock per SM; the multi-delta
-kernel's for the row tile that holds a group's M / D rows). Printed with the
+kernel's for the row tile that holds a group's ceil(M / min(D, M)) rows). Printed with the
 fraction of the ideal bytes bound (compressed weights of the active deltas, x and the output,
 read once), the prefill route at M = 2048 against the dense bf16 matmul (the "1 of 8
 active" and M = 512 cases of the sweep are not modelled), and a Llama-7B layer's projections
@@ -310,6 +310,14 @@ def ptx_configs(fmt, quick: bool = False):
                 yield "single", 1, k, n, c
 
 
+def row_tile_loops(loops, sizes) -> bool:
+    """Whether the K loops (`compiled.sass_loops`, by MMA count) are one a row tile of `sizes`:
+    as many, with MMAs in proportion to the rows (the 8-row loop a quarter of the 32-row's)."""
+    mma = [sum(line.count("MMA") for line in loop) for loop in loops]
+    return len(sizes) > 1 and len(mma) == len(sizes) and all(
+        m * sizes[0] == mma[0] * t for m, t in zip(mma, sizes))
+
+
 def ptx_table(quick: bool = False) -> dict:
     """Compile every `ptx_configs` tiling for sm_90 and count the K loop's instructions."""
     import functools
@@ -344,7 +352,7 @@ def ptx_table(quick: bool = False) -> dict:
             sizes = row_tile_sizes(c.block_m, c.phases) if kind == "multi" else ()
             by_rows = {str(t): sum(compiled.sass_loop_instructions(loop).values())
                        * 32 * c.num_warps / (c.block_k * c.block_n)
-                       for t, loop in zip(sizes, loops)} if len(loops) == len(sizes) > 1 else {}
+                       for t, loop in zip(sizes, loops)} if row_tile_loops(loops, sizes) else {}
             key = {op: v for op, v in sorted(loop.items())
                    if op.startswith(("cvt", "mma", "wgmma", "st.shared", "ldmatrix", "selp"))}
             rows.append(dict(format=name, kernel=kind, batch=m, k=k, n=n, config=str(c),

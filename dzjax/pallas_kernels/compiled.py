@@ -7,7 +7,8 @@ per K step). Used by the compiler checks in the tests and by `benchmarks/kernels
   compile_sm90(ttir, num_warps=, num_stages=)   {"ptx", "cubin", "ttgir"} (needs `triton`)
   ptxas_report(ptx)                    registers and spill bytes, from ptxas -v
   loop_instructions(ptx)               instruction counts of the K loop's body, per thread
-  sass_loop(cubin)                     the K loop's machine code (nvdisasm), what issues
+                                       (of the kernel's whole row tile: the last K loop)
+  sass_loop(cubin)                     that K loop's machine code (nvdisasm), what issues
   sass_loop_instructions(cubin)        its instruction counts
   ptx_loops(ptx), sass_loops(cubin)    every K loop: the multi-delta kernel has one a row tile
 
