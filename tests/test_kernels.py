@@ -470,8 +470,8 @@ class TestMultiDeltaKernelEdges:
                                      Format(bits=2, group_size=128)], ids=fmt_id)
     def test_row_tile_follows_the_group(self, fmt):
         """On the phase route a program takes the smallest row tile that holds its group (8,
-        16 or 32 rows at block_m = 32, one kernel): groups of 3, 12, 25 and 40 rows (two
-        32-row tiles), each against the float64 product."""
+        16 or 32 rows at block_m = 32, one kernel): groups of 3, 8, 12, 16, 25, 32 and 40 rows
+        (two 32-row tiles), each against the float64 product; compiled where a GPU is."""
         rng = np.random.default_rng(9)
         stack, ws = random_stack(rng, 7, fmt)
         slots = [0] * 3 + [1] * 12 + [2] * 25 + [4] * 40 + [3] * 8 + [5] * 16 + [6] * 32 + [-1] * 2
@@ -480,7 +480,7 @@ class TestMultiDeltaKernelEdges:
         config = MultiDeltaConfig(block_m=32, block_n=32, block_k=128, split_k=2, num_warps=1,
                                   phases=True)
         y = multi_delta_matmul_pallas(x, stack, make_delta_batch(jnp.asarray(slots), 7),
-                                      config=config, interpret=True)
+                                      config=config, interpret=not ON_GPU)  # compiled on a GPU
         assert_close(y, expected_multi(x, ws, slots, exact=True))
         sizes = row_tile_sizes(32, phase=True)
         assert sizes == (8, 16, 32) and row_tile_sizes(32, phase=False) == (32,)
