@@ -412,7 +412,7 @@ def model(quick: bool = False) -> dict:
                     # written (the rows of x only) and read back whole by the sum.
                     partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
                     # The 2:4 phase route reads the zero points twice (as bytes for the
-                    # epilogue, as 32-bit words for the pruned entries: `phases.zero_words`).
+                    # epilogue, as 32-bit words for the pruned entries: `phases_nm.zero_words`).
                     again = (int(np.prod(fmt.stored_arrays(k, n)["zeros"][0]))
                              if c.phases and fmt.nm is not None and not fmt.symmetric else 0)
                     # A ragged split (`tiling.split_steps`) runs steps past K, masked off.

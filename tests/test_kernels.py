@@ -777,7 +777,7 @@ def check_phase_sass(cubin: bytes, config, fmt) -> None:
     shift-and-add (LOP3, LEA), a pair of 16-bit weights (`phases.pairs`: 2/4-bit codes, bf16
     x; bf16 MMAs) the same two, and no dequantization constant (a mask, 1.0f) is moved into a
     register inside the K loop (ptxas did that before most weights when the kernel stated the
-    dequantization in jnp: 0.55 moves a weight, see `phases.phase_weights`), but one a step.
+    dequantization in jnp: 0.55 moves a weight, see `phase_bits.phase_weights`), but one a step.
     One exception, bounded: 8-bit 2:4 (float32 weights, TF32 MMAs), where ptxas moves the
     first kept value's shifted mask (0x7f8000) before up to a quarter of the kept weights (7.2
     SASS instructions a weight at 4096 x 4096, M = 1, against 11.0 on the general route)."""
@@ -820,7 +820,7 @@ def check_ptx(ptx: str, *, bf16_weights: bool, phases: bool, weights: float = 0)
     pass through shared memory as a tile: no 16-bit shared store, no transposing `ldmatrix`
     and no vector shared store (nor 32-bit ones for a quarter of a thread's dense `weights` a K
     step) in the K loop: the words are read from shared memory into the dot's operand
-    registers. (A tile built in another layout, as the 2:4 tiles were before `phases.nm_table`,
+    registers. (A tile built in another layout, as the 2:4 tiles were before `phases_nm.nm_table`,
     is stored and loaded back: 1 load and 0.25 stores a weight.)"""
     import re
 

@@ -137,7 +137,7 @@ def test_padded_k(kwargs, k, kp):
 
 
 def run_ptx(asm: str, words: np.ndarray) -> np.ndarray:
-    """Execute the integer PTX of `phases.phase_asm` ($1 in, $0 out, scratch registers) on
+    """Execute the integer PTX of `phase_bits.phase_asm` ($1 in, $0 out, scratch registers) on
     uint32 `words`; any other instruction fails the test."""
     import re
 
@@ -154,17 +154,17 @@ def run_ptx(asm: str, words: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_the_phase_asm_builds_the_bits_interpret_mode_builds(bits):
-    """Compiled kernels dequantize the phase route with inline PTX (`phases.phase_asm`), which
+    """Compiled kernels dequantize the phase route with inline PTX (`phase_bits.phase_asm`), which
     no CPU runs: run its instructions here on random words, bit for bit against the jnp form
     interpret mode runs, and against 1 + c / 2**bits."""
     import jax.numpy as jnp
 
-    from dzjax.pallas_kernels import phases
+    from dzjax.pallas_kernels import phase_bits
 
     words = np.random.default_rng(bits).integers(0, 2**32, size=256, dtype=np.uint32)
     for phase in range(32 // bits):
-        got = run_ptx(phases.phase_asm(bits, phase), words)
-        jnp_form = phases.phase_weights(jnp.asarray(words), bits, phase, asm=False)
+        got = run_ptx(phase_bits.phase_asm(bits, phase), words)
+        jnp_form = phase_bits.phase_weights(jnp.asarray(words), bits, phase, asm=False)
         np.testing.assert_array_equal(got, np.asarray(jnp_form).view(np.uint32))
         codes = (words >> (phase * bits)) & ((1 << bits) - 1)
         np.testing.assert_array_equal(got.view(np.float32), 1 + codes / 2.0 ** bits)
@@ -173,22 +173,22 @@ def test_the_phase_asm_builds_the_bits_interpret_mode_builds(bits):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_pair_asm_builds_the_bits_interpret_mode_builds(bits, dtype):
-    """The 16-bit pair route (`phases.pair_asm`): its PTX run on random words, bit for bit
+    """The 16-bit pair route (`phase_bits.pair_asm`): its PTX run on random words, bit for bit
     against the jnp form interpret mode runs, and each half against 2**bits + c in x's dtype;
     `pair_weights` puts half h of word j at column 2j + h."""
     import jax.numpy as jnp
 
-    from dzjax.pallas_kernels import phases
+    from dzjax.pallas_kernels import phase_bits
 
     rng = np.random.default_rng(bits + len(dtype))
     words = rng.integers(0, 2**32, size=(24, 8), dtype=np.uint32)
     x_dtype = jnp.dtype(dtype)
     for pair in range(16 // bits):
-        mask, shift, add = phases.pair_bits(bits, pair, x_dtype)
-        got = run_ptx(phases.pair_asm(bits, pair, x_dtype), words)
+        mask, shift, add = phase_bits.pair_bits(bits, pair, x_dtype)
+        got = run_ptx(phase_bits.pair_asm(bits, pair, x_dtype), words)
         np.testing.assert_array_equal(
-            got, np.asarray(phases._moved(jnp.asarray(words), mask, shift, add, asm=False)))
-        tile = np.asarray(phases.pair_weights(jnp.asarray(words), bits, pair, x_dtype,
+            got, np.asarray(phase_bits.moved(jnp.asarray(words), mask, shift, add, asm=False)))
+        tile = np.asarray(phase_bits.pair_weights(jnp.asarray(words), bits, pair, x_dtype,
                                               asm=False).astype(jnp.float32))
         for h in (0, 1):
             codes = (words >> (16 * h + pair * bits)) & ((1 << bits) - 1)
@@ -218,12 +218,12 @@ def run_prmt(asm: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_the_prmt_masks_match_interpret_mode(bits):
-    """The 2:4 pair route's masks (`phases._masks`): the `prmt` compiled kernels run, executed
+    """The 2:4 pair route's masks (`phases_nm.masks`): the `prmt` compiled kernels run, executed
     here on random conditions, equal the jnp form interpret mode runs; every half is 0xFFFF or
     0, and it is 0xFFFF where its group's condition bit (4g + 3) is set."""
     import jax.numpy as jnp
 
-    from dzjax.pallas_kernels import phases
+    from dzjax.pallas_kernels import phases_nm
 
     cond = np.random.default_rng(bits).integers(0, 2**32, size=512, dtype=np.uint32)
     if bits == 4:  # the route's positions copy (16 bits, and the same 20 bits up)
@@ -231,9 +231,9 @@ def test_the_prmt_masks_match_interpret_mode(bits):
     second = cond if bits == 4 else cond << np.uint32(4)
     groups = 16 // bits
     for pair in range(groups // 2):
-        got = run_prmt(phases.prmt_asm(bits, pair), cond, second)
+        got = run_prmt(phases_nm.prmt_asm(bits, pair), cond, second)
         np.testing.assert_array_equal(
-            got, np.asarray(phases._masks(jnp.asarray(cond), bits, pair, asm=False)))
+            got, np.asarray(phases_nm.masks(jnp.asarray(cond), bits, pair, asm=False)))
         for h, g in enumerate((pair, pair + groups // 2)):
             want = np.where(cond >> (4 * g + 3) & 1, 0xFFFF, 0)
             np.testing.assert_array_equal(got >> 16 * h & 0xFFFF, want)

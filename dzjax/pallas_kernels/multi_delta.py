@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dzjax.pallas_kernels import phases
+from dzjax.pallas_kernels import phases, phases_nm
 from dzjax.pallas_kernels.single_delta import (check_inputs, dequant_block, dequant_dtype,
                                                dequantize_xla, dot_precision, dot_tile,
                                                pallas_operands, round_to)
@@ -251,7 +251,7 @@ def _multi_delta_kernel(*refs, fmt, block_m: int, block_k: int, steps: int,
     # scales_ref   # [S, K / group_size, block_n] bf16
     # zeros_ref    # [S, K / group_size, block_n] uint8   (asymmetric only)
     # meta_ref     # [S, K' * index_bits / 32, block_n] uint32   (n:m only)
-    # zero_words_ref, table_ref  # the 2:4 phase route's `phases.nm_operands` (zero words
+    # zero_words_ref, table_ref  # the 2:4 phase route's `phases_nm.nm_operands` (zero words
     #              # with a slot axis, the table without)
     # o_ref        # [M + block_m, block_n] float32: this K split's partial sums
     active_ref, starts_ref, sizes_ref, x_ref, *rest, o_ref = refs
@@ -361,7 +361,7 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
     weight_specs = [pl.BlockSpec((slots, a.shape[1], bn), lambda g, j, s: (0, 0, j))
                     for a in operands]
     if config.phases and fmt.nm is not None:
-        *words, table = phases.nm_operands(stack.zeros, fmt, config.block_k, bn)
+        *words, table = phases_nm.nm_operands(stack.zeros, fmt, config.block_k, bn)
         operands += [*words, table]
         weight_specs += [pl.BlockSpec((slots, a.shape[1], bn // 4), lambda g, j, s: (0, 0, j))
                          for a in words]

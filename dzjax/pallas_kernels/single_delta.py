@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dzjax.pallas_kernels import packing, phases
+from dzjax.pallas_kernels import packing, phases, phases_nm
 from dzjax.pallas_kernels.tiling import (DeltaMatmulConfig, check_pallas_format,
                                         k_loop_body, k_split)
 from dzjax.pallas_kernels.formats import Format, QuantizedTensor, pad_rows
@@ -250,7 +250,7 @@ def _delta_matmul_kernel(*refs, fmt: Format, block_k: int, steps: int,
     # scales_ref   # [K / group_size, block_n] bf16
     # zeros_ref    # [K / group_size, block_n] uint8   (asymmetric formats only)
     # meta_ref     # [K' * index_bits / 32, block_n] uint32   (n:m formats only)
-    # zero_words_ref, table_ref  # the 2:4 phase route's `phases.nm_operands`
+    # zero_words_ref, table_ref  # the 2:4 phase route's `phases_nm.nm_operands`
     # o_ref        # [block_m, block_n] float32: this K split's partial sum
     x_ref, *rest, o_ref = refs
     sums_ref = rest.pop(0) if phase else None
@@ -337,7 +337,7 @@ def delta_matmul_pallas(x: jax.Array, q: QuantizedTensor, *,
     # Whole-K column strips of every stored array; the kernel walks K itself.
     weight_specs = [pl.BlockSpec((a.shape[0], bn), lambda i, j, s: (0, j)) for a in operands]
     if config.phases and fmt.nm is not None:
-        *words, table = phases.nm_operands(q.zeros, fmt, config.block_k, bn)
+        *words, table = phases_nm.nm_operands(q.zeros, fmt, config.block_k, bn)
         operands += [*words, table]
         weight_specs += [pl.BlockSpec((a.shape[0], bn // 4), lambda i, j, s: (0, j))
                          for a in words]
