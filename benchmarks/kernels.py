@@ -395,11 +395,11 @@ def model(quick: bool = False) -> dict:
                     active = min(d, m)
                     if d == 1:
                         kind, c = "single", DeltaMatmulConfig.heuristic(m, k, n, fmt)
-                        row_tiles, groups, out_rows = -(-m // c.block_m), 1, m
+                        row_tiles, groups = -(-m // c.block_m), 1
                     else:
                         kind, c = "multi", MultiDeltaConfig.heuristic(m, k, n, d, fmt)
                         row_tiles = -(-(-(-m // active)) // c.block_m)
-                        groups, out_rows = active, m + c.block_m
+                        groups = active
                     busy = groups * row_tiles * (n // c.block_n) * c.split_k
                     ideal = active * weights + m * k * 2 + m * n * 4
                     # The phase route reads x permuted (and masked per scale group when groups
@@ -409,8 +409,9 @@ def model(quick: bool = False) -> dict:
                     size = 2 if phases.pairs(fmt, jnp.bfloat16) else 4
                     x_bytes = m * k * 2 + (2 * m * k * size * units if c.phases else 0)
                     # Every row tile reads its strips' weights again; split-K partial sums are
-                    # written (the rows of x only) and read back whole by the sum.
-                    partials = 0 if c.split_k == 1 else c.split_k * (m + out_rows) * n * 4
+                    # written and read back by the sum, the rows of x only (the multi-delta
+                    # kernel's spare row tile is neither: before 2026-12-03 the sum read it).
+                    partials = 0 if c.split_k == 1 else c.split_k * 2 * m * n * 4
                     # The 2:4 phase route reads the zero points twice (as bytes for the
                     # epilogue, as 32-bit words for the pruned entries: `phases_nm.zero_words`).
                     again = (int(np.prod(fmt.stored_arrays(k, n)["zeros"][0]))

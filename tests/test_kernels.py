@@ -518,6 +518,19 @@ class TestMultiDeltaGrid:
         # min(M, S) = 3 group entries (not S + 1 = 9), the column strips, the K splits.
         assert grid == (3, N // config.block_n, config.split_k)
 
+    def test_split_k_sum_reads_the_rows_only(self):
+        """The split-K partial sums are summed over the M rows, not the spare row tile the
+        kernel's output carries (at M = 1 that tile is 8 rows: 9x the bytes read)."""
+        stack, _ = random_stack(np.random.default_rng(0), 4, MULTI_FMT)
+        x = jnp.ones((3, K), jnp.bfloat16)
+        config = MultiDeltaConfig(block_m=16, block_n=32, block_k=64, split_k=2)
+        jaxpr = jax.make_jaxpr(lambda x, s, b: multi_delta_matmul_pallas(
+            x, s, b, config=config, interpret=True))(x, stack, make_delta_batch(
+                jnp.array([1, -1, 1]), 4))
+        eqns = jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns  # inside the public function's jit
+        sums = [e.invars[0].aval.shape for e in eqns if e.primitive.name == "reduce_sum"]
+        assert (2, 3, N) in sums and not any(shape[1:2] == (3 + 16,) for shape in sums), sums
+
     @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
     @pytest.mark.parametrize("m", [1, 4, 16])
     def test_one_active_delta_fills_the_sms(self, k, n, m):

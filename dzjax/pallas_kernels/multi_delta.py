@@ -384,7 +384,9 @@ def multi_delta_matmul_pallas(x: jax.Array, stack: QuantizedTensor, batch: Delta
         interpret=interpret,
         name="multi_delta_matmul",
     )(batch.active_slots, batch.group_starts, batch.group_sizes, *xs, *operands)
+    # The sum reads the M rows only, not the spare row tile (8 rows of padding for 1 at M = 1).
+    partial_sums = partial_sums[:, :m]
     y = partial_sums[0] if split == 1 else partial_sums.sum(axis=0)
     # The base-only rows were never written (no program runs for them): exactly 0 here.
-    y = jnp.where((batch.sorted_slots >= 0)[:, None], y[:m], 0.0)
+    y = jnp.where((batch.sorted_slots >= 0)[:, None], y, 0.0)
     return batch.unsort_rows(y)
